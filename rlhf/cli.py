@@ -1,0 +1,105 @@
+"""`rlhf`: one entry point, one subcommand per stage. `rlhf COMMAND --help` lists a command's options.
+
+Stage commands take `--config configs/<stage>.yaml` and then `--field value` overrides; the options are the
+fields of the stage's dataclass, so `--help` and the YAML keys never drift apart. Only the chosen command's
+module is imported (they pull in torch and transformers, ~2 s), so `rlhf --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rlhf.config import UserError, add_arguments, from_args
+
+# (command, one-line help) in the order of the loop.
+STAGE_COMMANDS = [
+    ("sample", "Sample responses from a model for a few prompts and print them."),
+]
+
+
+def _config_class(command: str) -> type:
+    if command == "sample":
+        from rlhf.sample import SampleConfig
+
+        return SampleConfig
+    raise AssertionError(command)
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlhf",
+        description="Preference alignment: label pairs in a browser, train a reward model, align with PPO or DPO, "
+        "compare aligned and base models. Models, the default store and caches live in $RLHF_HOME "
+        "(default ~/.cache/rlhf).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    m = sub.add_parser("models", help="The embedded default model and the model cache.",
+                       description="Manage the model cache in $RLHF_HOME/models.")
+    msub = m.add_subparsers(dest="models_command", metavar="ACTION")
+    pull = msub.add_parser("pull", help="Convert the embedded smollm2-135m-instruct into the cache (once).")
+    pull.add_argument("--force", action="store_true", help="Convert again even if the cache has it.")
+    msub.add_parser("list", help="Show the models in the cache.")
+
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, help in STAGE_COMMANDS:
+        p = sub.add_parser(name, help=help, description=help)
+        if name == chosen:
+            p.add_argument("--config", default=None, help="YAML file of this command's options (flat keys); "
+                           "options given on the command line override it.")
+            add_arguments(p, _config_class(name))
+    return parser
+
+
+def _models(args: argparse.Namespace) -> None:
+    from rlhf import models
+
+    if args.models_command == "pull":
+        print(models.pull_default(force=args.force))
+    elif args.models_command == "list":
+        rows = models.list_cached()
+        if not rows:
+            print(f"The cache {models.rlhf_home() / 'models'} is empty; `rlhf models pull` fills it.")
+        for row in rows:
+            state = "" if row["complete"] else "  (incomplete)"
+            print(f"{row['name']:<32} {row['size_mb']:>8.1f} MB  {row['path']}{state}")
+    else:
+        raise UserError("say which: rlhf models pull | rlhf models list")
+
+
+def _sample(config) -> None:
+    from rlhf.sample import run
+
+    for result in run(config):
+        print(f"### {result['prompt']}")
+        print(result["text"])
+        suffix = "" if result["ended_with_eos"] else ", cut at max_new_tokens"
+        print(f"({result['new_tokens']} tokens{suffix})\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    try:
+        if args.command is None:
+            parser.print_help()
+            return 0
+        if args.command == "models":
+            _models(args)
+            return 0
+        config = from_args(_config_class(args.command), args, args.config)
+        if args.command == "sample":
+            _sample(config)
+        return 0
+    except UserError as e:
+        print(f"rlhf {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"rlhf {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

