@@ -1,0 +1,124 @@
+"""Simulated annotators: a gold scoring function plus Bradley-Terry noise, voting like a person would.
+
+A simulated annotator with gold function g prefers A over B with probability
+    P(A > B) = sigmoid((g(A) - g(B)) / tau)            (Bradley & Terry 1952; the RLHF preference model)
+declares a tie when |g(A) - g(B)| < eps, and may favour whichever response is shown on the left (position bias,
+a logit offset). tau -> 0 gives a perfect oracle; a huge tau gives coin flips. The vote's strength (1-3) grows
+with how sure the annotator is.
+
+Gold functions map (prompts, responses) -> scores, batched, so PPO can use the same one as a reward:
+    sentiment  VADER compound score in [-1, 1] (the controlled-sentiment task of the DPO paper, §6.1)
+    length     closeness to a target number of words, in (-inf, 0]
+    keyword    how many of the given keywords the response contains
+    or any `module:function` with the same signature.
+
+    rlhf label-sim --gold sentiment --tau 0.1 --annotator sim-1
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import random
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
+
+from rlhf.config import UserError
+
+GoldFn = Callable[[list, list[str]], list[float]]
+
+
+@lru_cache(maxsize=1)
+def _vader():
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    return SentimentIntensityAnalyzer()
+
+
+def sentiment(prompts: list, responses: list[str]) -> list[float]:
+    """VADER's compound sentiment of each response, in [-1, 1]; the prompt is ignored."""
+    analyzer = _vader()
+    return [analyzer.polarity_scores(r)["compound"] for r in responses]
+
+
+def length(prompts: list, responses: list[str], target: int = 40) -> list[float]:
+    """Minus the relative distance of the word count from `target`: 0 is best."""
+    return [-abs(len(r.split()) - target) / target for r in responses]
+
+
+def keyword(prompts: list, responses: list[str], words: tuple[str, ...] = ("wonderful", "great", "love")) -> list[float]:
+    """How many of `words` occur in the response, as whole words, ignoring case."""
+    patterns = [re.compile(rf"\b{re.escape(w)}\b", re.IGNORECASE) for w in words]
+    return [float(sum(bool(p.search(r)) for p in patterns)) for r in responses]
+
+
+def load_gold(spec: str) -> GoldFn:
+    """`sentiment`, `length`, `keyword`, `length:60` (a target), `keyword:good,fine` (words), or `module:function`."""
+    name, _, arg = spec.partition(":")
+    if name == "sentiment" and not arg:
+        return sentiment
+    if name == "length":
+        try:
+            target = int(arg) if arg else 40
+        except ValueError:
+            raise UserError(f"gold 'length:N' needs a whole number of words, not {arg!r}") from None
+        return lambda prompts, responses: length(prompts, responses, target=target)
+    if name == "keyword":
+        words = tuple(w.strip() for w in arg.split(",") if w.strip()) if arg else ("wonderful", "great", "love")
+        return lambda prompts, responses: keyword(prompts, responses, words=words)
+    if not arg:
+        raise UserError(f"unknown gold function {spec!r}: use sentiment, length[:N], keyword[:w1,w2] or module:function")
+    try:
+        fn = getattr(importlib.import_module(name), arg)
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"cannot load gold function {spec!r}: {e}") from None
+    if not callable(fn):
+        raise UserError(f"gold function {spec!r} is not callable")
+    return fn
+
+
+# ---------------------------------------------------------------- the noisy annotator
+
+
+def prob_left_wins(gold_left: float, gold_right: float, tau: float, position_bias: float = 0.0) -> float:
+    """Bradley-Terry probability that the response shown on the left is preferred; bias is a logit offset."""
+    if tau <= 0:  # a perfect oracle: the bias only breaks exact ties
+        diff = gold_left - gold_right
+        if diff == 0:
+            return 0.5 if position_bias == 0 else float(position_bias > 0)
+        return float(diff > 0)
+    z = (gold_left - gold_right) / tau + position_bias
+    return 1.0 / (1.0 + math.exp(-max(min(z, 60.0), -60.0)))
+
+
+@dataclass
+class SimulatedVote:
+    choice: str  # "A", "B" or "tie"
+    strength: int  # 1 slight, 2 clear, 3 strong
+    p_a: float  # the annotator's probability that A wins, for analysis
+
+
+def simulate_vote(
+    gold_a: float,
+    gold_b: float,
+    *,
+    tau: float,
+    eps: float = 0.0,
+    position_bias: float = 0.0,
+    a_on_left: bool = True,
+    rng: random.Random,
+) -> SimulatedVote:
+    """One vote on a pair (A, B) shown with A on the left or right."""
+    if abs(gold_a - gold_b) < eps:
+        return SimulatedVote("tie", 1, 0.5)
+    if a_on_left:
+        p_a = prob_left_wins(gold_a, gold_b, tau, position_bias)
+    else:
+        p_a = 1.0 - prob_left_wins(gold_b, gold_a, tau, position_bias)
+    a_wins = rng.random() < p_a
+    confidence = p_a if a_wins else 1.0 - p_a
+    # Sure annotators say "strong"; near coin flips say "slight".
+    strength = 3 if confidence >= 0.9 else 2 if confidence >= 0.7 else 1
+    return SimulatedVote("A" if a_wins else "B", strength, p_a)

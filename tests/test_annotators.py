@@ -1,0 +1,71 @@
+"""Simulated annotators: gold functions and Bradley-Terry noise."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from rlhf.annotators import keyword, length, load_gold, prob_left_wins, sentiment, simulate_vote
+from rlhf.config import UserError
+
+
+def test_sentiment_orders_reviews():
+    good, bad, flat = sentiment([None] * 3, ["A wonderful, moving film. I loved it.", "Dull and awful.", "A film."])
+    assert good > 0.5 and bad < -0.5 and flat == 0.0
+
+
+def test_length_and_keyword_gold_by_hand():
+    assert length([None, None], ["one two three four", "one two"], target=4) == [0.0, -0.5]
+    assert keyword([None, None], ["Great! I LOVE it", "greatness lovely"], words=("great", "love")) == [2.0, 0.0]
+
+
+def test_load_gold_specs():
+    assert load_gold("sentiment") is sentiment
+    assert load_gold("length:2")([None], ["a b"]) == [0.0]
+    assert load_gold("keyword:fine")([None], ["fine day"]) == [1.0]
+    assert load_gold("rlhf.annotators:sentiment") is sentiment
+    for bad in ["nope", "length:x", "rlhf.annotators:missing", "no_such_module_xyz:f"]:
+        with pytest.raises(UserError):
+            load_gold(bad)
+
+
+def test_bradley_terry_probability_by_hand():
+    assert prob_left_wins(1.0, 0.0, tau=1.0) == pytest.approx(1 / (1 + math.exp(-1)))
+    assert prob_left_wins(0.0, 0.0, tau=0.5, position_bias=math.log(3)) == pytest.approx(0.75)
+    assert prob_left_wins(0.2, 0.1, tau=0.0) == 1.0 and prob_left_wins(0.1, 0.2, tau=0.0) == 0.0
+
+
+def _agreement(tau: float, n: int = 2000, seed: int = 0) -> float:
+    rng = random.Random(seed)
+    agree = 0
+    for _ in range(n):
+        ga, gb = rng.uniform(-1, 1), rng.uniform(-1, 1)
+        vote = simulate_vote(ga, gb, tau=tau, a_on_left=rng.random() < 0.5, rng=rng)
+        agree += (vote.choice == "A") == (ga > gb)
+    return agree / n
+
+
+def test_zero_tau_agrees_with_gold_on_every_pair():
+    assert _agreement(tau=0.0) == 1.0
+    assert _agreement(tau=1e-6) == 1.0
+
+
+def test_huge_tau_agrees_about_half_the_time():
+    assert abs(_agreement(tau=1e6) - 0.5) < 0.05  # n=2000: 4.5 standard errors
+
+
+def test_ties_and_position_bias():
+    rng = random.Random(0)
+    assert simulate_vote(0.50, 0.51, tau=1.0, eps=0.05, rng=rng).choice == "tie"
+    # Equal gold, strong left bias: the left response wins whichever of A/B it is.
+    lefts = [simulate_vote(0.0, 0.0, tau=1.0, position_bias=3.0, a_on_left=i % 2 == 0, rng=rng) for i in range(400)]
+    left_chosen = sum((v.choice == "A") == (i % 2 == 0) for i, v in enumerate(lefts)) / 400
+    assert left_chosen > 0.9
+
+
+def test_strength_grows_with_certainty():
+    rng = random.Random(0)
+    assert simulate_vote(1.0, -1.0, tau=0.01, rng=rng).strength == 3
+    assert simulate_vote(0.01, 0.0, tau=1.0, rng=rng).strength == 1
