@@ -15,7 +15,9 @@ from rlhf.config import UserError, add_arguments, from_args
 # (command, one-line help) in the order of the loop.
 STAGE_COMMANDS = [
     ("sample", "Sample responses from a model for a few prompts and print them."),
+    ("evaluate", "Aligned vs base: win-rates (gold, reward model), KL, lengths; report.html."),
 ]
+ALIASES = {"eval": "evaluate"}
 
 
 def _config_class(command: str) -> type:
@@ -23,6 +25,10 @@ def _config_class(command: str) -> type:
         from rlhf.sample import SampleConfig
 
         return SampleConfig
+    if command == "evaluate":
+        from rlhf.evaluate import EvaluateConfig
+
+        return EvaluateConfig
     raise AssertionError(command)
 
 
@@ -43,8 +49,10 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     msub.add_parser("list", help="Show the models in the cache.")
 
     chosen = next((a for a in argv if not a.startswith("-")), None)
+    chosen = ALIASES.get(chosen, chosen)
     for name, help in STAGE_COMMANDS:
-        p = sub.add_parser(name, help=help, description=help)
+        aliases = [a for a, target in ALIASES.items() if target == name]
+        p = sub.add_parser(name, help=help, description=help, aliases=aliases)
         if name == chosen:
             p.add_argument("--config", default=None, help="YAML file of this command's options (flat keys); "
                            "options given on the command line override it.")
@@ -89,9 +97,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "models":
             _models(args)
             return 0
-        config = from_args(_config_class(args.command), args, args.config)
-        if args.command == "sample":
+        command = ALIASES.get(args.command, args.command)
+        config = from_args(_config_class(command), args, args.config)
+        if command == "sample":
             _sample(config)
+        elif command == "evaluate":
+            from rlhf.evaluate import run
+
+            run(config)
         return 0
     except UserError as e:
         print(f"rlhf {args.command}: error: {e}", file=sys.stderr)

@@ -71,7 +71,8 @@ def generate_batch(
 ) -> list[dict]:
     """Generate one continuation per rendered prompt text, in one left-padded batch with the KV cache.
 
-    Returns, per prompt, the decoded text, the number of new tokens, and whether it ended with EOS. Left padding
+    Returns, per prompt, the decoded text, its token ids (through the EOS, if any), the number of new tokens, and
+    whether it ended with EOS. Left padding
     keeps every prompt's last token next to its first generated one; `generate` derives position ids from the
     attention mask, so padded rows see the same positions as unpadded ones.
     """
@@ -97,7 +98,7 @@ def generate_batch(
         ended = bool(is_eos.any())
         length = int(is_eos.nonzero()[0, 0]) + 1 if ended else int((row != tokenizer.pad_token_id).sum())
         text = tokenizer.decode(row[:length], skip_special_tokens=True).strip()
-        results.append({"text": text, "new_tokens": length, "ended_with_eos": ended})
+        results.append({"text": text, "token_ids": row[:length].tolist(), "new_tokens": length, "ended_with_eos": ended})
     return results
 
 

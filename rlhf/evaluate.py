@@ -1,0 +1,343 @@
+"""Aligned vs base: generate from each model on the same held-out prompts and seeds, score, compare, report.
+
+For every aligned model, against the base model:
+  - win-rate by the gold function and by the reward model: per prompt, 1 if the aligned response scores higher,
+    0.5 on a tie, with a 95 % percentile-bootstrap interval over prompts (Efron & Tibshirani 1993, ch. 13);
+  - mean gold and reward scores; response lengths (tokens, words); distinct-1/2 (Li et al. 2016);
+  - KL(aligned || base), estimated from the aligned samples as the mean over prompts of
+    sum_t [log pi_aligned(y_t | x, y_<t) - log pi_base(y_t | x, y_<t)]  (the sequence-level KL of the DPO paper,
+    §6.1). Departure: both log-probs use logits / temperature, i.e. the KL between the distributions that were
+    actually sampled from, so the estimator stays unbiased at temperatures other than 1.
+Several aligned models (checkpoints or rounds) give the reward-vs-KL frontier (the shape of DPO's Fig. 2).
+Writes `metrics.json` and a self-contained `report.html` (plots embedded as PNG, every model output escaped).
+
+    rlhf evaluate --base smollm2-135m-instruct --aligned runs/demo/round-1/dpo --limit 32 --max_new_tokens 48
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from rlhf.annotators import load_gold
+from rlhf.config import UserError, field
+from rlhf.models import DEFAULT_MODEL, load
+from rlhf.sample import generate_batch, render_prompt
+
+SHIPPED_PROMPTS = {"sentiment": Path(__file__).parent / "data" / "sentiment_prompts.jsonl"}
+
+
+@dataclass
+class EvaluateConfig:
+    # Models
+    base: str = field(DEFAULT_MODEL, "The base model (spec or directory).")
+    aligned: list[str] = field([], "One or more aligned models to compare with the base (several: a frontier).")
+    reward: str = field("", "Reward model directory for reward win-rates ('' to skip).")
+    gold: str = field("sentiment", "Gold function: sentiment, length[:N], keyword[:w,..], module:function; '' to skip.")
+    device: str = field("auto", "auto, cpu, cuda, mps.")
+    precision: str = field("auto", "auto, fp32, bf16 or fp16.")
+    # Data
+    prompts: str = field("sentiment", "Prompts: 'sentiment' (shipped set) or a .jsonl (prompt/messages) / .txt file.")
+    split: str = field("test", "Keep prompts of this split when the file has a split column ('' keeps all).")
+    limit: int = field(64, "Evaluate on at most this many prompts (0: all).")
+    system: str = field("", "Optional system prompt for every model.")
+    # Generation
+    max_new_tokens: int = field(48, "Maximum new tokens per response.")
+    temperature: float = field(0.7, "Sampling temperature (the same for every model; 0 is greedy).")
+    top_p: float = field(1.0, "Nucleus sampling; keep 1.0 for an unbiased KL estimate.")
+    batch_size: int = field(16, "Prompts per generation batch.")
+    seed: int = field(0, "Seed: every model samples with the same seeds on the same prompts.")
+    # Statistics and output
+    bootstrap: int = field(1000, "Bootstrap resamples for the 95 % intervals.")
+    output_dir: str = field("runs/eval", "Where metrics.json and report.html go.")
+    samples_in_report: int = field(12, "Prompts shown side by side in the report.")
+
+    def __post_init__(self):
+        if not self.aligned:
+            raise ValueError("name at least one aligned model (aligned: [dir, ...] or --aligned DIR)")
+        if self.limit < 0 or self.batch_size < 1 or self.max_new_tokens < 1 or self.bootstrap < 1:
+            raise ValueError("limit must be >= 0; batch_size, max_new_tokens and bootstrap >= 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def read_prompts(spec: str, split: str = "", limit: int = 0) -> list:
+    """Prompts from the shipped set or a file: text, or chat messages (a `messages` column)."""
+    path = SHIPPED_PROMPTS.get(spec, Path(spec))
+    if not path.is_file():
+        raise UserError(f"prompts not found: {spec} (use 'sentiment' or a .jsonl/.txt file)")
+    prompts = []
+    if path.suffix == ".txt":
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    else:
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if split and row.get("split", split) != split:
+                continue
+            prompt = row.get("prompt", row.get("messages"))
+            if not prompt:
+                raise UserError(f"{path}:{lineno}: no 'prompt' or 'messages'")
+            prompts.append(prompt)
+    if not prompts:
+        raise UserError(f"{path}: no prompts" + (f" in split {split!r}" if split else ""))
+    return prompts[:limit] if limit else prompts
+
+
+# ---------------------------------------------------------------- statistics (pure)
+
+
+def win_rate(aligned_scores, base_scores) -> np.ndarray:
+    """Per prompt: 1 if aligned scored higher, 0.5 on a tie, 0 otherwise."""
+    a, b = np.asarray(aligned_scores, dtype=float), np.asarray(base_scores, dtype=float)
+    return np.where(a > b, 1.0, np.where(a == b, 0.5, 0.0))
+
+
+def bootstrap_ci(values, resamples: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and percentile-bootstrap interval of the mean, resampling the values (prompts) with replacement."""
+    values = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(values.mean()), float(lo), float(hi)
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """Distinct-n: unique word n-grams over all word n-grams, across the responses (Li et al. 2016)."""
+    grams = [tuple(words[i : i + n]) for t in texts for words in [t.split()] for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+# ---------------------------------------------------------------- model passes
+
+
+@torch.no_grad()
+def response_logprobs(model, prompt_ids: list[list[int]], response_ids: list[list[int]], temperature: float,
+                      batch_size: int = 16) -> list[float]:
+    """Sum of log pi(y_t | x, y_<t) over each response's tokens, from logits / temperature (1 when greedy)."""
+    temp = temperature if temperature > 0 else 1.0
+    totals = []
+    for start in range(0, len(prompt_ids), batch_size):
+        seqs = [p + r for p, r in zip(prompt_ids[start : start + batch_size], response_ids[start : start + batch_size])]
+        width = max(len(s) for s in seqs)
+        # Right padding: real tokens keep positions 0..len-1, so no position_ids are needed.
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
+        logp = torch.log_softmax(logits[:, :-1] / temp, dim=-1)  # (B, T-1, V): predicts token t+1
+        token_logp = logp.gather(-1, ids[:, 1:].to(model.device).unsqueeze(-1)).squeeze(-1).cpu()  # (B, T-1)
+        for i, (p, r) in enumerate(zip(prompt_ids[start : start + batch_size], response_ids[start : start + batch_size])):
+            totals.append(float(token_logp[i, len(p) - 1 : len(p) - 1 + len(r)].sum()))
+    return totals
+
+
+def _sample_model(spec: str, prompts: list, config: EvaluateConfig, desc: str) -> dict:
+    loaded = load(spec, device=config.device, precision=config.precision)
+    texts = [render_prompt(loaded.tokenizer, p, config.system) for p in prompts]
+    results = []
+    for start in tqdm(range(0, len(texts), config.batch_size), desc=f"sampling {desc}", unit="batch"):
+        results += generate_batch(loaded.model, loaded.tokenizer, texts[start : start + config.batch_size],
+                                  max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                                  top_p=config.top_p, generator_seed=config.seed + start)
+    prompt_ids = [loaded.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    return {"loaded": loaded, "texts": [r["text"] for r in results], "response_ids": [r["token_ids"] for r in results],
+            "prompt_ids": prompt_ids, "tokens": [r["new_tokens"] for r in results]}
+
+
+def _summary(name: str, texts: list[str], tokens: list[int]) -> dict:
+    return {"model": name, "mean_tokens": float(np.mean(tokens)), "mean_words": float(np.mean([len(t.split()) for t in texts])),
+            "distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2)}
+
+
+def run(config: EvaluateConfig) -> dict:
+    start = time.perf_counter()
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = read_prompts(config.prompts, config.split, config.limit)
+    gold = load_gold(config.gold) if config.gold else None
+    reward_model = None
+    if config.reward:
+        from rlhf.reward import RewardModel
+
+        reward_model = RewardModel.load(config.reward, device=config.device, precision=config.precision)
+
+    def scores(texts: list[str]) -> dict:
+        result = {}
+        if gold is not None:
+            result["gold"] = [float(x) for x in gold(prompts, texts)]
+        if reward_model is not None:
+            result["reward"] = reward_model.score(prompts, texts).tolist()
+        return result
+
+    base = _sample_model(config.base, prompts, config, "base")
+    base_scores = scores(base["texts"])
+    models_out = [{"label": "base", **_summary(config.base, base["texts"], base["tokens"]),
+                   **{f"mean_{k}": float(np.mean(v)) for k, v in base_scores.items()}, "kl_vs_base": 0.0}]
+    samples = {"base": base["texts"]}
+    for i, spec in enumerate(config.aligned):
+        aligned = _sample_model(spec, prompts, config, f"aligned {i + 1}/{len(config.aligned)}")
+        aligned_scores = scores(aligned["texts"])
+        label = f"aligned {i + 1}" if len(config.aligned) > 1 else "aligned"
+        row = {"label": label, **_summary(spec, aligned["texts"], aligned["tokens"]),
+               **{f"mean_{k}": float(np.mean(v)) for k, v in aligned_scores.items()}}
+        if len(aligned["loaded"].tokenizer) == len(base["loaded"].tokenizer):
+            lp_aligned = response_logprobs(aligned["loaded"].model, aligned["prompt_ids"], aligned["response_ids"],
+                                           config.temperature, config.batch_size)
+            lp_base = response_logprobs(base["loaded"].model, aligned["prompt_ids"], aligned["response_ids"],
+                                        config.temperature, config.batch_size)
+            kl = np.asarray(lp_aligned) - np.asarray(lp_base)
+            row["kl_vs_base"] = float(kl.mean())
+            row["kl_vs_base_ci"] = list(bootstrap_ci(kl, config.bootstrap, config.seed)[1:])
+        else:
+            row["kl_vs_base"] = None  # different vocabularies: token log-probs are not comparable
+        for key, values in aligned_scores.items():
+            mean, lo, hi = bootstrap_ci(win_rate(values, base_scores[key]), config.bootstrap, config.seed)
+            row[f"win_rate_{key}"] = mean
+            row[f"win_rate_{key}_ci"] = [lo, hi]
+        models_out.append(row)
+        samples[label] = aligned["texts"]
+        del aligned["loaded"]
+
+    metrics = {"config": asdict(config), "n_prompts": len(prompts), "models": models_out,
+               "seconds": round(time.perf_counter() - start, 1)}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out / "report.html").write_text(render_report(metrics, prompts, samples, base_scores, config))
+    _print_summary(metrics, out)
+    return metrics
+
+
+# ---------------------------------------------------------------- report
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _plots(metrics: dict) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = []
+    aligned = metrics["models"][1:]
+    names = [m["label"] for m in aligned]
+    for key in ("gold", "reward"):
+        if f"win_rate_{key}" not in aligned[0]:
+            continue
+        fig, ax = plt.subplots(figsize=(5, 0.6 + 0.5 * len(aligned)))
+        rates = [100 * m[f"win_rate_{key}"] for m in aligned]
+        errs = np.array([[r - 100 * m[f"win_rate_{key}_ci"][0], 100 * m[f"win_rate_{key}_ci"][1] - r]
+                         for r, m in zip(rates, aligned)]).T
+        ax.barh(names, rates, xerr=errs, color="#4c72b0", capsize=4)
+        ax.axvline(50, color="grey", linestyle="--", linewidth=1)
+        ax.set_xlim(0, 100)
+        ax.set_xlabel(f"win-rate over base by {key} (%), 95 % bootstrap interval")
+        plots.append((f"Win-rate by {key}", _png(fig)))
+        plt.close(fig)
+    score_key = "mean_gold" if "mean_gold" in aligned[0] else "mean_reward" if "mean_reward" in aligned[0] else None
+    if score_key and all(m.get("kl_vs_base") is not None for m in aligned):
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        kls = [0.0] + [m["kl_vs_base"] for m in aligned]
+        vals = [metrics["models"][0][score_key]] + [m[score_key] for m in aligned]
+        ax.plot(kls, vals, "o-", color="#dd8452")
+        for label, x, y in zip(["base"] + names, kls, vals):
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel("KL(aligned || base), nats per response")
+        ax.set_ylabel(score_key.replace("_", " "))
+        ax.set_title("Reward vs KL frontier")
+        plots.append(("Reward vs KL", _png(fig)))
+        plt.close(fig)
+    return plots
+
+
+def render_report(metrics: dict, prompts: list, samples: dict[str, list[str]], base_scores: dict,
+                  config: EvaluateConfig) -> str:
+    """A self-contained HTML page: the metrics table, plots, and samples; every model output is escaped."""
+    e = html.escape
+    cols = ["label", "model", "mean_gold", "mean_reward", "win_rate_gold", "win_rate_reward", "kl_vs_base", "mean_tokens",
+            "distinct_1", "distinct_2"]
+    cols = [c for c in cols if any(c in m for m in metrics["models"])]
+
+    def cell(m: dict, c: str) -> str:
+        v = m.get(c)
+        if v is None:
+            return "—"
+        if isinstance(v, float):
+            text = f"{100 * v:.1f} %" if c.startswith("win_rate") else f"{v:.3f}"
+            if f"{c}_ci" in m:
+                lo, hi = m[f"{c}_ci"]
+                text += f" <small>[{100 * lo:.1f}, {100 * hi:.1f}]</small>" if c.startswith("win_rate") else \
+                    f" <small>[{lo:.2f}, {hi:.2f}]</small>"
+            return text
+        return f"<small>{e(str(v))}</small>" if c == "model" else f"<b>{e(str(v))}</b>"
+
+    table = "<tr>" + "".join(f"<th>{e(c.replace('_', ' ').replace('label', ''))}</th>" for c in cols) + "</tr>" + "".join(
+        "<tr>" + "".join(f"<td>{cell(m, c)}</td>" for c in cols) + "</tr>" for m in metrics["models"])
+    plots = "".join(f"<figure><img alt='{e(t)}' src='{src}'><figcaption>{e(t)}</figcaption></figure>"
+                    for t, src in _plots(metrics))
+    names = list(samples)
+    rows = []
+    for i in range(min(config.samples_in_report, len(prompts))):
+        prompt = prompts[i] if isinstance(prompts[i], str) else prompts[i][-1]["content"]
+        rows.append("<tr><td class='prompt'>" + e(prompt) + "</td>" +
+                    "".join(f"<td><pre>{e(samples[n][i])}</pre></td>" for n in names) + "</tr>")
+    header = "<tr><th>prompt</th>" + "".join(f"<th>{e(n)}</th>" for n in names) + "</tr>"
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>rlhf: aligned vs base</title>
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">
+<style>
+body {{ font: 15px/1.45 system-ui, sans-serif; margin: 2rem auto; max-width: 1200px; color: #222; padding: 0 1rem; }}
+table {{ border-collapse: collapse; margin: 1rem 0; width: 100%; }}
+th, td {{ border: 1px solid #ddd; padding: .4rem .6rem; text-align: left; vertical-align: top; }}
+th {{ background: #f4f4f4; }} small {{ color: #666; }}
+pre {{ white-space: pre-wrap; word-break: break-word; margin: 0; font: inherit; max-height: 16em; overflow: auto; }}
+figure {{ display: inline-block; margin: 0 1.5rem 1rem 0; }} figcaption {{ color: #555; font-size: .9em; }}
+td.prompt {{ width: 18%; color: #444; }}
+</style></head><body>
+<h1>Aligned vs base</h1>
+<p>{metrics['n_prompts']} held-out prompts ({e(config.prompts)}, split {e(config.split or 'all')}), temperature
+{config.temperature}, {config.max_new_tokens} new tokens at most, seed {config.seed}; gold: {e(config.gold or 'none')};
+reward model: {e(config.reward or 'none')}. Win-rates count a tie as half; intervals are 95 % bootstrap over prompts.
+KL(aligned || base) is in nats per response.</p>
+<table>{table}</table>
+{plots}
+<h2>Samples</h2>
+<table>{header}{''.join(rows)}</table>
+</body></html>
+"""
+
+
+def _print_summary(metrics: dict, out: Path) -> None:
+    for m in metrics["models"][1:]:
+        parts = [f"{m['label']} ({m['model']})"]
+        for key in ("gold", "reward"):
+            if f"win_rate_{key}" in m:
+                lo, hi = m[f"win_rate_{key}_ci"]
+                parts.append(f"win-rate by {key} {100 * m[f'win_rate_{key}']:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}]")
+        if m.get("kl_vs_base") is not None:
+            parts.append(f"KL {m['kl_vs_base']:.2f}")
+        print(" | ".join(parts))
+    print(f"report: {out / 'report.html'}  metrics: {out / 'metrics.json'}  ({metrics['seconds']} s)")

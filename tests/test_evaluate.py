@@ -1,0 +1,118 @@
+"""Aligned vs base evaluation: statistics by hand, log-probs, the two sanity cases, and the report."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from rlhf.config import UserError, load_config
+from rlhf.evaluate import (EvaluateConfig, bootstrap_ci, distinct_n, read_prompts, response_logprobs, run,
+                           win_rate)
+from rlhf.models import load
+
+
+def shorter_is_better(prompts, responses):
+    """A gold function for the tests (loaded as `test_evaluate:shorter_is_better`)."""
+    return [-float(len(r)) for r in responses]
+
+
+def test_win_rate_and_bootstrap_by_hand():
+    assert win_rate([1, 2, 3, 4], [0, 2, 5, 1]).tolist() == [1.0, 0.5, 0.0, 1.0]
+    mean, lo, hi = bootstrap_ci([1.0, 0.5, 0.0, 1.0], resamples=2000)
+    assert mean == 0.625 and 0.0 <= lo < mean < hi <= 1.0
+    assert bootstrap_ci([0.5] * 10) == (0.5, 0.5, 0.5)
+
+
+def test_distinct_n_by_hand():
+    texts = ["the cat sat", "the cat ran"]
+    assert distinct_n(texts, 1) == pytest.approx(4 / 6)  # the, cat, sat, ran over 6 words
+    assert distinct_n(texts, 2) == pytest.approx(3 / 4)  # (the cat) twice, (cat sat), (cat ran)
+    assert distinct_n([""], 2) == 0.0
+
+
+def test_response_logprobs_match_a_direct_forward_and_ignore_padding(tiny_model_dir):
+    loaded = load(tiny_model_dir, device="cpu")
+    prompt_ids = [[5, 6, 7, 8, 9], [10, 11]]
+    response_ids = [[12, 13], [14, 15, 16, 17]]
+    got = response_logprobs(loaded.model, prompt_ids, response_ids, temperature=0.5)
+    for p, r, value in zip(prompt_ids, response_ids, got):
+        with torch.no_grad():
+            logits = loaded.model(torch.tensor([p + r])).logits[0] / 0.5
+        logp = torch.log_softmax(logits, -1)
+        expected = sum(float(logp[len(p) - 1 + i, tok]) for i, tok in enumerate(r))
+        assert value == pytest.approx(expected, abs=1e-4)
+
+
+def test_read_prompts_shipped_and_files(tmp_path):
+    test_prompts = read_prompts("sentiment", "test")
+    train_prompts = read_prompts("sentiment", "train")
+    assert len(test_prompts) >= 50 and len(train_prompts) >= 200 and not set(test_prompts) & set(train_prompts)
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"prompt": \n')
+    with pytest.raises(UserError, match=r"p.jsonl:2"):
+        read_prompts(str(bad))
+
+
+def _config(tmp_path, base, aligned, **kw):
+    defaults = dict(base=base, aligned=[aligned], prompts="sentiment", limit=12, max_new_tokens=8, batch_size=6,
+                    bootstrap=300, device="cpu", output_dir=str(tmp_path / "eval"))
+    return load_config(EvaluateConfig, **{**defaults, **kw})
+
+
+def test_model_against_itself_is_even_with_zero_kl(tmp_path, tiny_model_dir):
+    metrics = run(_config(tmp_path, tiny_model_dir, tiny_model_dir, gold="sentiment"))
+    aligned = metrics["models"][1]
+    lo, hi = aligned["win_rate_gold_ci"]
+    assert lo <= 0.5 <= hi
+    assert abs(aligned["kl_vs_base"]) < 1e-4
+
+
+def test_a_model_that_always_wins_by_gold_gets_about_100_percent(tmp_path, tiny_model_dir, tiny_tokenizer):
+    # "Aligned" here answers with EOS at once (every other token suppressed): the shortest possible answer.
+    shutil.copytree(tiny_model_dir, tmp_path / "terse")
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig.from_pretrained(tmp_path / "terse")
+    gen.suppress_tokens = [i for i in range(len(tiny_tokenizer)) if i != tiny_tokenizer.eos_token_id]
+    gen.save_pretrained(tmp_path / "terse")
+    metrics = run(_config(tmp_path, tiny_model_dir, str(tmp_path / "terse"), gold="test_evaluate:shorter_is_better"))
+    aligned = metrics["models"][1]
+    assert aligned["win_rate_gold"] >= 0.95 and aligned["mean_tokens"] == 1.0
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert saved["models"][1]["win_rate_gold"] == aligned["win_rate_gold"]
+
+
+def test_report_escapes_model_output(tmp_path, tiny_model_dir):
+    prompts = tmp_path / "xss.jsonl"
+    prompts.write_text(json.dumps({"prompt": "<script>alert(1)</script><img src=x onerror=alert(2)>"}) + "\n")
+    run(_config(tmp_path, tiny_model_dir, tiny_model_dir, prompts=str(prompts), split="", limit=0))
+    page = (tmp_path / "eval" / "report.html").read_text()
+    assert "<script>alert" not in page and "<img src=x" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_bad_config_is_rejected():
+    with pytest.raises(UserError, match="aligned"):
+        load_config(EvaluateConfig, aligned=[])
+
+
+@pytest.mark.browser
+def test_report_renders_in_chromium(tmp_path, tiny_model_dir, browser, artifacts_dir):
+    run(_config(tmp_path, tiny_model_dir, tiny_model_dir, limit=6))
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto((tmp_path / "eval" / "report.html").as_uri())
+    assert page.locator("h1").inner_text() == "Aligned vs base"
+    images = page.locator("img")
+    assert images.count() >= 2
+    for i in range(images.count()):  # every embedded plot decoded to a real picture
+        assert page.evaluate("img => img.naturalWidth", images.nth(i).element_handle()) > 100
+    page.screenshot(path=str(artifacts_dir / "evaluate_report.png"), full_page=True)
+    assert not errors
+    page.close()
