@@ -88,7 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kind = next(a for a in args if a is not type(None))
             origin, args = typing.get_origin(kind), typing.get_args(kind)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        opts: dict[str, Any] = {"help": f"{f.metadata.get('help', '')} (default: {default!r})", "default": None}
+        help_text = f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%")  # argparse formats %
+        opts: dict[str, Any] = {"help": help_text, "default": None}
         if kind is bool:
             opts.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
         elif origin is typing.Literal:
