@@ -51,6 +51,8 @@ class EvaluateConfig:
     split: str = field("test", "Keep prompts of this split when the file has a split column ('' keeps all).")
     limit: int = field(64, "Evaluate on at most this many prompts (0: all).")
     system: str = field("", "Optional system prompt for every model.")
+    prompt_baselines: list[str] = field([], "System prompts that steer the base model: baselines the aligned "
+                                        "models must beat (e.g. 'Always write glowing, positive reviews.').")
     # Generation
     max_new_tokens: int = field(48, "Maximum new tokens per response.")
     temperature: float = field(0.7, "Sampling temperature (the same for every model; 0 is greedy).")
@@ -151,22 +153,28 @@ def response_logprobs(model, prompt_ids: list[list[int]], response_ids: list[lis
     return totals
 
 
-def _sample_model(spec: str, prompts: list, config: EvaluateConfig, desc: str) -> dict:
-    loaded = load(spec, device=config.device, precision=config.precision)
-    texts = [render_prompt(loaded.tokenizer, p, config.system) for p in prompts]
+def _sample(loaded, prompts: list, system: str, config: EvaluateConfig, desc: str) -> dict:
+    texts = [render_prompt(loaded.tokenizer, p, system) for p in prompts]
     results = []
     for start in tqdm(range(0, len(texts), config.batch_size), desc=f"sampling {desc}", unit="batch"):
         results += generate_batch(loaded.model, loaded.tokenizer, texts[start : start + config.batch_size],
                                   max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                   top_p=config.top_p, generator_seed=config.seed + start)
-    prompt_ids = [loaded.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
-    return {"loaded": loaded, "texts": [r["text"] for r in results], "response_ids": [r["token_ids"] for r in results],
-            "prompt_ids": prompt_ids, "tokens": [r["new_tokens"] for r in results]}
+    return {"texts": [r["text"] for r in results], "response_ids": [r["token_ids"] for r in results],
+            "prompt_ids": [loaded.tokenizer(t, add_special_tokens=False).input_ids for t in texts],
+            "tokens": [r["new_tokens"] for r in results]}
 
 
-def _summary(name: str, texts: list[str], tokens: list[int]) -> dict:
-    return {"model": name, "mean_tokens": float(np.mean(tokens)), "mean_words": float(np.mean([len(t.split()) for t in texts])),
+def _summary(texts: list[str], tokens: list[int]) -> dict:
+    return {"mean_tokens": float(np.mean(tokens)), "mean_words": float(np.mean([len(t.split()) for t in texts])),
             "distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2)}
+
+
+def _add_win_rates(row: dict, scores: dict, against: dict, suffix: str, config: EvaluateConfig) -> None:
+    for key, values in scores.items():
+        mean, lo, hi = bootstrap_ci(win_rate(values, against[key]), config.bootstrap, config.seed)
+        row[f"win_rate_{key}{suffix}"] = mean
+        row[f"win_rate_{key}{suffix}_ci"] = [lo, hi]
 
 
 def run(config: EvaluateConfig) -> dict:
@@ -189,39 +197,57 @@ def run(config: EvaluateConfig) -> dict:
             result["reward"] = reward_model.score(prompts, texts).tolist()
         return result
 
-    base = _sample_model(config.base, prompts, config, "base")
-    base_scores = scores(base["texts"])
-    models_out = [{"label": "base", **_summary(config.base, base["texts"], base["tokens"]),
-                   **{f"mean_{k}": float(np.mean(v)) for k, v in base_scores.items()}, "kl_vs_base": 0.0}]
-    samples = {"base": base["texts"]}
-    for i, spec in enumerate(config.aligned):
-        aligned = _sample_model(spec, prompts, config, f"aligned {i + 1}/{len(config.aligned)}")
-        aligned_scores = scores(aligned["texts"])
-        label = f"aligned {i + 1}" if len(config.aligned) > 1 else "aligned"
-        row = {"label": label, **_summary(spec, aligned["texts"], aligned["tokens"]),
-               **{f"mean_{k}": float(np.mean(v)) for k, v in aligned_scores.items()}}
-        if len(aligned["loaded"].tokenizer) == len(base["loaded"].tokenizer):
-            lp_aligned = response_logprobs(aligned["loaded"].model, aligned["prompt_ids"], aligned["response_ids"],
-                                           config.temperature, config.batch_size)
-            lp_base = response_logprobs(base["loaded"].model, aligned["prompt_ids"], aligned["response_ids"],
+    base_model = load(config.base, device=config.device, precision=config.precision)
+    # The base under the plain prompt, then prompt baselines (the same base model steered by a system prompt),
+    # then the aligned models; KL of each against the base is taken on that contestant's own samples.
+    contestants = [("base", config.base, config.system)]
+    contestants += [(f"prompt {i + 1}" if len(config.prompt_baselines) > 1 else "prompt", config.base, system)
+                    for i, system in enumerate(config.prompt_baselines)]
+    contestants += [(f"aligned {i + 1}" if len(config.aligned) > 1 else "aligned", spec, config.system)
+                    for i, spec in enumerate(config.aligned)]
+    rows, samples, all_scores = [], {}, {}
+    base_prompt_ids = None
+    for label, spec, system in contestants:
+        loaded = base_model if spec == config.base else load(spec, device=config.device, precision=config.precision)
+        sampled = _sample(loaded, prompts, system, config, label)
+        if label == "base":
+            base_prompt_ids = sampled["prompt_ids"]
+        row = {"label": label, "model": spec, "system": system, **_summary(sampled["texts"], sampled["tokens"])}
+        all_scores[label] = scores(sampled["texts"])
+        row.update({f"mean_{k}": float(np.mean(v)) for k, v in all_scores[label].items()})
+        if label == "base":
+            row["kl_vs_base"] = 0.0
+        elif len(loaded.tokenizer) == len(base_model.tokenizer):
+            lp_model = response_logprobs(loaded.model, sampled["prompt_ids"], sampled["response_ids"],
+                                         config.temperature, config.batch_size)
+            lp_base = response_logprobs(base_model.model, base_prompt_ids, sampled["response_ids"],
                                         config.temperature, config.batch_size)
-            kl = np.asarray(lp_aligned) - np.asarray(lp_base)
+            kl = np.asarray(lp_model) - np.asarray(lp_base)
             row["kl_vs_base"] = float(kl.mean())
             row["kl_vs_base_ci"] = list(bootstrap_ci(kl, config.bootstrap, config.seed)[1:])
         else:
             row["kl_vs_base"] = None  # different vocabularies: token log-probs are not comparable
-        for key, values in aligned_scores.items():
-            mean, lo, hi = bootstrap_ci(win_rate(values, base_scores[key]), config.bootstrap, config.seed)
-            row[f"win_rate_{key}"] = mean
-            row[f"win_rate_{key}_ci"] = [lo, hi]
-        models_out.append(row)
-        samples[label] = aligned["texts"]
-        del aligned["loaded"]
+        if label != "base":
+            _add_win_rates(row, all_scores[label], all_scores["base"], "", config)
+        rows.append(row)
+        samples[label] = sampled["texts"]
+        if loaded is not base_model:
+            del loaded
 
-    metrics = {"config": asdict(config), "n_prompts": len(prompts), "models": models_out,
+    # The cheap alternative to beat: the best prompt baseline by mean gold (else mean reward).
+    baselines = [r for r in rows if r["label"].startswith("prompt")]
+    key = "mean_gold" if gold is not None else "mean_reward" if reward_model is not None else None
+    best = max(baselines, key=lambda r: r[key]) if baselines and key else None
+    if best is not None:
+        for row in rows:
+            if row["label"].startswith("aligned"):
+                _add_win_rates(row, all_scores[row["label"]], all_scores[best["label"]], "_vs_prompt", config)
+
+    metrics = {"config": asdict(config), "n_prompts": len(prompts), "models": rows,
+               "best_prompt_baseline": best["label"] if best else None,
                "seconds": round(time.perf_counter() - start, 1)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (out / "report.html").write_text(render_report(metrics, prompts, samples, base_scores, config))
+    (out / "report.html").write_text(render_report(metrics, prompts, samples, config))
     _print_summary(metrics, out)
     return metrics
 
@@ -273,13 +299,13 @@ def _plots(metrics: dict) -> list[tuple[str, str]]:
     return plots
 
 
-def render_report(metrics: dict, prompts: list, samples: dict[str, list[str]], base_scores: dict,
-                  config: EvaluateConfig) -> str:
+def render_report(metrics: dict, prompts: list, samples: dict[str, list[str]], config: EvaluateConfig) -> str:
     """A self-contained HTML page: the metrics table, plots, and samples; every model output is escaped."""
     e = html.escape
-    cols = ["label", "model", "mean_gold", "mean_reward", "win_rate_gold", "win_rate_reward", "kl_vs_base", "mean_tokens",
-            "distinct_1", "distinct_2"]
-    cols = [c for c in cols if any(c in m for m in metrics["models"])]
+    cols = ["label", "model", "system", "mean_gold", "mean_reward", "win_rate_gold", "win_rate_reward",
+            "win_rate_gold_vs_prompt", "win_rate_reward_vs_prompt", "kl_vs_base", "mean_tokens", "distinct_1",
+            "distinct_2"]
+    cols = [c for c in cols if any(m.get(c) not in (None, "") for m in metrics["models"])]
 
     def cell(m: dict, c: str) -> str:
         v = m.get(c)
@@ -292,7 +318,7 @@ def render_report(metrics: dict, prompts: list, samples: dict[str, list[str]], b
                 text += f" <small>[{100 * lo:.1f}, {100 * hi:.1f}]</small>" if c.startswith("win_rate") else \
                     f" <small>[{lo:.2f}, {hi:.2f}]</small>"
             return text
-        return f"<small>{e(str(v))}</small>" if c == "model" else f"<b>{e(str(v))}</b>"
+        return f"<small>{e(str(v))}</small>" if c in ("model", "system") else f"<b>{e(str(v))}</b>"
 
     table = "<tr>" + "".join(f"<th>{e(c.replace('_', ' ').replace('label', ''))}</th>" for c in cols) + "</tr>" + "".join(
         "<tr>" + "".join(f"<td>{cell(m, c)}</td>" for c in cols) + "</tr>" for m in metrics["models"])
@@ -337,6 +363,8 @@ def _print_summary(metrics: dict, out: Path) -> None:
             if f"win_rate_{key}" in m:
                 lo, hi = m[f"win_rate_{key}_ci"]
                 parts.append(f"win-rate by {key} {100 * m[f'win_rate_{key}']:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}]")
+            if f"win_rate_{key}_vs_prompt" in m:
+                parts.append(f"vs best prompt baseline {100 * m[f'win_rate_{key}_vs_prompt']:.1f} %")
         if m.get("kl_vs_base") is not None:
             parts.append(f"KL {m['kl_vs_base']:.2f}")
         print(" | ".join(parts))

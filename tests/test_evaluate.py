@@ -116,3 +116,22 @@ def test_report_renders_in_chromium(tmp_path, tiny_model_dir, browser, artifacts
     page.screenshot(path=str(artifacts_dir / "evaluate_report.png"), full_page=True)
     assert not errors
     page.close()
+
+
+def test_prompt_baseline_identical_to_base_gives_equal_figures(tmp_path, tiny_model_dir):
+    metrics = run(_config(tmp_path, tiny_model_dir, tiny_model_dir, prompt_baselines=[""]))
+    base, prompt, aligned = metrics["models"]
+    assert prompt["label"] == "prompt" and metrics["best_prompt_baseline"] == "prompt"
+    assert prompt["mean_gold"] == base["mean_gold"] and prompt["mean_tokens"] == base["mean_tokens"]
+    assert abs(prompt["kl_vs_base"]) < 1e-4 and prompt["win_rate_gold"] == 0.5
+    assert aligned["win_rate_gold_vs_prompt"] == 0.5
+
+
+def test_prompt_baseline_that_changes_outputs_gives_different_figures(tmp_path, tiny_model_dir):
+    metrics = run(_config(tmp_path, tiny_model_dir, tiny_model_dir, gold="test_evaluate:shorter_is_better",
+                          prompt_baselines=["You are a film critic. Write a long and detailed review."]))
+    base, prompt, _ = metrics["models"]
+    assert prompt["mean_gold"] != base["mean_gold"]
+    assert prompt["kl_vs_base"] > 0.01  # a different context moves the base model's distribution
+    page = (tmp_path / "eval" / "report.html").read_text()
+    assert "<th>prompt</th>" in page and "You are a film critic" in page
