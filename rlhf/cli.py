@@ -48,6 +48,30 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     pull.add_argument("--force", action="store_true", help="Convert again even if the cache has it.")
     msub.add_parser("list", help="Show the models in the cache.")
 
+    d = sub.add_parser("data", help="Import prompts and preferences, export training data, annotator statistics.",
+                       description="The preference store's data: import, export (TRL format), stats.")
+    dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
+    from rlhf.data import ExportConfig, ImportConfig, StatsConfig
+
+    for action, cls, help in [
+        ("import", ImportConfig, "Import prompts (JSONL/CSV) or preferences (TRL format, HH-RLHF, a tasks dump)."),
+        ("export", ExportConfig, "Export votes as TRL preference data: train/test split by prompt, ties apart."),
+        ("stats", StatsConfig, "Annotator counts, speed, agreement (kappa, alpha), position and length bias."),
+    ]:
+        p = dsub.add_parser(action, help=help, description=help)
+        add_arguments(p, cls)
+        p.set_defaults(data_config=cls)
+
+    a = sub.add_parser("annotators", help="Annotator accounts for the labeling app.",
+                       description="Annotator accounts in the store (credentials are stored hashed).")
+    asub = a.add_subparsers(dest="annotators_command", metavar="ACTION")
+    add = asub.add_parser("add", help="Create an account and print its credential once.")
+    add.add_argument("name")
+    add.add_argument("--admin", action="store_true", help="Give the account the admin role.")
+    add.add_argument("--db", default="", help="Database URL ('' = sqlite under $RLHF_HOME).")
+    lst = asub.add_parser("list", help="List the accounts.")
+    lst.add_argument("--db", default="", help="Database URL ('' = sqlite under $RLHF_HOME).")
+
     chosen = next((a for a in argv if not a.startswith("-")), None)
     chosen = ALIASES.get(chosen, chosen)
     for name, help in STAGE_COMMANDS:
@@ -76,6 +100,31 @@ def _models(args: argparse.Namespace) -> None:
         raise UserError("say which: rlhf models pull | rlhf models list")
 
 
+def _data(args: argparse.Namespace) -> None:
+    from rlhf import data
+
+    if getattr(args, "data_config", None) is None:
+        raise UserError("say which: rlhf data import | export | stats")
+    config = from_args(args.data_config, args)
+    {"import": data.run_import, "export": data.run_export, "stats": data.run_stats}[args.data_command](config)
+
+
+def _annotators(args: argparse.Namespace) -> None:
+    from rlhf.store import Store
+
+    if args.annotators_command == "add":
+        store = Store(args.db or None)
+        credential = store.add_annotator(args.name, role="admin" if args.admin else "annotator")
+        print(f"created {'admin' if args.admin else 'annotator'} {args.name!r} in {store.url}")
+        print(f"credential (shown once, store it now): {credential}")
+    elif args.annotators_command == "list":
+        for a in Store(args.db or None).list_annotators():
+            flags = [a.role] + (["inactive"] if not a.active else []) + (["simulated"] if a.simulated else [])
+            print(f"{a.name:<32} {', '.join(flags)}")
+    else:
+        raise UserError("say which: rlhf annotators add NAME | rlhf annotators list")
+
+
 def _sample(config) -> None:
     from rlhf.sample import run
 
@@ -96,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "models":
             _models(args)
+            return 0
+        if args.command == "data":
+            _data(args)
+            return 0
+        if args.command == "annotators":
+            _annotators(args)
             return 0
         command = ALIASES.get(args.command, args.command)
         config = from_args(_config_class(command), args, args.config)

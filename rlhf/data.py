@@ -14,9 +14,15 @@ group) ride along; trainers keep only the columns they use.
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf.config import UserError
+from rlhf.config import UserError, field
 
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 _FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -59,12 +65,17 @@ def load_preference_dataset(spec: str, test_size: float = 0.1, seed: int = 0):
         data = load_from_disk(str(path))
     elif path.is_dir():
         files: dict[str, list[str]] = {}
+        empty: set[str] = set()
         for f in sorted(path.iterdir()):
             if f.suffix in _FILE_TYPES and f.stem.split(".")[0] in ("train", "test", "validation"):
-                files.setdefault(f.stem.split(".")[0], []).append(str(f))
+                # An empty split (an export with no test prompts) cannot be loaded; it is recreated empty below.
+                (files.setdefault(f.stem.split(".")[0], []).append(str(f)) if f.stat().st_size
+                 else empty.add(f.stem.split(".")[0]))
         if "train" not in files:
-            raise UserError(f"{path}: no train.jsonl / train.parquet / train.csv in this directory")
+            raise UserError(f"{path}: no non-empty train.jsonl / train.parquet / train.csv in this directory")
         data = _load_files(files)
+        for name in empty - set(files):
+            data[name] = data["train"].select([])
     elif path.is_file():
         if path.suffix not in _FILE_TYPES:
             raise UserError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl, .json, .parquet or .csv)")
@@ -105,3 +116,399 @@ def _split_by_prompt(train, test_size: float, seed: int):
     test_idx = [i for i, k in enumerate(keys) if k in held_out]
     train_idx = [i for i, k in enumerate(keys) if k not in held_out]
     return DatasetDict(train=train.select(train_idx), test=train.select(test_idx))
+
+
+# ---------------------------------------------------------------- reading files, with file:line errors
+
+
+def _read_rows(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) pairs from .jsonl/.json/.csv/.parquet; a malformed line is a UserError naming it."""
+    if not path.is_file():
+        raise UserError(f"file not found: {path}")
+    if path.suffix == ".jsonl":
+        rows = []
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{lineno}: expected a JSON object")
+            rows.append((lineno, row))
+        return rows
+    if path.suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, list):
+            raise UserError(f"{path}: expected a JSON list of objects")
+        return list(enumerate(data, 1))
+    if path.suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            return [(lineno, dict(row)) for lineno, row in enumerate(csv.DictReader(f), 2)]
+    if path.suffix == ".parquet":
+        from datasets import Dataset
+
+        return list(enumerate(Dataset.from_parquet(str(path)), 1))
+    raise UserError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl, .json, .csv or .parquet)")
+
+
+def read_prompt_rows(path: Path) -> list[dict]:
+    """Prompt rows {prompt (messages), source, split} from a file with a `prompt` (text) or `messages` column."""
+    rows, seen = [], {}
+    for lineno, row in _read_rows(path):
+        value = row.get("messages") or row.get("prompt")
+        if value is None:
+            raise UserError(f"{path}:{lineno}: no 'prompt' or 'messages' column")
+        try:
+            messages = _as_messages(value, "user")
+        except (KeyError, TypeError):
+            raise UserError(f"{path}:{lineno}: messages must be a list of {{role, content}}") from None
+        if not all(isinstance(m["content"], str) and m["content"].strip() for m in messages):
+            raise UserError(f"{path}:{lineno}: empty prompt text")
+        key = json.dumps(messages, sort_keys=True)
+        if key in seen:
+            raise UserError(f"{path}:{lineno}: duplicate of line {seen[key]}")
+        seen[key] = lineno
+        rows.append({"prompt": messages, "source": row.get("source") or path.name, "split": row.get("split") or "train"})
+    if not rows:
+        raise UserError(f"{path}: no prompts")
+    return rows
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def parse_hh(transcript: str) -> list[dict]:
+    """Anthropic HH-RLHF text ("\\n\\nHuman: ...\\n\\nAssistant: ...") as chat messages."""
+    parts = _HH_TURN.split(transcript)
+    if len(parts) < 3 or parts[0].strip():
+        raise ValueError("not an HH transcript (it must start with '\\n\\nHuman: ')")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[parts[i]], "content": parts[i + 1]} for i in range(1, len(parts) - 1, 2)]
+
+
+def hh_to_preference(chosen: str, rejected: str) -> dict:
+    """An HH pair as a conversational preference row: the shared turns are the prompt, the last replies differ."""
+    chosen_msgs, rejected_msgs = parse_hh(chosen), parse_hh(rejected)
+    if chosen_msgs[:-1] != rejected_msgs[:-1]:
+        raise ValueError("chosen and rejected do not share the same conversation before the last reply")
+    if chosen_msgs[-1]["role"] != "assistant" or rejected_msgs[-1]["role"] != "assistant":
+        raise ValueError("the last turn of chosen and rejected must be the Assistant's")
+    return {"prompt": chosen_msgs[:-1], "chosen": [chosen_msgs[-1]], "rejected": [rejected_msgs[-1]]}
+
+
+def read_preference_rows(path: Path) -> list[dict]:
+    """Preference rows from TRL's format (text or conversational, optional margin) or HH-RLHF's transcripts."""
+    out, seen = [], {}
+    for lineno, row in _read_rows(path):
+        try:
+            if "prompt" not in row and {"chosen", "rejected"} <= set(row) and isinstance(row["chosen"], str):
+                pref = hh_to_preference(row["chosen"], row["rejected"])
+            elif {"prompt", "chosen", "rejected"} <= set(row):
+                pref = to_conversational(row)
+            else:
+                raise ValueError("needs prompt/chosen/rejected (TRL) or chosen/rejected transcripts (HH-RLHF)")
+            for side in ("chosen", "rejected"):
+                if not pref[side] or not str(pref[side][-1]["content"]).strip():
+                    raise ValueError(f"empty {side} response")
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{path}:{lineno}: {e}") from None
+        key = json.dumps([pref["prompt"], pref["chosen"], pref["rejected"]], sort_keys=True)
+        if key in seen:
+            raise UserError(f"{path}:{lineno}: duplicate of line {seen[key]}")
+        seen[key] = lineno
+        if row.get("margin") is not None:
+            pref["margin"] = float(row["margin"])
+        out.append(pref)
+    if not out:
+        raise UserError(f"{path}: no preference rows")
+    return out
+
+
+# ---------------------------------------------------------------- export
+
+
+def strength_to_margin(strength: int, mapping: tuple[float, float, float]) -> float:
+    return mapping[strength - 1]
+
+
+def aggregate_task(task: dict, method: str, margins: tuple[float, float, float]) -> dict | None:
+    """One task's votes as a preference (winner, margin, agreement) or a non-preference label; None if unvoted.
+
+    majority: the plurality of {A, B, tie, both_bad}; A or B alone on top is a preference, anything else
+    (a tie, both bad, or an A/B draw) goes to the ties split. margin = mean mapped strength of the winning votes.
+    mean: the mean of +margin(strength) for A, -margin for B, 0 for tie/both bad; its sign picks the winner.
+    """
+    votes = task["votes"]
+    if not votes:
+        return None
+    counts = Counter(v["choice"] for v in votes)
+    if method == "majority":
+        top = max(counts.values())
+        leaders = [c for c, n in counts.items() if n == top]
+        if len(leaders) == 1 and leaders[0] in ("A", "B"):
+            winner = leaders[0]
+            won = [v for v in votes if v["choice"] == winner]
+            margin = sum(strength_to_margin(v["strength"], margins) for v in won) / len(won)
+            return {"winner": winner, "margin": margin, "agreement": len(won) / len(votes)}
+        label = leaders[0] if len(leaders) == 1 else "split"
+        return {"winner": None, "label": label, "agreement": top / len(votes)}
+    if method == "mean":
+        sign = {"A": 1.0, "B": -1.0}
+        score = sum(sign.get(v["choice"], 0.0) * strength_to_margin(v["strength"], margins) for v in votes) / len(votes)
+        if score == 0:
+            return {"winner": None, "label": "tie" if counts["tie"] >= counts["both_bad"] else "both_bad",
+                    "agreement": 1.0}
+        winner = "A" if score > 0 else "B"
+        return {"winner": winner, "margin": abs(score), "agreement": counts[winner] / len(votes)}
+    raise UserError(f"aggregate must be majority or mean, not {method!r}")
+
+
+def _prompt_in_test(messages: list[dict], test_size: float, seed: int) -> bool:
+    """A prompt's split is a function of the prompt alone, so it never changes between exports or rounds."""
+    digest = hashlib.sha256(f"{seed}:{json.dumps(messages, sort_keys=True)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < test_size
+
+
+def export_preferences(tasks: list[dict], method: str = "majority", margins=(0.0, 0.5, 1.0), test_size: float = 0.1,
+                       seed: int = 0):
+    """Store tasks (`Store.tasks()`) as a DatasetDict(train, test, ties) in TRL's conversational format."""
+    from datasets import Dataset, DatasetDict
+
+    splits: dict[str, list[dict]] = {"train": [], "test": [], "ties": []}
+    for task in tasks:
+        if len(task["responses"]) != 2:
+            continue  # rankings are exported by their own path
+        agg = aggregate_task(task, method, tuple(margins))
+        if agg is None:
+            continue
+        a, b = task["responses"]
+        meta = {"task_id": task["task_id"], "round": task["round"], "how": task["how"], "n_votes": len(task["votes"]),
+                "agreement": agg["agreement"]}
+        if agg["winner"] is None:
+            splits["ties"].append({"prompt": task["prompt"], "chosen": [{"role": "assistant", "content": a["text"]}],
+                                   "rejected": [{"role": "assistant", "content": b["text"]}], "margin": 0.0,
+                                   "label": agg["label"], "chosen_model": a["model"], "rejected_model": b["model"],
+                                   **meta})
+            continue
+        chosen, rejected = (a, b) if agg["winner"] == "A" else (b, a)
+        row = {"prompt": task["prompt"], "chosen": [{"role": "assistant", "content": chosen["text"]}],
+               "rejected": [{"role": "assistant", "content": rejected["text"]}], "margin": float(agg["margin"]),
+               "label": "preference", "chosen_model": chosen["model"], "rejected_model": rejected["model"], **meta}
+        splits["test" if _prompt_in_test(task["prompt"], test_size, seed) else "train"].append(row)
+    columns = ["prompt", "chosen", "rejected", "margin", "label", "chosen_model", "rejected_model", "task_id", "round",
+               "how", "n_votes", "agreement"]
+    return DatasetDict({name: Dataset.from_list(rows) if rows else Dataset.from_dict({c: [] for c in columns})
+                        for name, rows in splits.items()})
+
+
+# ---------------------------------------------------------------- quality figures
+
+
+def quality_stats(tasks: list[dict]) -> dict:
+    """Annotator counts, speed, agreement (Cohen, Fleiss, Krippendorff), position and length bias, from tasks."""
+    from rlhf.agreement import cohen_kappa, fleiss_kappa, krippendorff_alpha
+
+    pairs = [t for t in tasks if len(t["responses"]) == 2 and t["votes"]]
+    per: dict[str, dict] = {}
+    by_task = {t["task_id"]: {v["annotator"]: v["choice"] for v in t["votes"]} for t in pairs}
+    for t in pairs:
+        lengths = [len(r["text"]) for r in t["responses"]]
+        for v in t["votes"]:
+            p = per.setdefault(v["annotator"], Counter())
+            p["votes"] += 1
+            if v.get("seconds") is not None:
+                p["seconds"] += v["seconds"]
+                p["timed"] += 1
+            if v["choice"] in ("A", "B"):
+                p["ab"] += 1
+                p["left"] += v["choice"] == v["left"]
+                if lengths[0] != lengths[1]:
+                    p["length_decided"] += 1
+                    p["longer"] += (v["choice"] == "A") == (lengths[0] > lengths[1])
+            others = [c for name, c in by_task[t["task_id"]].items() if name != v["annotator"]]
+            if others:  # agreement with the majority of the *other* annotators of this task
+                top = Counter(others).most_common()
+                if len(top) == 1 or top[0][1] > top[1][1]:
+                    p["with_majority_n"] += 1
+                    p["with_majority"] += v["choice"] == top[0][0]
+    # Swapped repeats: the same two responses shown again in the other order, judged by the same annotator.
+    by_id = {t["task_id"]: t for t in pairs}
+    for t in pairs:
+        original = by_id.get(t.get("repeat_of"))
+        if original is None:
+            continue
+        for v in t["votes"]:
+            first = by_task[original["task_id"]].get(v["annotator"])
+            if first in ("A", "B") and v["choice"] in ("A", "B"):
+                same_text = t["responses"][0]["text"] == original["responses"][0]["text"]
+                consistent = (v["choice"] == first) if same_text else (v["choice"] != first)
+                p = per[v["annotator"]]
+                p["repeats"] += 1
+                p["consistent"] += consistent
+
+    def share(n, d):
+        return n / d if d else None
+
+    annotators = {name: {"votes": p["votes"], "mean_seconds": share(p["seconds"], p["timed"]),
+                         "left_share": share(p["left"], p["ab"]), "longer_share": share(p["longer"], p["length_decided"]),
+                         "with_majority": share(p["with_majority"], p["with_majority_n"]),
+                         "repeat_consistency": share(p["consistent"], p["repeats"])}
+                  for name, p in sorted(per.items())}
+    result: dict = {"tasks_voted": len(pairs), "votes": sum(len(t["votes"]) for t in pairs), "annotators": annotators}
+    multi = [t for t in pairs if len(t["votes"]) >= 2]
+    if multi:
+        result["krippendorff_alpha"] = krippendorff_alpha([[v["choice"] for v in t["votes"]] for t in multi])
+        modal = Counter(len(t["votes"]) for t in multi).most_common(1)[0][0]
+        same_n = [[v["choice"] for v in t["votes"]] for t in multi if len(t["votes"]) == modal]
+        if len({c for item in same_n for c in item}) > 1:
+            result["fleiss_kappa"] = fleiss_kappa(same_n)
+        cohen = {}
+        names = sorted(per)
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                common = [tid for tid, v in by_task.items() if a in v and b in v]
+                if len(common) >= 5:
+                    cohen[f"{a} ~ {b}"] = cohen_kappa([by_task[t][a] for t in common], [by_task[t][b] for t in common])
+        result["cohen_kappa"] = cohen
+    return result
+
+
+def format_stats(stats: dict) -> str:
+    """The quality figures as a readable table."""
+    def f(v, pct=False):
+        return "—" if v is None else f"{100 * v:5.1f}%" if pct else f"{v:6.1f}"
+
+    lines = [f"{stats['tasks_voted']} tasks with votes, {stats['votes']} votes", "",
+             f"{'annotator':<24}{'votes':>7}{'sec/vote':>10}{'left':>8}{'longer':>8}{'w/ majority':>13}{'repeat ok':>11}"]
+    for name, a in stats["annotators"].items():
+        lines.append(f"{name[:23]:<24}{a['votes']:>7}{f(a['mean_seconds']):>10}{f(a['left_share'], True):>8}"
+                     f"{f(a['longer_share'], True):>8}{f(a['with_majority'], True):>13}{f(a['repeat_consistency'], True):>11}")
+    lines.append("")
+    for key in ("krippendorff_alpha", "fleiss_kappa"):
+        if key in stats:
+            lines.append(f"{key.replace('_', ' ')}: {stats[key]:.3f}")
+    for pair, kappa in stats.get("cohen_kappa", {}).items():
+        lines.append(f"cohen kappa {pair}: {kappa:.3f}")
+    lines.append("left: share of A/B votes for the response shown on the left (50% = no position bias); longer: share "
+                 "for the longer response (length bias)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- CLI: rlhf data import | export | stats
+
+
+@dataclass
+class ImportConfig:
+    db: str = field("", "Database URL ('' = sqlite under $RLHF_HOME).")
+    file: str = field("", "File to import: .jsonl, .json, .csv or .parquet.")
+    kind: str = field("auto", "prompts, preferences (TRL or HH-RLHF), tasks (a lossless dump), or auto.")
+    source: str = field("", "Source name stored with imported prompts (default: the file name).")
+    round: int = field(0, "Round number given to imported preference tasks.")
+
+    def __post_init__(self):
+        if self.kind not in ("auto", "prompts", "preferences", "tasks"):
+            raise ValueError("kind must be auto, prompts, preferences or tasks")
+
+
+@dataclass
+class ExportConfig:
+    db: str = field("", "Database URL ('' = sqlite under $RLHF_HOME).")
+    out: str = field("runs/export", "Output directory: train/test/ties files, tasks.jsonl (lossless), export.json.")
+    format: str = field("jsonl", "jsonl or parquet.")
+    aggregate: str = field("majority", "How votes of several annotators combine: majority or mean.")
+    margins: list[float] = field([0.0, 0.5, 1.0], "Margin for strength 1 (slight), 2 (clear), 3 (strong).")
+    test_size: float = field(0.1, "Share of prompts held out as the test split (by prompt, stable across exports).")
+    seed: int = field(0, "Seed of the prompt split.")
+    round: int = field(-1, "Export only this round (-1: all rounds).")
+
+    def __post_init__(self):
+        if self.format not in ("jsonl", "parquet") or self.aggregate not in ("majority", "mean"):
+            raise ValueError("format must be jsonl or parquet; aggregate majority or mean")
+        if len(self.margins) != 3 or not 0 <= self.test_size < 1:
+            raise ValueError("margins needs three values; test_size must be in [0, 1)")
+
+
+@dataclass
+class StatsConfig:
+    db: str = field("", "Database URL ('' = sqlite under $RLHF_HOME).")
+    round: int = field(-1, "Only this round (-1: all rounds).")
+    json: bool = field(False, "Print the figures as JSON instead of a table.")
+
+
+def _store(db: str):
+    from rlhf.store import Store
+
+    return Store(db or None)
+
+
+def run_import(config: ImportConfig) -> dict:
+    from rlhf.store import import_tasks
+
+    path = Path(config.file)
+    if not config.file:
+        raise UserError("name the file to import: --file PATH")
+    rows = _read_rows(path)
+    kind = config.kind
+    if kind == "auto":
+        first = rows[0][1] if rows else {}
+        kind = "tasks" if "responses" in first else "preferences" if "chosen" in first else "prompts"
+    store = _store(config.db)
+    source = config.source or path.name
+    if kind == "prompts":
+        prompt_rows = read_prompt_rows(path)
+        by_split: dict = {}
+        for r in prompt_rows:
+            by_split.setdefault(r["split"], []).append(r["prompt"])
+        n = sum(len(store.add_prompts(p, source=source, split=split)) for split, p in by_split.items())
+        result = {"prompts": n}
+    elif kind == "preferences":
+        margins = (0.0, 0.5, 1.0)
+        tasks = []
+        for pref in read_preference_rows(path):
+            # The margin survives as the vote's strength: the nearest of the default margins.
+            strength = min((1, 2, 3), key=lambda s: abs(margins[s - 1] - pref.get("margin", 0.5)))
+            tasks.append({"prompt": pref["prompt"], "prompt_source": source, "round": config.round, "how": "import",
+                          "responses": [{"text": pref["chosen"][-1]["content"], "model": f"import:{source}"},
+                                        {"text": pref["rejected"][-1]["content"], "model": f"import:{source}"}],
+                          "votes": [{"annotator": f"import:{source}", "choice": "A", "strength": strength,
+                                     "simulated": True}]})
+        result = import_tasks(store, tasks, source=source)
+    else:
+        result = import_tasks(store, [row for _, row in rows], source=source)
+    print(f"imported {', '.join(f'{v} {k}' for k, v in result.items()) or 'nothing new'} from {path} into {store.url}")
+    return result
+
+
+def run_export(config: ExportConfig) -> dict:
+    store = _store(config.db)
+    tasks = store.tasks(round=None if config.round < 0 else config.round)
+    data = export_preferences(tasks, config.aggregate, tuple(config.margins), config.test_size, config.seed)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, split in data.items():
+        # Written beside and renamed into place: an interrupted export never leaves a half-written split.
+        target = out / f"{name}.{config.format}"
+        tmp = out / f".{name}.{config.format}.tmp"
+        if config.format == "jsonl":
+            split.to_json(str(tmp), lines=True, force_ascii=False)
+        else:
+            split.to_parquet(str(tmp))
+        tmp.replace(target)
+    with (out / ".tasks.jsonl.tmp").open("w", encoding="utf-8") as f:
+        for task in tasks:
+            f.write(json.dumps(task, ensure_ascii=False) + "\n")
+    (out / ".tasks.jsonl.tmp").replace(out / "tasks.jsonl")
+    summary = {name: len(split) for name, split in data.items()}
+    (out / "export.json").write_text(json.dumps({"counts": summary, "config": vars(config)}, indent=2) + "\n")
+    print(f"exported {summary['train']} train, {summary['test']} test, {summary['ties']} ties/both-bad pairs "
+          f"from {len(tasks)} tasks to {out}")
+    return summary
+
+
+def run_stats(config: StatsConfig) -> dict:
+    store = _store(config.db)
+    stats = quality_stats(store.tasks(round=None if config.round < 0 else config.round))
+    print(json.dumps(stats, indent=2) if config.json else format_stats(stats))
+    return stats

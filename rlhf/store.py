@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import json
 import secrets
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -514,3 +515,64 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.close()
+
+
+def import_tasks(store: Store, rows: list[dict], source: str = "") -> dict:
+    """Write tasks in the lossless dump format (`Store.tasks()` rows) in ONE transaction: all or nothing.
+
+    Each row: prompt (messages), responses [{text, model, ...}], optional votes [{annotator, choice, ...}],
+    round, how, overlap. Missing annotators are created inactive and without a usable credential.
+    """
+    counts: Counter = Counter()
+    try:
+        return _import_tasks(store, rows, source, counts)
+    except IntegrityError as e:
+        raise StoreError(f"import rolled back: {str(e.orig).splitlines()[0]}") from None
+
+
+def _import_tasks(store: Store, rows: list[dict], source: str, counts: Counter) -> dict:
+    with store.session() as s:
+        annotators = {a.name: a for a in s.scalars(select(Annotator))}
+        for row in rows:
+            messages = _as_messages(row["prompt"])
+            key = prompt_key(messages)
+            prompt = s.scalar(select(Prompt).where(Prompt.key == key))
+            if prompt is None:
+                prompt = Prompt(key=key, messages=messages, source=row.get("prompt_source", source),
+                                split=row.get("prompt_split", "train"))
+                s.add(prompt)
+                s.flush()
+                counts["prompts"] += 1
+            responses = [Response(prompt_id=prompt.id, text=r["text"], model=r.get("model", ""),
+                                  model_revision=r.get("model_revision", ""), params=r.get("params") or {})
+                         for r in row["responses"]]
+            if len(responses) < 2 or any(not r.text.strip() for r in responses):
+                raise StoreError("a task needs two or more responses with non-empty text")
+            s.add_all(responses)
+            votes = row.get("votes", [])
+            overlap = max(int(row.get("overlap", 1)), len(votes), 1)
+            task = Task(prompt_id=prompt.id, round=int(row.get("round", 0)), how=row.get("how", "import"),
+                        kind=row.get("kind", "pair"), overlap=overlap, vote_count=len(votes))
+            s.add(task)
+            s.flush()
+            s.add_all(TaskItem(task_id=task.id, position=i, response_id=r.id) for i, r in enumerate(responses))
+            for v in votes:
+                who = annotators.get(v["annotator"])
+                if who is None:
+                    who = Annotator(name=v["annotator"], role=v.get("role", "annotator"), active=False,
+                                    simulated=bool(v.get("simulated", False)))
+                    s.add(who)
+                    s.flush()
+                    annotators[who.name] = who
+                    counts["annotators"] += 1
+                if v["choice"] not in CHOICES or int(v.get("strength", 2)) not in (1, 2, 3):
+                    raise StoreError(f"bad vote {v}: choice must be one of {CHOICES}, strength 1-3")
+                created = v.get("created_at")
+                s.add(Vote(task_id=task.id, annotator_id=who.id, choice=v["choice"], strength=int(v.get("strength", 2)),
+                           rationale=v.get("rationale", ""), left=v.get("left", "A"),
+                           guideline_version=v.get("guideline_version", ""), seconds=v.get("seconds"),
+                           created_at=datetime.fromisoformat(created) if created else _now()))
+                counts["votes"] += 1
+            counts["tasks"] += 1
+        s.flush()
+    return dict(counts)
