@@ -12,7 +12,9 @@ Gold functions map (prompts, responses) -> scores, batched, so PPO can use the s
     keyword    how many of the given keywords the response contains
     or any `module:function` with the same signature.
 
-    rlhf label-sim --gold sentiment --tau 0.1 --annotator sim-1
+`rlhf label-sim` votes on open tasks as a named simulated annotator through the same store API as people.
+
+    rlhf label-sim --gold sentiment --tau 0.05 --annotator sim-1
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
-from rlhf.config import UserError
+from tqdm.auto import tqdm
+
+from rlhf.config import UserError, field
 
 GoldFn = Callable[[list, list[str]], list[float]]
 
@@ -122,3 +126,61 @@ def simulate_vote(
     # Sure annotators say "strong"; near coin flips say "slight".
     strength = 3 if confidence >= 0.9 else 2 if confidence >= 0.7 else 1
     return SimulatedVote("A" if a_wins else "B", strength, p_a)
+
+
+# ---------------------------------------------------------------- rlhf label-sim
+
+
+@dataclass
+class LabelSimConfig:
+    db: str = field("", "Database URL ('' = sqlite under $RLHF_HOME).")
+    annotator: str = field("sim-sentiment", "Name of the simulated annotator (created if absent).")
+    gold: str = field("sentiment", "Gold function: sentiment, length[:N], keyword[:w,..] or module:function.")
+    tau: float = field(0.05, "Bradley-Terry temperature: P(A > B) = sigmoid((g(A) - g(B)) / tau); 0 = perfect.")
+    eps: float = field(0.0, "Vote tie when |g(A) - g(B)| < eps.")
+    position_bias: float = field(0.0, "Logit added in favour of the response shown on the left.")
+    round: int = field(-1, "Only tasks of this round (-1: any).")
+    limit: int = field(0, "Vote on at most this many tasks (0: all open ones).")
+    seed: int = field(0, "Random seed of the noise and of the left/right order.")
+
+    def __post_init__(self):
+        if self.tau < 0 or self.eps < 0 or self.limit < 0:
+            raise ValueError("tau, eps and limit must be >= 0")
+
+
+def label_sim(config: LabelSimConfig) -> dict:
+    from rlhf.store import Store, TaskFull
+
+    store = Store(config.db or None)
+    gold = load_gold(config.gold)
+    store.annotator(config.annotator, create_simulated=True)
+    rng = random.Random(config.seed)
+    counts = {"votes": 0, "agree_with_gold": 0, "ties": 0}
+    round_ = None if config.round < 0 else config.round
+    with tqdm(desc=f"{config.annotator} voting", unit="vote") as bar:
+        while not config.limit or counts["votes"] < config.limit:
+            task = store.next_task(config.annotator, round=round_)
+            if task is None:
+                break
+            if len(task.responses) != 2:
+                store.skip(config.annotator, task.id)
+                continue
+            prompt = task.prompt[-1]["content"]
+            g_a, g_b = (float(x) for x in gold([prompt, prompt], task.responses))
+            a_on_left = rng.random() < 0.5
+            vote = simulate_vote(g_a, g_b, tau=config.tau, eps=config.eps, position_bias=config.position_bias,
+                                 a_on_left=a_on_left, rng=rng)
+            try:
+                store.submit(config.annotator, task.id, vote.choice, strength=vote.strength,
+                             left="A" if a_on_left else "B", guideline_version=f"sim:{config.gold}")
+            except TaskFull:
+                continue  # a person took the last slot meanwhile
+            counts["votes"] += 1
+            counts["ties"] += vote.choice == "tie"
+            counts["agree_with_gold"] += (vote.choice == "A") == (g_a > g_b) and vote.choice != "tie"
+            bar.update(1)
+    decided = counts["votes"] - counts["ties"]
+    share = counts["agree_with_gold"] / decided if decided else 0.0
+    print(f"{config.annotator} cast {counts['votes']} votes ({counts['ties']} ties); agrees with gold on "
+          f"{100 * share:.1f} % of the decided ones (tau {config.tau})")
+    return {**counts, "agreement": share}

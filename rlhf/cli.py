@@ -15,6 +15,8 @@ from rlhf.config import UserError, add_arguments, from_args
 # (command, one-line help) in the order of the loop.
 STAGE_COMMANDS = [
     ("sample", "Sample responses from a model for a few prompts and print them."),
+    ("generate", "Sample candidates from a policy into the store and pair them into labeling tasks."),
+    ("label-sim", "Vote on open tasks as a simulated annotator (gold function + Bradley-Terry noise)."),
     ("evaluate", "Aligned vs base: win-rates (gold, reward model), KL, lengths; report.html."),
 ]
 ALIASES = {"eval": "evaluate"}
@@ -25,6 +27,14 @@ def _config_class(command: str) -> type:
         from rlhf.sample import SampleConfig
 
         return SampleConfig
+    if command == "generate":
+        from rlhf.generate import GenerateConfig
+
+        return GenerateConfig
+    if command == "label-sim":
+        from rlhf.annotators import LabelSimConfig
+
+        return LabelSimConfig
     if command == "evaluate":
         from rlhf.evaluate import EvaluateConfig
 
@@ -156,6 +166,14 @@ def main(argv: list[str] | None = None) -> int:
         config = from_args(_config_class(command), args, args.config)
         if command == "sample":
             _sample(config)
+        elif command == "generate":
+            from rlhf.generate import run
+
+            run(config)
+        elif command == "label-sim":
+            from rlhf.annotators import label_sim
+
+            label_sim(config)
         elif command == "evaluate":
             from rlhf.evaluate import run
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from rlhf.config import UserError, field
 
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
+SHIPPED_PROMPTS = {"sentiment": Path(__file__).parent / "data" / "sentiment_prompts.jsonl"}
 _FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -153,7 +154,7 @@ def _read_rows(path: Path) -> list[tuple[int, dict]]:
     raise UserError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl, .json, .csv or .parquet)")
 
 
-def read_prompt_rows(path: Path) -> list[dict]:
+def read_prompt_rows(path: Path, default_split: str = "train") -> list[dict]:
     """Prompt rows {prompt (messages), source, split} from a file with a `prompt` (text) or `messages` column."""
     rows, seen = [], {}
     for lineno, row in _read_rows(path):
@@ -170,10 +171,30 @@ def read_prompt_rows(path: Path) -> list[dict]:
         if key in seen:
             raise UserError(f"{path}:{lineno}: duplicate of line {seen[key]}")
         seen[key] = lineno
-        rows.append({"prompt": messages, "source": row.get("source") or path.name, "split": row.get("split") or "train"})
+        rows.append({"prompt": messages, "source": row.get("source") or path.name,
+                     "split": row.get("split") or default_split})
     if not rows:
         raise UserError(f"{path}: no prompts")
     return rows
+
+
+def read_prompts(spec: str, split: str = "", limit: int = 0) -> list:
+    """Prompts (text, or chat messages) from the shipped set `sentiment`, a .txt file (one per line), or a
+    .jsonl/.json/.csv/.parquet file; rows of other splits are dropped when `split` is given and rows have one."""
+    path = SHIPPED_PROMPTS.get(spec, Path(spec))
+    if not path.is_file():
+        raise UserError(f"prompts not found: {spec} (use 'sentiment' or a .jsonl/.csv/.txt file)")
+    if path.suffix == ".txt":
+        rows = [{"prompt": [{"role": "user", "content": line.strip()}], "split": ""}
+                for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        rows = read_prompt_rows(path, default_split="")
+    prompts = [r["prompt"] for r in rows if not split or r["split"] in ("", split)]
+    # One user turn stays plain text: that is what the gold functions and the reports show.
+    prompts = [p[0]["content"] if len(p) == 1 and p[0]["role"] == "user" else p for p in prompts]
+    if not prompts:
+        raise UserError(f"{path}: no prompts" + (f" in split {split!r}" if split else ""))
+    return prompts[:limit] if limit else prompts
 
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")

@@ -30,12 +30,10 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhf.annotators import load_gold
-from rlhf.config import UserError, field
+from rlhf.config import field
+from rlhf.data import read_prompts
 from rlhf.models import DEFAULT_MODEL, load
 from rlhf.sample import generate_batch, render_prompt
-
-SHIPPED_PROMPTS = {"sentiment": Path(__file__).parent / "data" / "sentiment_prompts.jsonl"}
-
 
 @dataclass
 class EvaluateConfig:
@@ -71,36 +69,6 @@ class EvaluateConfig:
             raise ValueError("limit must be >= 0; batch_size, max_new_tokens and bootstrap >= 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
-
-
-# ---------------------------------------------------------------- prompts
-
-
-def read_prompts(spec: str, split: str = "", limit: int = 0) -> list:
-    """Prompts from the shipped set or a file: text, or chat messages (a `messages` column)."""
-    path = SHIPPED_PROMPTS.get(spec, Path(spec))
-    if not path.is_file():
-        raise UserError(f"prompts not found: {spec} (use 'sentiment' or a .jsonl/.txt file)")
-    prompts = []
-    if path.suffix == ".txt":
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    else:
-        for lineno, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if split and row.get("split", split) != split:
-                continue
-            prompt = row.get("prompt", row.get("messages"))
-            if not prompt:
-                raise UserError(f"{path}:{lineno}: no 'prompt' or 'messages'")
-            prompts.append(prompt)
-    if not prompts:
-        raise UserError(f"{path}: no prompts" + (f" in split {split!r}" if split else ""))
-    return prompts[:limit] if limit else prompts
 
 
 # ---------------------------------------------------------------- statistics (pure)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from rlhf.config import UserError, load_config
-from rlhf.evaluate import (EvaluateConfig, bootstrap_ci, distinct_n, read_prompts, response_logprobs, run,
-                           win_rate)
+from rlhf.data import read_prompts
+from rlhf.evaluate import EvaluateConfig, bootstrap_ci, distinct_n, response_logprobs, run, win_rate
 from rlhf.models import load
 
 
@@ -54,7 +54,7 @@ def test_read_prompts_shipped_and_files(tmp_path):
     assert len(test_prompts) >= 50 and len(train_prompts) >= 200 and not set(test_prompts) & set(train_prompts)
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"prompt": \n')
-    with pytest.raises(UserError, match=r"p.jsonl:2"):
+    with pytest.raises(UserError, match=r"p.jsonl:2: not valid JSON"):
         read_prompts(str(bad))
 
 
