@@ -17,6 +17,7 @@ STAGE_COMMANDS = [
     ("sample", "Sample responses from a model for a few prompts and print them."),
     ("generate", "Sample candidates from a policy into the store and pair them into labeling tasks."),
     ("label-sim", "Vote on open tasks as a simulated annotator (gold function + Bradley-Terry noise)."),
+    ("dpo", "Align a policy on preference pairs with DPO (TRL's DPOTrainer); writes a model directory."),
     ("evaluate", "Aligned vs base: win-rates (gold, reward model), KL, lengths; report.html."),
 ]
 ALIASES = {"eval": "evaluate"}
@@ -35,6 +36,10 @@ def _config_class(command: str) -> type:
         from rlhf.annotators import LabelSimConfig
 
         return LabelSimConfig
+    if command == "dpo":
+        from rlhf.dpo import DPOConfig
+
+        return DPOConfig
     if command == "evaluate":
         from rlhf.evaluate import EvaluateConfig
 
@@ -174,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
             from rlhf.annotators import label_sim
 
             label_sim(config)
+        elif command == "dpo":
+            from rlhf.dpo import run
+
+            run(config)
         elif command == "evaluate":
             from rlhf.evaluate import run
 
