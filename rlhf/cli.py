@@ -15,6 +15,8 @@ from rlhf.config import UserError, add_arguments, from_args
 # (command, one-line help) in the order of the loop.
 STAGE_COMMANDS = [
     ("sample", "Sample responses from a model for a few prompts and print them."),
+    ("demo", "The main job: one round of the loop on the embedded SmolLM2-135M (controlled sentiment), with report."),
+    ("loop", "Rounds of generate -> label -> export -> DPO -> evaluate; resumes where it stopped."),
     ("generate", "Sample candidates from a policy into the store and pair them into labeling tasks."),
     ("label-sim", "Vote on open tasks as a simulated annotator (gold function + Bradley-Terry noise)."),
     ("dpo", "Align a policy on preference pairs with DPO (TRL's DPOTrainer); writes a model directory."),
@@ -28,6 +30,10 @@ def _config_class(command: str) -> type:
         from rlhf.sample import SampleConfig
 
         return SampleConfig
+    if command in ("demo", "loop"):
+        from rlhf.loop import LoopConfig
+
+        return LoopConfig
     if command == "generate":
         from rlhf.generate import GenerateConfig
 
@@ -171,6 +177,14 @@ def main(argv: list[str] | None = None) -> int:
         config = from_args(_config_class(command), args, args.config)
         if command == "sample":
             _sample(config)
+        elif command == "demo":
+            from rlhf.loop import demo
+
+            demo(config)
+        elif command == "loop":
+            from rlhf.loop import run
+
+            run(config)
         elif command == "generate":
             from rlhf.generate import run
 

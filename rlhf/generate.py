@@ -53,6 +53,7 @@ class GenerateConfig:
     pairs_per_prompt: int = field(1, "Tasks made per prompt (disjoint pairs; needs n >= 2 x this).")
     overlap: int = field(1, "Votes wanted per task (several annotators: agreement figures).")
     round: int = field(0, "Round number stored with the tasks.")
+    skip_existing: bool = field(False, "Skip prompts that already have a task in this round (resume a generation).")
 
     def __post_init__(self):
         if self.pairing not in ("random", "across", "active"):
@@ -85,6 +86,10 @@ def run(config: GenerateConfig) -> dict:
     store = Store(config.db or None)
     prompts = read_prompts(config.prompts, config.split, config.limit)
     prompt_ids = store.add_prompts(prompts, source=config.prompts, split=config.split or "train")
+    if config.skip_existing:
+        done = store.prompts_with_tasks(config.round)
+        kept = [(p, i) for p, i in zip(prompts, prompt_ids) if i not in done]
+        prompts, prompt_ids = [p for p, _ in kept], [i for _, i in kept]
     policy = load(config.model, device=config.device, precision=config.precision)
     second = load(config.second_model, device=config.device, precision=config.precision) if config.pairing == "across" else None
     scorer = None

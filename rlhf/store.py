@@ -417,6 +417,10 @@ class Store:
 
     # ---------------------------------------------------------------- reading back
 
+    def prompts_with_tasks(self, round: int) -> set[int]:
+        with self.session(write=False) as s:
+            return set(s.scalars(select(Task.prompt_id).where(Task.round == round).distinct()))
+
     def progress(self, annotator: str | None = None, round: int | None = None) -> dict:
         """Counts for a progress bar: tasks, slots filled, and (for an annotator) their own votes and what is open."""
         with self.session(write=False) as s:
