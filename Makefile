@@ -20,8 +20,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: setup
-	$(VENV)/bin/rlhf models pull
-	$(VENV)/bin/rlhf sample --config configs/sample.yaml
+	$(VENV)/bin/rlhf demo
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
