@@ -20,6 +20,7 @@ STAGE_COMMANDS = [
     ("generate", "Sample candidates from a policy into the store and pair them into labeling tasks."),
     ("label-sim", "Vote on open tasks as a simulated annotator (gold function + Bradley-Terry noise)."),
     ("dpo", "Align a policy on preference pairs with DPO (TRL's DPOTrainer); writes a model directory."),
+    ("label", "Start the labeling app (Gradio) on the store: annotators sign in and compare pairs."),
     ("evaluate", "Aligned vs base: win-rates (gold, reward model), KL, lengths; report.html."),
 ]
 ALIASES = {"eval": "evaluate"}
@@ -46,6 +47,10 @@ def _config_class(command: str) -> type:
         from rlhf.dpo import DPOConfig
 
         return DPOConfig
+    if command == "label":
+        from labeling_ui.app import LabelConfig
+
+        return LabelConfig
     if command == "evaluate":
         from rlhf.evaluate import EvaluateConfig
 
@@ -197,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
             from rlhf.dpo import run
 
             run(config)
+        elif command == "label":
+            from labeling_ui.app import launch
+
+            launch(config)
         elif command == "evaluate":
             from rlhf.evaluate import run
 
