@@ -171,6 +171,7 @@ def _print_verdict(evaluation: dict, root: Path, config: LoopConfig, db: str) ->
     report = root / f"round-{config.rounds}" / "eval" / "report.html"
     print(f"\nreport: {report.resolve()}")
     print(f"store:  {db}  (rlhf data stats --db {db})")
+    print(f"label by hand on the same store:\n  rlhf annotators add YOUR_NAME --db {db}\n  rlhf label --db {db}")
 
 
 def demo(config: LoopConfig) -> dict:
