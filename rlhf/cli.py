@@ -19,6 +19,7 @@ STAGE_COMMANDS = [
     ("loop", "Rounds of generate -> label -> export -> DPO -> evaluate; resumes where it stopped."),
     ("generate", "Sample candidates from a policy into the store and pair them into labeling tasks."),
     ("label-sim", "Vote on open tasks as a simulated annotator (gold function + Bradley-Terry noise)."),
+    ("reward", "Train a reward model on preference pairs (TRL's RewardTrainer); writes a model directory + metrics.json."),
     ("dpo", "Align a policy on preference pairs with DPO (TRL's DPOTrainer); writes a model directory."),
     ("label", "Start the labeling app (Gradio) on the store: annotators sign in and compare pairs."),
     ("evaluate", "Aligned vs base: win-rates (gold, reward model), KL, lengths; report.html."),
@@ -43,6 +44,10 @@ def _config_class(command: str) -> type:
         from rlhf.annotators import LabelSimConfig
 
         return LabelSimConfig
+    if command == "reward":
+        from rlhf.reward import RewardConfig
+
+        return RewardConfig
     if command == "dpo":
         from rlhf.dpo import DPOConfig
 
@@ -198,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
             from rlhf.annotators import label_sim
 
             label_sim(config)
+        elif command == "reward":
+            from rlhf.reward import run
+
+            run(config)
         elif command == "dpo":
             from rlhf.dpo import run
 

