@@ -1,0 +1,249 @@
+"""PPO (rlhf/ppo.py) on the tiny models: rollout log-probs, reward formatting, a rule reward that rises (and
+falls with the advantage's sign flipped), resume == uninterrupted, LoRA, DDP on two CPU processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf import losses, ppo
+from rlhf.config import UserError, load_config
+from rlhf.ppo import PPOConfig
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny models are all overhead: on a 2-core machine a second BLAS thread only adds synchronisation."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(tmp_path, model_dir, name="out", **overrides) -> PPOConfig:
+    values = dict(model=model_dir, reward_model="", reward_fn="length:8", device="cpu", steps=2, batch_size=4,
+                  mini_batch_size=2, ppo_epochs=2, max_new_tokens=8, learning_rate=1e-3, output_dir=str(tmp_path / name),
+                  precision="fp32")  # exact comparisons below; `auto` is bf16 on CPUs with AVX512-BF16
+    values.update(overrides)
+    return PPOConfig(**values)
+
+
+def count_a(prompts, responses):
+    """The rule reward of the behaviour test: +1 per letter 'a' in the response (frequent in the tiny model's
+    random text, so every rollout batch carries signal)."""
+    return [float(r.count("a")) for r in responses]
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+# ---------------------------------------------------------------- pieces
+
+
+def test_response_mask_stops_after_the_first_eos():
+    responses = torch.tensor([[5, 9, 2, 7], [5, 6, 7, 8], [9, 9, 9, 2]])
+    mask, ended = ppo.response_mask(responses, eos_ids=[9])
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]  # through the EOS, nothing after
+    assert ended.tolist() == [True, False, True]
+
+
+def test_sampled_logprobs_equal_a_forward_pass_with_left_padding(tiny_model_dir):
+    from transformers import LogitsProcessorList
+
+    from rlhf.models import load
+    from rlhf.sample import render_prompt
+
+    loaded = load(tiny_model_dir, device="cpu", precision="fp32")
+    model, tok = loaded.model, loaded.tokenizer
+    prompts = ["Hi", "Write a short review of the film Alien, in some detail please.", "What is the capital of France?"]
+    rows = [tok(render_prompt(tok, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    prompt_ids, prompt_mask = ppo.left_pad(rows, tok.pad_token_id)
+    assert len({len(r) for r in rows}) == 3  # really padded
+    torch.manual_seed(0)
+    recorder = ppo.SampledLogprobs(temperature=0.7)
+    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=10, do_sample=True,
+                         temperature=0.7, top_k=0, top_p=1.0, pad_token_id=tok.pad_token_id,
+                         logits_processor=LogitsProcessorList([recorder]))
+    responses = out[:, prompt_ids.shape[1]:]
+    sampled = recorder.result(responses)
+    mask, _ = ppo.response_mask(responses, [tok.eos_token_id])
+    ids = torch.cat([prompt_ids, responses], 1)
+    attention = torch.cat([prompt_mask, mask], 1)
+    with torch.no_grad():
+        logits = ppo.policy_logits(model, ids, attention, ppo.positions(attention), responses.shape[1])
+    forward = losses.logprobs_from_logits(logits / 0.7, responses)
+    assert torch.allclose(sampled * mask, forward * mask, atol=1e-4)
+    # and each padded row equals the same row alone, unpadded (position ids follow the attention mask)
+    for i, row in enumerate(rows):
+        n = int(mask[i].sum())
+        alone = torch.tensor([row + responses[i, :n].tolist()])
+        with torch.no_grad():
+            logits = ppo.policy_logits(model, alone, torch.ones_like(alone), ppo.positions(torch.ones_like(alone)), n)
+        assert torch.allclose(losses.logprobs_from_logits(logits / 0.7, responses[i : i + 1, :n]), forward[i, :n],
+                              atol=1e-4)
+
+
+def test_reward_from_token_ids_equals_reward_model_score(tiny_reward_dir, tiny_tokenizer):
+    from rlhf.reward import RewardModel
+    from rlhf.sample import render_prompt
+
+    rm = RewardModel.load(tiny_reward_dir, device="cpu", precision="fp32")
+    rm.mean, rm.std = 0.3, 2.0
+    prompts = ["Write a short review of the film Alien.", [{"role": "user", "content": "What is the capital of France?"}],
+               [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Explain photosynthesis."}]]
+    texts = ["The film was wonderful, moving and funny.", "The capital of France is Paris.", "Plants use sunlight."]
+    prompt_ids = [tiny_tokenizer(render_prompt(tiny_tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    response_ids = [tiny_tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    for normalize in (False, True):
+        scorer = ppo.RewardScorer(rm, None, tiny_tokenizer, normalize=normalize)
+        assert scorer.suffix is not None  # same tokenizer and template: the token-id path is taken
+        expected = rm.score(prompts, texts, normalize=normalize)
+        assert torch.allclose(scorer(prompts, prompt_ids, response_ids, texts), expected, atol=1e-5)
+    # a policy tokenizer with another chat template falls back to scoring the text
+    other = tiny_tokenizer.__class__.from_pretrained(tiny_reward_dir)
+    other.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    scorer = ppo.RewardScorer(rm, None, other, normalize=False)
+    assert scorer.suffix is None
+    assert torch.allclose(scorer(prompts, prompt_ids, response_ids, texts), rm.score(prompts, texts), atol=1e-6)
+
+
+def test_critic_starts_as_the_reward_model(tiny_reward_dir, tiny_tokenizer):
+    from rlhf.reward import RewardModel
+
+    rm = RewardModel.load(tiny_reward_dir, device="cpu", precision="fp32")
+    critic = ppo.build_critic("", rm, tiny_reward_dir, tiny_tokenizer, "cpu")
+    assert critic is not rm.model
+    ids = torch.tensor([rm.encode("Write a short review of the film Alien.", "It was great.")])
+    ones = torch.ones_like(ids)
+    with torch.no_grad():
+        values = ppo.PolicyAndCritic(None, critic).values(ids, ones, ppo.positions(ones), width=ids.shape[1] - 1)
+    # the value of the prefix before the last token equals the reward model's score of that prefix
+    prefix = ids[:, :-1]
+    with torch.no_grad():
+        assert torch.allclose(values[0, -1], rm.model(input_ids=prefix).logits[0, 0], atol=1e-5)
+
+
+def test_config_checks():
+    with pytest.raises(UserError, match="reward"):
+        load_config(PPOConfig, reward_model="", reward_fn="")
+    with pytest.raises(UserError, match="multiple"):
+        load_config(PPOConfig, batch_size=6, mini_batch_size=4)
+    with pytest.raises(UserError, match="temperature"):
+        load_config(PPOConfig, temperature=0.0)
+
+
+# ---------------------------------------------------------------- whole runs
+
+
+def test_ppo_with_a_reward_model_trains_and_saves_a_model(tmp_path, tiny_model_dir, tiny_reward_dir):
+    from transformers import AutoModelForCausalLM
+
+    # one minibatch of two micro-batches and one epoch: every ratio is taken before the only update
+    config = tiny_config(tmp_path, tiny_model_dir, reward_model=tiny_reward_dir, reward_fn="", batch_size=4,
+                         mini_batch_size=4, gradient_accumulation_steps=2, ppo_epochs=1, missing_eos_penalty=1.0)
+    result = ppo.run(config)
+    first, final = result["history"][0], result["history"][-1]
+    assert result["reward_scoring"] == "token ids"
+    assert abs(first["objective/kl"]) < 1e-4  # the reference is the starting policy
+    assert first["policy/approxkl_avg"] < 1e-8 and first["policy/clipfrac_avg"] == 0.0  # rollout == training log-probs
+    for key in ("objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward", "policy/clipfrac_avg",
+                "policy/approxkl_avg", "loss/policy_avg", "loss/value_avg", "val/clipfrac_avg", "val/response_length",
+                "time/tokens_per_second"):
+        assert key in final and final[key] == final[key], key  # present and not NaN
+    out = Path(config.output_dir)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]
+    assert json.loads((out / "metrics.json").read_text())["final"]["step"] == 2
+    trained, start = weights(out), weights(tiny_model_dir)
+    assert any(not torch.equal(trained[k], start[k]) for k in start)
+    AutoModelForCausalLM.from_pretrained(out)  # a full model directory the next stage loads by path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sign", [1, -1], ids=["advantage", "flipped-advantage"])
+def test_rule_reward_rises_with_bounded_kl_and_falls_when_the_advantage_is_flipped(tmp_path, tiny_model_dir,
+                                                                                    monkeypatch, sign):
+    if sign < 0:
+        policy_loss = losses.policy_loss
+        monkeypatch.setattr(losses, "policy_loss", lambda lp, old, adv, mask, clip: policy_loss(lp, old, -adv, mask, clip))
+    config = tiny_config(tmp_path, tiny_model_dir, steps=30, batch_size=16, mini_batch_size=8, max_new_tokens=16,
+                         adaptive_kl=True, kl_coef=0.1, kl_target=4.0, kl_horizon=400)
+    history = ppo.run(config, reward_fn=count_a)["history"]
+    first = sum(h["objective/scores"] for h in history[:5]) / 5
+    last = sum(h["objective/scores"] for h in history[-5:]) / 5
+    if sign > 0:
+        assert last > first + 0.75, (first, last)
+        assert max(h["objective/kl"] for h in history) < 15.0  # bounded: the controller holds it near its target
+        assert history[-1]["objective/kl_coef"] != pytest.approx(0.1)  # and beta moved
+    else:
+        assert last < first, (first, last)
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_dir, monkeypatch):
+    common = dict(steps=4, save_steps=2, adaptive_kl=True, kl_target=0.05, kl_horizon=50, kl_coef=0.1)
+    straight = ppo.run(tiny_config(tmp_path, tiny_model_dir, "straight", **common))
+
+    save = ppo._save_checkpoint
+
+    def save_then_crash(accelerator, out, step, kl_coef):
+        save(accelerator, out, step, kl_coef)
+        raise KeyboardInterrupt  # the machine goes down right after checkpoint-2
+
+    monkeypatch.setattr(ppo, "_save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        ppo.run(tiny_config(tmp_path, tiny_model_dir, "resumed", **common))
+    monkeypatch.setattr(ppo, "_save_checkpoint", save)
+    assert (tmp_path / "resumed" / "checkpoint-2" / "trainer_state.json").is_file()
+    resumed = ppo.run(tiny_config(tmp_path, tiny_model_dir, "resumed", resume="latest", **common))
+
+    assert resumed["resumed_from"].endswith("checkpoint-2")
+    assert [h["step"] for h in resumed["history"]] == [1, 2, 3, 4]  # the log kept steps 1-2 and appended 3-4
+    for a, b in zip(straight["history"], resumed["history"]):
+        for key in ("objective/scores", "objective/kl", "objective/kl_coef", "loss/policy_avg", "loss/value_avg", "lr"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6), (a["step"], key)
+    assert straight["kl_coef"] != 0.1 and straight["kl_coef"] == pytest.approx(resumed["kl_coef"], abs=1e-9)
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_lora_policy_and_critic_save_a_merged_model(tmp_path, tiny_model_dir, tiny_reward_dir):
+    config = tiny_config(tmp_path, tiny_model_dir, reward_model=tiny_reward_dir, reward_fn="", lora=True, lora_r=4,
+                         lora_alpha=8, learning_rate=1e-2, steps=2)
+    result = ppo.run(config)
+    assert abs(result["history"][0]["objective/kl"]) < 1e-4  # reference = the policy with its adapter off
+    out = Path(config.output_dir)
+    assert not (out / "adapter_config.json").exists()
+    trained, start = weights(out), weights(tiny_model_dir)
+    assert set(trained) == set(start)  # a plain model: the adapter is merged in
+    assert any(not torch.allclose(trained[k], start[k]) for k in start)
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes(tmp_path, tiny_model_dir):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(
+        "import json, sys\nfrom rlhf.ppo import PPOConfig, run\n"
+        f"r = run(PPOConfig(model={tiny_model_dir!r}, reward_model='', reward_fn='length:8', device='cpu', steps=2,"
+        " batch_size=4, mini_batch_size=2, ppo_epochs=1, max_new_tokens=8, learning_rate=1e-3, save_steps=1,"
+        f" output_dir={str(tmp_path / 'ddp')!r}))\n"
+        "import torch.distributed as dist\nprint('RESULT', json.dumps({'rank': dist.get_rank(), 'processes': r['processes'],"
+        " 'scores': [h['objective/scores'] for h in r['history']]}))\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "0" if sys.platform == "darwin" else "29561", str(script)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
+    assert sorted(r["rank"] for r in results) == [0, 1] and all(r["processes"] == 2 for r in results)
+    assert results[0]["scores"] == results[1]["scores"]  # metrics are means over both processes
+    assert (tmp_path / "ddp" / "checkpoint-1" / "random_states_1.pkl").is_file()
+    assert json.loads((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()[0])["episode"] == 8
