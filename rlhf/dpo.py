@@ -1,15 +1,21 @@
 """Direct Preference Optimization with TRL's DPOTrainer (Rafailov et al. 2023, "Direct Preference Optimization").
 
-DPO fits the policy to preference pairs directly: with the implicit reward r(x, y) = beta * log(pi(y|x) / pi_ref(y|x)),
-the loss is -log sigmoid(r(x, y_chosen) - r(x, y_rejected)) (eq. 7); TRL also offers IPO, robust, hinge and more
-(`loss_type`). The reference is a frozen copy of the starting policy, or, with LoRA, the same base with the
+DPO fits the policy to preference pairs directly. With the implicit reward r(x, y) = beta * log(pi(y|x) / pi_ref(y|x)),
+the loss is -log sigmoid(r(x, y_chosen) - r(x, y_rejected)) (eq. 7). TRL also offers IPO, robust, hinge, APO and
+more (`loss_type`). The reference is a frozen copy of the starting policy, or, with LoRA, the same base with the
 adapter switched off (no second copy in memory). `precompute_ref_log_probs` runs the reference once over the data
-before training, which saves a forward pass per step.
+before training, which saves a forward pass per step and keeps no reference model in memory.
 
-Where this departs from TRL's defaults: precision follows the device (TRL's bf16=True made a step on this 2-core
-CPU take minutes), gradient checkpointing is off unless asked for, and the result is always a full model
-directory (a LoRA adapter is merged) that the next stage loads by path. The vote-strength `margin` column is not
-used: TRL 1.16's DPO losses have no margin term (the reward model stage uses it).
+Where this departs from TRL's defaults: precision follows the device (TRL's bf16=True made a step on a 2-core AVX2
+CPU take minutes), gradient checkpointing is off unless asked for, and the result is always a full model directory
+(a LoRA adapter is merged) that the next stage loads by path.
+
+The vote-strength `margin` column: TRL 1.16's DPO losses have no margin term. With `margin_scale > 0` and the
+sigmoid loss, this stage adds one the way ODPO does (Amini et al. 2024, "Direct Preference Optimization with an
+Offset"): the loss becomes -log sigmoid(r_chosen - r_rejected - margin_scale * margin), so a strongly preferred pair
+must be won by a wider gap. Other losses ignore the column (they are not built on that sigmoid). Off by default: the
+export's margins (0, 0.5, 1 by strength) are in the reward model's units, and an offset of 1 at beta 0.1 asks for
+10 nats of log-ratio gap, so choose `margin_scale` for your beta.
 
 Why "rewards/chosen" may fall while training goes well: docs/dpo.md.
 
@@ -19,22 +25,28 @@ Why "rewards/chosen" may fall while training goes well: docs/dpo.md.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
-from rlhf.config import UserError, field
-from rlhf.models import DEFAULT_MODEL
+from rlhf.config import UserError, field, resume_checkpoint
+from rlhf.models import DEFAULT_MODEL, save_model_dir
 
+# TRL 1.16's DPOConfig.loss_type values (tests/test_dpo.py checks this list against the installed TRL).
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+LossType = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
+REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
 
 
 @dataclass
 class DPOConfig:
     # Model
     model: str = field(DEFAULT_MODEL, "The policy to align (spec or directory).")
-    ref_model: str = field("", "Reference model; '' = a frozen copy of `model` (or the LoRA base).")
+    ref_model: str = field("", "Reference model; '' = a frozen copy of `model` (with LoRA: the base, adapter off).")
     device: str = field("auto", "auto (GPU if present) or cpu.")
     precision: str = field("auto", "auto (bf16 where the hardware has it, else fp32), fp32, bf16 or fp16.")
     lora: bool = field(False, "Train a LoRA adapter instead of all weights (merged into the saved model).")
@@ -44,22 +56,29 @@ class DPOConfig:
     # Data
     data: str = field("runs/export", "Preference data: an export directory, a .jsonl/.parquet file, or a Hub id.")
     max_length: int = field(256, "Truncate prompt + response to this many tokens.")
+    margin_scale: float = field(0.0, "ODPO offset per unit of the data's `margin` column (sigmoid loss only); "
+                                     "0 ignores margins.")
     # Optimization
-    loss_type: str = field("sigmoid", "DPO loss: " + ", ".join(LOSS_TYPES) + ".")
-    beta: float = field(0.1, "KL strength: how far the policy may move from the reference.")
+    loss_type: LossType = field("sigmoid", "DPO loss (TRL's loss_type).")
+    beta: float = field(0.1, "KL strength: how far the policy may move from the reference (IPO: its tau).")
+    label_smoothing: float = field(0.0, "robust: assumed share of flipped labels, in [0, 0.5); exo_pair: its "
+                                        "epsilon (> 0, e.g. 0.001); ignored by the other losses.")
     learning_rate: float = field(5e-6, "Peak learning rate.")
     epochs: float = field(1.0, "Passes over the training pairs (ignored when max_steps > 0).")
     max_steps: int = field(-1, "Stop after this many optimizer steps (-1: run the epochs).")
     batch_size: int = field(8, "Pairs per device per step.")
     gradient_accumulation_steps: int = field(1, "Steps accumulated per optimizer update.")
     warmup_ratio: float = field(0.0, "Share of steps spent warming the learning rate up (0 to 1).")
-    precompute_ref_log_probs: bool = field(True, "Run the reference once over the data before training.")
+    precompute_ref_log_probs: bool = field(True, "Run the reference once over the data before training (saves a "
+                                                 "forward pass per step).")
     seed: int = field(0, "Random seed.")
     # Output
     output_dir: str = field("runs/dpo", "Where the aligned model, metrics.json and checkpoints go.")
     save_steps: int = field(0, "Save a checkpoint every this many steps (0: only the final model).")
+    save_total_limit: int = field(2, "Keep at most this many checkpoints (0: keep all).")
     resume: str = field("", "Resume: '' (no), 'latest' (newest checkpoint in output_dir) or a checkpoint path.")
     logging_steps: int = field(1, "Log every this many steps.")
+    eval_steps: int = field(0, "Evaluate on the test split every this many steps (0: once, at the end).")
     report_to: str = field("none", "none, tensorboard, wandb, ... (as in transformers).")
 
     def __post_init__(self):
@@ -71,86 +90,176 @@ class DPOConfig:
             raise ValueError("warmup_ratio must be in [0, 1)")
         if self.max_steps == 0 or (self.max_steps < 0 and self.epochs <= 0):
             raise ValueError("give max_steps > 0, or max_steps = -1 with epochs > 0")
+        if self.loss_type == "robust" and not 0 <= self.label_smoothing < 0.5:
+            raise ValueError("the robust loss needs label_smoothing in [0, 0.5)")
+        if self.loss_type == "exo_pair" and not 0 < self.label_smoothing < 1:
+            raise ValueError("the exo_pair loss needs label_smoothing in (0, 1), e.g. 0.001")
+        if self.margin_scale < 0:
+            raise ValueError("margin_scale must be >= 0")
+        if min(self.save_steps, self.save_total_limit, self.eval_steps) < 0 or self.logging_steps < 1:
+            raise ValueError("save_steps, save_total_limit and eval_steps must be >= 0, logging_steps >= 1")
+        if self.lora and (self.lora_r < 1 or self.lora_alpha < 1):
+            raise ValueError("lora_r and lora_alpha must be >= 1")
 
 
-def _resume_path(config: DPOConfig) -> str | bool | None:
-    if not config.resume:
-        return None
-    if config.resume == "latest":
-        checkpoints = sorted(Path(config.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-        return str(checkpoints[-1]) if checkpoints else None
-    if not Path(config.resume).is_dir():
-        raise UserError(f"no checkpoint at {config.resume}")
-    return config.resume
+def odpo_shift_reference(ref_chosen_logps, offsets, beta: float):
+    """Raise log pi_ref(chosen) by offset/beta: TRL's -log sigmoid(beta * delta) then equals ODPO's loss.
+
+    ODPO (Amini et al. 2024, the DPO loss with an offset): -log sigmoid(beta * (h_chosen - h_rejected) - offset),
+    h = log pi - log pi_ref. beta * (log pi - (log pi_ref + offset / beta)) = beta * h_chosen - offset, so shifting the
+    reference puts the offset inside TRL's sigmoid without copying its loss code.
+    """
+    return ref_chosen_logps + offsets / beta  # (B,)
 
 
-def run(config: DPOConfig) -> dict:
+def _offset_trainer(trl, margin_scale: float):
+    """DPOTrainer with ODPO's per-pair offset (built here so that `import rlhf.dpo` stays free of TRL)."""
+    import torch
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    class MarginCollator(DataCollatorForPreference):
+        def torch_call(self, examples):
+            batch = super().torch_call(examples)
+            batch["margin"] = torch.tensor([float(e["margin"]) for e in examples])  # (B,)
+            return batch
+
+    class OffsetDPOTrainer(trl.DPOTrainer):
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            if "margin" not in self._signature_columns:  # else the Trainer drops the column before batching
+                self._signature_columns.append("margin")
+
+        def compute_ref_log_probs(self, model, inputs):
+            return super().compute_ref_log_probs(model, {k: v for k, v in inputs.items() if k != "margin"})
+
+        def _compute_loss(self, model, inputs, return_outputs):
+            inputs = dict(inputs)
+            ref_chosen = inputs["ref_chosen_logps"]  # (B,)
+            offsets = margin_scale * inputs.pop("margin").to(ref_chosen.device, ref_chosen.dtype)  # (B,)
+            inputs["ref_chosen_logps"] = odpo_shift_reference(ref_chosen, offsets, self.beta)
+            result = super()._compute_loss(model, inputs, return_outputs)
+            # TRL's reward metrics now use the shifted reference; adding the batch's mean offset back gives
+            # rewards/chosen and rewards/margins their DPO meaning again. rewards/accuracies stays ODPO's: the share
+            # of pairs whose margin beats their offset.
+            logged = self._metrics["train" if self.model.training else "eval"]
+            mean_offset = self.accelerator.gather(offsets).mean().item()
+            logged["rewards/chosen"][-1] += mean_offset
+            logged["rewards/margins"][-1] += mean_offset
+            logged["rewards/offset"].append(mean_offset)
+            return result
+
+    return OffsetDPOTrainer, MarginCollator
+
+
+
+def _picked(entry: dict, prefix: str = "") -> dict:
+    keys = ("loss",) + REWARD_KEYS + ("rewards/offset", "logps/chosen", "logps/rejected")
+    return {k: entry[prefix + k] for k in keys if prefix + k in entry}
+
+
+def build_trainer(config: DPOConfig):
+    """The configured DPOTrainer and its DatasetDict: what `run` trains (and benchmarks/dpo_bench.py times)."""
     import trl
-    from transformers import AutoModelForCausalLM
 
     from rlhf.data import load_preference_dataset
     from rlhf.models import load, pick_device, precision_flags
 
-    start = time.perf_counter()
     data = load_preference_dataset(config.data, seed=config.seed)
-    keep = ["prompt", "chosen", "rejected"]
-    data = data.remove_columns([c for c in data["train"].column_names if c not in keep])
     if len(data["train"]) == 0:
         raise UserError(f"{config.data}: no training pairs")
+    has_margin = "margin" in data["train"].column_names
+    use_margin = config.margin_scale > 0 and has_margin and config.loss_type == "sigmoid"
+    if config.margin_scale > 0 and has_margin and not use_margin:
+        print(f"note: the margin column is ignored by the {config.loss_type} loss (the offset needs sigmoid)")
+    if use_margin and not config.precompute_ref_log_probs:
+        raise UserError("margin_scale > 0 needs precompute_ref_log_probs: true (the offset shifts the stored "
+                        "reference log-probs), or set margin_scale: 0")
+    keep = ["prompt", "chosen", "rejected"] + (["margin"] if use_margin else [])
+    data = data.remove_columns([c for c in data["train"].column_names if c not in keep])
+    if use_margin:  # a row without a margin has no offset
+        data = data.map(lambda row: {"margin": float(row["margin"] or 0.0)})
+    has_test = "test" in data and len(data["test"]) > 0
+
     device = pick_device(config.device)
-    policy = load(config.model, device=str(device), precision=config.precision, padding_side="right")
+    flags = precision_flags(device, config.precision)
+    # fp32 master weights; bf16/fp16 come from autocast (the flags), as mixed-precision training expects.
+    policy = load(config.model, device=str(device), precision="fp32")
     model, tokenizer = policy.model, policy.tokenizer
+    # The reference is only run forward, so it may sit in the compute dtype. None lets TRL use the policy itself
+    # before training (precomputed log-probs) or the LoRA base with the adapter disabled.
     ref_model = None
     if config.ref_model:
-        ref_model = AutoModelForCausalLM.from_pretrained(load(config.ref_model, device="cpu").path,
-                                                         dtype=model.dtype, use_safetensors=True)
+        ref_model = load(config.ref_model, device=str(device), precision=config.precision).model
+    elif not config.lora and not config.precompute_ref_log_probs:
+        ref_model = load(config.model, device=str(device), precision=config.precision).model
     peft_config = None
     if config.lora:
         from peft import LoraConfig
 
         peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules="all-linear",
                                  task_type="CAUSAL_LM", lora_dropout=0.0)
-    has_test = "test" in data and len(data["test"]) > 0
+
     # transformers 5 takes a warmup ratio as a float in [0, 1) through warmup_steps.
     args = trl.DPOConfig(
         output_dir=config.output_dir, per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size, gradient_accumulation_steps=config.gradient_accumulation_steps,
         learning_rate=config.learning_rate, num_train_epochs=config.epochs, max_steps=config.max_steps,
-        warmup_steps=config.warmup_ratio, beta=config.beta, loss_type=[config.loss_type], max_length=config.max_length,
+        warmup_steps=config.warmup_ratio, beta=config.beta, loss_type=[config.loss_type],
+        label_smoothing=config.label_smoothing, max_length=config.max_length,
         precompute_ref_log_probs=config.precompute_ref_log_probs,
-        gradient_checkpointing=config.gradient_checkpointing, use_cpu=device.type == "cpu",
-        **precision_flags(device, config.precision), seed=config.seed, logging_steps=config.logging_steps,
+        gradient_checkpointing=config.gradient_checkpointing, use_cpu=device.type == "cpu", **flags,
+        seed=config.seed, logging_steps=config.logging_steps,
         save_strategy="steps" if config.save_steps else "no", save_steps=config.save_steps or 500,
-        report_to=config.report_to, eval_strategy="no", dataloader_num_workers=0,
+        save_total_limit=config.save_total_limit or None, report_to=config.report_to,
+        eval_strategy="steps" if config.eval_steps and has_test else "no", eval_steps=config.eval_steps or None,
+        dataloader_num_workers=0,
     )
-    model.train()
-    trainer = trl.DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=data["train"],
-                             eval_dataset=data["test"] if has_test else None, processing_class=tokenizer,
-                             peft_config=peft_config)
-    result = trainer.train(resume_from_checkpoint=_resume_path(config))
+    trainer_cls, collator = trl.DPOTrainer, None
+    if use_margin:
+        trainer_cls, collator_cls = _offset_trainer(trl, config.margin_scale)
+        collator = collator_cls(pad_token_id=tokenizer.pad_token_id, max_length=config.max_length)
+    trainer = trainer_cls(model=model, ref_model=ref_model, args=args, data_collator=collator,
+                          train_dataset=data["train"], eval_dataset=data["test"] if has_test else None,
+                          processing_class=tokenizer, peft_config=peft_config)
+    return trainer, data
+
+
+def run(config: DPOConfig) -> dict:
+    start = time.perf_counter()
+    trainer, data = build_trainer(config)
+    tokenizer, args = trainer.processing_class, trainer.args
+    has_test = "test" in data and len(data["test"]) > 0
+    result = trainer.train(resume_from_checkpoint=resume_checkpoint(config.output_dir, config.resume))
     eval_metrics = trainer.evaluate() if has_test else {}
 
-    # Always a full model directory: merge a LoRA adapter into its base before saving.
-    trained = trainer.model
-    if config.lora:
-        trained = trained.merge_and_unload()
     out = Path(config.output_dir)
-    trained.save_pretrained(out, safe_serialization=True)
-    tokenizer.padding_side = "left"
-    tokenizer.save_pretrained(out)
-    logs = [h for h in trainer.state.log_history if "loss" in h]
-    last = logs[-1] if logs else {}
+    save_model_dir(trainer.model, tokenizer, out)
+
+    logs = [h for h in trainer.state.log_history if "loss" in h and "train_loss" not in h]
+    final = _picked(logs[-1]) if logs else {}
     metrics = {
-        "train_loss": result.training_loss, "steps": trainer.state.global_step, "train_pairs": len(data["train"]),
-        "final": {k: v for k, v in last.items() if k.startswith(("rewards/", "logps/", "loss"))},
-        "first": {k: v for k, v in (logs[0] if logs else {}).items() if k.startswith(("rewards/", "loss"))},
-        "eval": eval_metrics, "seconds": round(time.perf_counter() - start, 1), "config": asdict(config),
-        "device": str(device), "dtype": str(next(trained.parameters()).dtype).replace("torch.", ""),
+        "train_loss": result.training_loss, "eval_loss": eval_metrics.get("eval_loss"),
+        "steps": trainer.state.global_step, "train_pairs": len(data["train"]),
+        "test_pairs": len(data["test"]) if has_test else 0,
+        "first": _picked(logs[0]) if logs else {}, "final": final, "eval": _picked(eval_metrics, "eval_"),
+        "log_history": trainer.state.log_history, "seconds": round(time.perf_counter() - start, 1),
+        "device": str(args.device), "mixed_precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        "margin_offset": "margin" in data["train"].column_names, "output_dir": str(out), "config": asdict(config),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
-    final = metrics["final"]
-    print(f"DPO: {metrics['steps']} steps on {len(data['train'])} pairs in {metrics['seconds']:.0f} s; loss "
-          f"{metrics['first'].get('loss', float('nan')):.3f} -> {final.get('loss', float('nan')):.3f}, reward accuracy "
-          f"{final.get('rewards/accuracies', float('nan')):.2f}, margin {final.get('rewards/margins', float('nan')):.3f} "
-          f"-> {out}")
+
+    nan = float("nan")
+    line = (f"DPO ({config.loss_type}, beta {config.beta}): {metrics['steps']} steps on {metrics['train_pairs']} pairs "
+            f"in {metrics['seconds']:.0f} s; loss {metrics['first'].get('loss', nan):.3f} -> {final.get('loss', nan):.3f}"
+            f"; reward accuracy {final.get('rewards/accuracies', nan):.2f}, margin {final.get('rewards/margins', nan):.3f}"
+            f" (chosen {final.get('rewards/chosen', nan):+.3f}, rejected {final.get('rewards/rejected', nan):+.3f})")
+    if metrics["eval"]:
+        line += (f"; held-out accuracy {metrics['eval'].get('rewards/accuracies', nan):.2f}, "
+                 f"loss {metrics['eval'].get('loss', nan):.3f}")
+    print(line)
+    if final.get("rewards/chosen", 0.0) < 0 < final.get("rewards/margins", 0.0):
+        print("  (a falling chosen reward with a growing margin is expected: docs/dpo.md)")
+    print(f"  model and metrics.json -> {out}")
+    if not all(math.isfinite(v) for v in final.values()):
+        print("  warning: non-finite metrics; lower the learning rate or check the data")
     return metrics
