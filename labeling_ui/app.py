@@ -20,7 +20,7 @@ from pathlib import Path
 import gradio as gr
 
 from rlhf.config import UserError, field
-from rlhf.store import AlreadyVoted, Store, StoreError, TaskFull
+from rlhf.store import AlreadyVoted, Store, TaskFull
 
 MAX_SHOWN_CHARS = 20_000
 CHOICE_TO_LABEL = {"left": "Left is better", "right": "Right is better", "tie": "Tie", "both_bad": "Both bad"}

@@ -12,55 +12,41 @@ import sys
 
 from rlhf.config import UserError, add_arguments, from_args
 
-# (command, one-line help) in the order of the loop.
-STAGE_COMMANDS = [
-    ("sample", "Sample responses from a model for a few prompts and print them."),
-    ("demo", "The main job: one round of the loop on the embedded SmolLM2-135M (controlled sentiment), with report."),
-    ("loop", "Rounds of generate -> label -> export -> DPO -> evaluate; resumes where it stopped."),
-    ("generate", "Sample candidates from a policy into the store and pair them into labeling tasks."),
-    ("label-sim", "Vote on open tasks as a simulated annotator (gold function + Bradley-Terry noise)."),
-    ("reward", "Train a reward model on preference pairs (TRL's RewardTrainer); writes a model directory + metrics.json."),
-    ("dpo", "Align a policy on preference pairs with DPO (TRL's DPOTrainer); writes a model directory."),
-    ("label", "Start the labeling app (Gradio) on the store: annotators sign in and compare pairs."),
-    ("evaluate", "Aligned vs base: win-rates (gold, reward model), KL, lengths; report.html."),
+# (command, one-line help, module, config class, entry function), in the order of the loop. Only the chosen
+# command's module is imported.
+STAGES = [
+    ("sample", "Sample responses from a model for a few prompts and print them.", "rlhf.sample", "SampleConfig", "run"),
+    ("demo", "The main job: one round of the loop on the embedded SmolLM2-135M (controlled sentiment), with report.",
+     "rlhf.loop", "LoopConfig", "demo"),
+    ("loop", "Rounds of generate -> label -> export -> DPO -> evaluate; resumes where it stopped.",
+     "rlhf.loop", "LoopConfig", "run"),
+    ("sft", "Instruction fine-tuning on demonstrations (TRL's SFTTrainer); writes a model directory.",
+     "rlhf.sft", "SFTConfig", "run"),
+    ("generate", "Sample candidates from a policy into the store and pair them into labeling tasks.",
+     "rlhf.generate", "GenerateConfig", "run"),
+    ("label-sim", "Vote on open tasks as a simulated annotator (gold function + Bradley-Terry noise).",
+     "rlhf.annotators", "LabelSimConfig", "label_sim"),
+    ("label", "Start the labeling app (Gradio) on the store: annotators sign in and compare pairs.",
+     "labeling_ui.app", "LabelConfig", "launch"),
+    ("reward", "Train a reward model on preference pairs (TRL's RewardTrainer); writes a model directory + metrics.json.",
+     "rlhf.reward", "RewardConfig", "run"),
+    ("dpo", "Align a policy on preference pairs with DPO (TRL's DPOTrainer); writes a model directory.",
+     "rlhf.dpo", "DPOConfig", "run"),
+    ("ppo", "Align a policy with PPO against a reward model or a reward function (our own, on accelerate).",
+     "rlhf.ppo", "PPOConfig", "run"),
+    ("evaluate", "Aligned vs base: win-rates (gold, reward model), KL, lengths; report.html.",
+     "rlhf.evaluate", "EvaluateConfig", "run"),
 ]
+STAGE_COMMANDS = [(name, help) for name, help, *_ in STAGES]
 ALIASES = {"eval": "evaluate"}
 
 
-def _config_class(command: str) -> type:
-    if command == "sample":
-        from rlhf.sample import SampleConfig
+def _stage(command: str, attribute: str):
+    """The config class (attribute 3) or entry function (4) of a stage command, importing only its module."""
+    import importlib
 
-        return SampleConfig
-    if command in ("demo", "loop"):
-        from rlhf.loop import LoopConfig
-
-        return LoopConfig
-    if command == "generate":
-        from rlhf.generate import GenerateConfig
-
-        return GenerateConfig
-    if command == "label-sim":
-        from rlhf.annotators import LabelSimConfig
-
-        return LabelSimConfig
-    if command == "reward":
-        from rlhf.reward import RewardConfig
-
-        return RewardConfig
-    if command == "dpo":
-        from rlhf.dpo import DPOConfig
-
-        return DPOConfig
-    if command == "label":
-        from labeling_ui.app import LabelConfig
-
-        return LabelConfig
-    if command == "evaluate":
-        from rlhf.evaluate import EvaluateConfig
-
-        return EvaluateConfig
-    raise AssertionError(command)
+    row = next(r for r in STAGES if r[0] == command)
+    return getattr(importlib.import_module(row[2]), row[attribute])
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
@@ -111,7 +97,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         if name == chosen:
             p.add_argument("--config", default=None, help="YAML file of this command's options (flat keys); "
                            "options given on the command line override it.")
-            add_arguments(p, _config_class(name))
+            add_arguments(p, _stage(name, 3))
     return parser
 
 
@@ -184,41 +170,11 @@ def main(argv: list[str] | None = None) -> int:
             _annotators(args)
             return 0
         command = ALIASES.get(args.command, args.command)
-        config = from_args(_config_class(command), args, args.config)
+        config = from_args(_stage(command, 3), args, args.config)
         if command == "sample":
             _sample(config)
-        elif command == "demo":
-            from rlhf.loop import demo
-
-            demo(config)
-        elif command == "loop":
-            from rlhf.loop import run
-
-            run(config)
-        elif command == "generate":
-            from rlhf.generate import run
-
-            run(config)
-        elif command == "label-sim":
-            from rlhf.annotators import label_sim
-
-            label_sim(config)
-        elif command == "reward":
-            from rlhf.reward import run
-
-            run(config)
-        elif command == "dpo":
-            from rlhf.dpo import run
-
-            run(config)
-        elif command == "label":
-            from labeling_ui.app import launch
-
-            launch(config)
-        elif command == "evaluate":
-            from rlhf.evaluate import run
-
-            run(config)
+        else:
+            _stage(command, 4)(config)
         return 0
     except UserError as e:
         print(f"rlhf {args.command}: error: {e}", file=sys.stderr)

@@ -31,6 +31,20 @@ class UserError(Exception):
     """Bad input from the user (a file, a flag, a missing package): the CLI prints it as one line and exits 2."""
 
 
+def resume_checkpoint(output_dir: str, resume: str) -> str | None:
+    """A stage's `resume` option as a checkpoint directory: '' / no -> None; latest / yes -> the newest
+    output_dir/checkpoint-N (None when there is none yet); else that path, which must hold a checkpoint."""
+    if not resume or resume.lower() in ("false", "no"):
+        return None
+    if resume.lower() in ("latest", "true", "yes"):
+        found = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
+                 and (p / "trainer_state.json").is_file()]
+        return str(max(found, key=lambda p: int(p.name.split("-")[-1]))) if found else None
+    if not (Path(resume) / "trainer_state.json").is_file():
+        raise UserError(f"no checkpoint at {resume} (expected a checkpoint-N directory with trainer_state.json)")
+    return resume
+
+
 def field(default: Any, help: str, **kwargs: Any) -> Any:
     """A dataclass field whose help text becomes its `--help` line (HfArgumentParser reads `metadata['help']`)."""
     if isinstance(default, (list, dict)):

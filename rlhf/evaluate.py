@@ -20,7 +20,6 @@ import base64
 import html
 import io
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path

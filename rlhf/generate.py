@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-from rlhf.config import UserError, field
+from rlhf.config import field
 from rlhf.data import read_prompts
 from rlhf.models import DEFAULT_MODEL, load
 from rlhf.pairing import across_pairs, active_or_random_pair, random_pairs

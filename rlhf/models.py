@@ -262,3 +262,15 @@ def load(
     if gen is not None and gen.pad_token_id is None:
         gen.pad_token_id = tokenizer.pad_token_id
     return Loaded(model=model.to(dev).eval(), tokenizer=tokenizer, path=path)
+
+
+def save_model_dir(model, tokenizer, out: str | Path, padding_side: str = "left"):
+    """Save a trained model as the full model directory the next stage loads by path: a LoRA adapter is merged into
+    its base first, weights go out as safetensors, the tokenizer with the padding side its users need (left for
+    generation, right for a reward model's scoring). Returns the saved (merged) model."""
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.padding_side = padding_side
+    tokenizer.save_pretrained(out)
+    return model

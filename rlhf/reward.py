@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-from rlhf.config import UserError, field
-from rlhf.models import DEFAULT_MODEL
+from rlhf.config import UserError, field, resume_checkpoint
+from rlhf.models import DEFAULT_MODEL, save_model_dir
 
 # Encoders ship no chat template: a turn is "role: content" between BERT's [CLS]/[SEP] markers, so the pooled
 # [CLS] token sees the whole exchange. A causal LM without one gets one turn per line (no EOS at the end: its pad
@@ -257,16 +257,6 @@ def score(model_dir: str, prompt: str | list[dict], responses: list[str]) -> lis
 # ---------------------------------------------------------------- training
 
 
-def _resume_path(config: RewardConfig) -> str | None:
-    if not config.resume or config.resume.lower() in ("false", "no"):
-        return None
-    if config.resume.lower() in ("latest", "true", "yes"):
-        checkpoints = sorted(Path(config.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-        return str(checkpoints[-1]) if checkpoints else None
-    if not Path(config.resume).is_dir():
-        raise UserError(f"no checkpoint at {config.resume}")
-    return config.resume
-
 
 def _prompt_key(prompt) -> str:
     return json.dumps(prompt, sort_keys=True)
@@ -392,7 +382,7 @@ def run(config: RewardConfig) -> dict:
             self.steps += 1
 
     start = time.perf_counter()
-    resume_from = _resume_path(config)
+    resume_from = resume_checkpoint(config.output_dir, config.resume)
     data, trainer = build_trainer(config)
     device = pick_device(config.device)
     tokenizer = trainer.processing_class
@@ -404,15 +394,8 @@ def run(config: RewardConfig) -> dict:
     trainer.add_callback(counter)
     result = trainer.train(resume_from_checkpoint=resume_from)
 
-    # Always a full model directory: merge a LoRA adapter into its base before saving.
-    trained = trainer.model
-    if config.lora:
-        trained = trained.merge_and_unload()
-    trained.eval()
     out = Path(config.output_dir)
-    trained.save_pretrained(out, safe_serialization=True)
-    tokenizer.padding_side = "right"
-    tokenizer.save_pretrained(out)
+    trained = save_model_dir(trainer.model, tokenizer, out, padding_side="right").eval()
 
     # Held-out figures through the scoring path itself, so they describe the model that PPO and the app will use.
     scorer = RewardModel(trained, tokenizer, str(out))
