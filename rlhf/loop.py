@@ -1,4 +1,8 @@
-"""Rounds of the whole loop: generate -> label -> export -> align (DPO) -> evaluate -> next round's policy.
+"""Rounds of the whole loop: generate -> label -> export -> align -> evaluate -> next round's policy.
+
+Align is DPO on the exported pairs, or a reward model trained on them and then PPO against it, or both side by
+side (`align: both`): evaluation then compares both with the base, and the one with the higher gold win-rate
+(the reward model's, without a gold function) becomes the next round's policy.
 
 Each round writes under `runs/<name>/round-<k>/`; a step that finished leaves `<step>.json` there, so running
 the same command again resumes where it stopped (a half-done generation continues with the prompts that have no
@@ -6,8 +10,8 @@ task yet). Labels come from simulated annotators (a gold function with Bradley-T
 the labeling app: then the loop waits, printing a progress line, until the round's tasks have their votes.
 
 `rlhf demo` is this loop on the embedded SmolLM2-135M-Instruct with the controlled-sentiment task of the DPO
-paper (§6.1): VADER sentiment as the gold function, prompts asking for film reviews, one round, and a report of
-aligned vs base and vs a prompt baseline.
+paper (§6.1): VADER sentiment as the gold function, prompts asking for film reviews, one round of DPO and of PPO,
+and a report of both aligned models vs base and vs a prompt baseline.
 
     rlhf demo                                  # the main job, sized for a laptop CPU
     rlhf loop --config configs/loop.yaml --rounds 2
@@ -48,13 +52,24 @@ class LoopConfig:
     tau: float = field(0.05, "Simulated annotator's Bradley-Terry temperature.")
     overlap: int = field(1, "Votes per task.")
     poll_seconds: float = field(10.0, "With labeler=human: seconds between progress checks.")
-    # Alignment (DPO)
+    # Alignment
+    align: str = field("both", "dpo, ppo (reward model, then PPO against it) or both (compared in the report).")
     dpo_learning_rate: float = field(2e-5, "DPO learning rate.")
     dpo_beta: float = field(0.1, "DPO beta.")
     dpo_epochs: float = field(2.0, "DPO epochs over the round's pairs.")
     dpo_batch_size: int = field(8, "DPO pairs per step.")
     dpo_lora: bool = field(False, "DPO with a LoRA adapter (merged on save).")
     max_length: int = field(160, "Truncate prompt + response to this many tokens in training.")
+    # Reward model and PPO (align: ppo or both)
+    reward_learning_rate: float = field(3e-5, "Reward model learning rate (the backbone is the round's policy).")
+    reward_epochs: float = field(1.0, "Reward model epochs over the labeled pairs.")
+    reward_batch_size: int = field(8, "Reward model pairs per step.")
+    ppo_steps: int = field(16, "PPO steps (each: ppo_batch_size rollouts, then ppo_epochs of updates).")
+    ppo_batch_size: int = field(16, "PPO rollouts per step.")
+    ppo_mini_batch_size: int = field(8, "PPO rollouts per optimizer update.")
+    ppo_epochs: int = field(2, "PPO passes over each rollout batch.")
+    ppo_learning_rate: float = field(1e-5, "PPO learning rate (policy and critic).")
+    ppo_kl_coef: float = field(0.05, "PPO's KL penalty beta.")
     # Evaluation
     eval_prompts: int = field(64, "Held-out prompts in each round's evaluation.")
     prompt_baselines: list[str] = field(["Always write warm, enthusiastic, positive movie reviews."],
@@ -64,6 +79,8 @@ class LoopConfig:
     def __post_init__(self):
         if self.labeler not in ("simulated", "human"):
             raise ValueError("labeler must be simulated or human")
+        if self.align not in ("dpo", "ppo", "both"):
+            raise ValueError("align must be dpo, ppo or both")
         if min(self.rounds, self.prompts_per_round, self.eval_prompts, self.overlap) < 1 or self.n < 2:
             raise ValueError("rounds, prompts_per_round, eval_prompts and overlap must be >= 1; n >= 2")
 
@@ -106,6 +123,10 @@ def run(config: LoopConfig) -> dict:
     from rlhf.evaluate import run as run_evaluate
     from rlhf.generate import GenerateConfig
     from rlhf.generate import run as run_generate
+    from rlhf.ppo import PPOConfig
+    from rlhf.ppo import run as run_ppo
+    from rlhf.reward import RewardConfig
+    from rlhf.reward import run as run_reward
     from rlhf.store import Store
 
     root = Path(config.runs_dir) / config.name
@@ -133,41 +154,73 @@ def run(config: LoopConfig) -> dict:
         # Every round trains on all pairs labeled so far.
         _step(rd, "export", timings, lambda: run_export(load_config(
             ExportConfig, db=db, out=str(rd / "export"), seed=config.seed)))
-        _step(rd, "dpo", timings, lambda: run_dpo(load_config(
-            DPOConfig, model=policy, data=str(rd / "export"), output_dir=str(rd / "dpo"),
-            learning_rate=config.dpo_learning_rate, beta=config.dpo_beta, epochs=config.dpo_epochs,
-            batch_size=config.dpo_batch_size, lora=config.dpo_lora, max_length=config.max_length,
-            device=config.device, precision=config.precision, seed=config.seed, logging_steps=4)))
-        aligned = [str(rd / "dpo")] + ([policy] if policy != config.base_model else [])
+        aligned = []
+        if config.align in ("dpo", "both"):
+            _step(rd, "dpo", timings, lambda: run_dpo(load_config(
+                DPOConfig, model=policy, data=str(rd / "export"), output_dir=str(rd / "dpo"),
+                learning_rate=config.dpo_learning_rate, beta=config.dpo_beta, epochs=config.dpo_epochs,
+                batch_size=config.dpo_batch_size, lora=config.dpo_lora, max_length=config.max_length,
+                device=config.device, precision=config.precision, seed=config.seed, logging_steps=4)))
+            aligned.append(str(rd / "dpo"))
+        if config.align in ("ppo", "both"):
+            # The reward model starts from the policy, so the critic starts from the reward model (same tokenizer).
+            _step(rd, "reward", timings, lambda: run_reward(load_config(
+                RewardConfig, model=policy, data=str(rd / "export"), output_dir=str(rd / "reward"),
+                learning_rate=config.reward_learning_rate, epochs=config.reward_epochs,
+                batch_size=config.reward_batch_size, max_length=config.max_length, device=config.device,
+                precision=config.precision, seed=config.seed)))
+            _step(rd, "ppo", timings, lambda: run_ppo(load_config(
+                PPOConfig, model=policy, reward_model=str(rd / "reward"), prompts=config.prompts,
+                prompt_split="train", max_new_tokens=config.max_new_tokens, steps=config.ppo_steps,
+                batch_size=config.ppo_batch_size, mini_batch_size=config.ppo_mini_batch_size,
+                ppo_epochs=config.ppo_epochs, learning_rate=config.ppo_learning_rate, kl_coef=config.ppo_kl_coef,
+                output_dir=str(rd / "ppo"), device=config.device, precision=config.precision, seed=config.seed)))
+            aligned.append(str(rd / "ppo"))
+        if policy != config.base_model:
+            aligned.append(policy)  # last round's policy, to see this round's gain
         evaluation = _step(rd, "evaluate", timings, lambda: run_evaluate(load_config(
             EvaluateConfig, base=config.base_model, aligned=aligned, gold=config.gold, prompts=config.prompts,
             split="test", limit=config.eval_prompts, max_new_tokens=config.max_new_tokens,
             prompt_baselines=config.prompt_baselines, output_dir=str(rd / "eval"), device=config.device,
             precision=config.precision, seed=config.seed)))
-        policy = str(rd / "dpo")
+        candidates = aligned[: 2 if config.align == "both" else 1]
+        policy = _next_policy(evaluation, candidates)
 
     total = time.perf_counter() - start
     print("\nwall time per stage:")
     for key, seconds in timings.items():
         print(f"  {key:<24} {seconds:8.1f} s")
     print(f"  {'total (this run)':<24} {total:8.1f} s")
-    _print_verdict(evaluation, root, config, db)
+    _print_verdict(evaluation, candidates, root, config, db)
     return {"timings": timings, "evaluation": evaluation, "policy": policy}
 
 
-def _print_verdict(evaluation: dict, root: Path, config: LoopConfig, db: str) -> None:
-    models = {m["label"]: m for m in evaluation["models"]}
-    aligned = next(m for label, m in models.items() if label.startswith("aligned"))
-    if "win_rate_gold" in aligned:
-        lo, hi = aligned["win_rate_gold_ci"]
-        print(f"\naligned vs base on the gold oracle ({config.gold}): win-rate {100 * aligned['win_rate_gold']:.1f} % "
-              f"[{100 * lo:.1f}, {100 * hi:.1f}], KL {aligned['kl_vs_base']:.2f} nats")
-    if "win_rate_gold_vs_prompt" in aligned:
-        rate = aligned["win_rate_gold_vs_prompt"]
-        lo, hi = aligned["win_rate_gold_vs_prompt_ci"]
-        verdict = "beat" if lo > 0.5 else "did not beat" if hi < 0.5 else "was not distinguishable from"
-        print(f"the aligned model {verdict} the prompt baseline ({evaluation['best_prompt_baseline']}): "
-              f"win-rate {100 * rate:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}]")
+def _next_policy(evaluation: dict, candidates: list[str]) -> str:
+    """The candidate with the highest win-rate over base: by the gold function where there is one, else by the
+    reward model (evaluation's figures for each aligned model, in the order they were given)."""
+    rows = {m["model"]: m for m in evaluation["models"]}
+    key = "win_rate_gold" if "win_rate_gold" in rows[candidates[0]] else "win_rate_reward"
+    return max(candidates, key=lambda c: rows[c].get(key, 0.0))
+
+
+def _print_verdict(evaluation: dict, candidates: list[str], root: Path, config: LoopConfig, db: str) -> None:
+    """For this round's aligned models: the gold win-rate over base and whether they beat the prompt baseline."""
+    rows = {m["model"]: m for m in evaluation["models"]}
+    print()
+    for path in candidates:
+        row, name = rows[path], Path(path).name.upper()
+        if "win_rate_gold" in row:
+            lo, hi = row["win_rate_gold_ci"]
+            print(f"{name} vs base on the gold oracle ({config.gold}): win-rate {100 * row['win_rate_gold']:.1f} % "
+                  f"[{100 * lo:.1f}, {100 * hi:.1f}], KL {row['kl_vs_base']:.2f} nats")
+        if "win_rate_gold_vs_prompt" in row:
+            rate = row["win_rate_gold_vs_prompt"]
+            lo, hi = row["win_rate_gold_vs_prompt_ci"]
+            verdict = "beat" if lo > 0.5 else "did not beat" if hi < 0.5 else "was not distinguishable from"
+            print(f"  {name} {verdict} the prompt baseline ({evaluation['best_prompt_baseline']}): "
+                  f"win-rate {100 * rate:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}]")
+    if len(candidates) > 1:
+        print(f"next round's policy: {Path(_next_policy(evaluation, candidates)).name.upper()} (higher win-rate)")
     report = root / f"round-{config.rounds}" / "eval" / "report.html"
     print(f"\nreport: {report.resolve()}")
     print(f"store:  {db}  (rlhf data stats --db {db})")

@@ -1,4 +1,5 @@
-"""The whole loop, CI-sized: the tiny model through generate -> label -> export -> DPO -> evaluate, twice."""
+"""The whole loop, CI-sized: the tiny model through generate -> label -> export -> DPO and reward -> PPO ->
+evaluate, twice."""
 
 from __future__ import annotations
 
@@ -8,29 +9,38 @@ import pytest
 
 from rlhf.cli import main
 from rlhf.config import UserError, load_config
-from rlhf.loop import LoopConfig, run
+from rlhf.loop import LoopConfig, _next_policy, run
 
 
 @pytest.mark.slow
 def test_two_rounds_end_to_end_then_resume(tmp_path, tiny_model_dir, capsys):
     config = load_config(LoopConfig, name="ci", runs_dir=str(tmp_path), rounds=2, base_model=tiny_model_dir,
                          device="cpu", prompts_per_round=8, max_new_tokens=6, batch_size=8, dpo_epochs=1.0,
-                         dpo_batch_size=4, max_length=64, eval_prompts=6)
+                         dpo_batch_size=4, max_length=64, eval_prompts=6, align="both", reward_batch_size=4,
+                         ppo_steps=2, ppo_batch_size=4, ppo_mini_batch_size=2, ppo_epochs=1)
     result = run(config)
     root = tmp_path / "ci"
     for k in (1, 2):
-        for step in ("generate", "label", "export", "dpo", "evaluate"):
+        for step in ("generate", "label", "export", "dpo", "reward", "ppo", "evaluate"):
             assert (root / f"round-{k}" / f"{step}.json").is_file()
-        assert (root / f"round-{k}" / "dpo" / "model.safetensors").is_file()
+        for model in ("dpo", "reward", "ppo"):
+            assert (root / f"round-{k}" / model / "model.safetensors").is_file()
         assert (root / f"round-{k}" / "eval" / "report.html").is_file()
+    ppo = json.loads((root / "round-1" / "ppo.json").read_text())
+    assert ppo["reward"] == str(root / "round-1" / "reward") and ppo["steps"] == 2
     first = json.loads((root / "round-1" / "generate.json").read_text())
     assert first["tasks"] == 8
     # Round 2 trained on both rounds' pairs, starting from round 1's policy, and was compared with it too.
     assert json.loads((root / "round-2" / "export.json").read_text())
-    labels = [m["label"] for m in result["evaluation"]["models"]]
-    assert labels == ["base", "prompt", "aligned 1", "aligned 2"]
+    # Round 2 compares its DPO and PPO models with base, the prompt baseline and round 1's pick.
+    models = [(m["label"], m["model"]) for m in result["evaluation"]["models"]]
+    assert [label for label, _ in models] == ["base", "prompt", "aligned 1", "aligned 2", "aligned 3"]
+    assert [model for _, model in models[2:4]] == [str(root / "round-2" / "dpo"), str(root / "round-2" / "ppo")]
+    assert models[4][1] in (str(root / "round-1" / "dpo"), str(root / "round-1" / "ppo"))
+    assert result["policy"] in (str(root / "round-2" / "dpo"), str(root / "round-2" / "ppo"))
     out = capsys.readouterr().out
     assert "wall time per stage" in out and "report:" in out and "prompt baseline" in out
+    assert "DPO vs base" in out and "PPO vs base" in out and "next round's policy" in out
 
     # Running it again resumes: every step is found done, nothing is recomputed.
     again = run(config)
@@ -38,7 +48,19 @@ def test_two_rounds_end_to_end_then_resume(tmp_path, tiny_model_dir, capsys):
     assert again["policy"] == result["policy"]
 
 
+def test_next_policy_is_the_higher_win_rate_by_gold_else_by_reward():
+    evaluation = {"models": [{"model": "base"}, {"model": "r/dpo", "win_rate_gold": 0.6, "win_rate_reward": 0.9},
+                             {"model": "r/ppo", "win_rate_gold": 0.7, "win_rate_reward": 0.8}]}
+    assert _next_policy(evaluation, ["r/dpo", "r/ppo"]) == "r/ppo"
+    for row in evaluation["models"]:
+        row.pop("win_rate_gold", None)
+    assert _next_policy(evaluation, ["r/dpo", "r/ppo"]) == "r/dpo"
+    assert _next_policy(evaluation, ["r/ppo"]) == "r/ppo"
+
+
 def test_loop_options_are_checked():
+    with pytest.raises(UserError):
+        load_config(LoopConfig, align="rlaif")
     with pytest.raises(UserError):
         load_config(LoopConfig, labeler="crowd")
     with pytest.raises(UserError):
