@@ -17,6 +17,7 @@ def test_two_rounds_end_to_end_then_resume(tmp_path, tiny_model_dir, capsys):
     config = load_config(LoopConfig, name="ci", runs_dir=str(tmp_path), rounds=2, base_model=tiny_model_dir,
                          device="cpu", prompts_per_round=8, max_new_tokens=6, batch_size=8, dpo_epochs=1.0,
                          dpo_batch_size=4, max_length=64, eval_prompts=6, align="both", reward_batch_size=4,
+                         reward_backbone="",
                          ppo_steps=2, ppo_batch_size=4, ppo_mini_batch_size=2, ppo_epochs=1)
     result = run(config)
     root = tmp_path / "ci"
