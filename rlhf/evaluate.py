@@ -9,6 +9,9 @@ For every aligned model, against the base model:
     §6.1). Departure: both log-probs use logits / temperature, i.e. the KL between the distributions that were
     actually sampled from, so the estimator stays unbiased at temperatures other than 1.
 Several aligned models (checkpoints or rounds) give the reward-vs-KL frontier (the shape of DPO's Fig. 2).
+With `db`, people's arena votes in that store (tasks of kind `arena`: one response from each of two models) add the
+human win-rate of each aligned model over base and Bradley-Terry ratings of every model voted on, on the Elo
+scale Chatbot Arena uses (Chiang et al. 2024), both with bootstrap intervals over votes.
 Writes `metrics.json` and a self-contained `report.html` (plots embedded as PNG, every model output escaped).
 
     rlhf evaluate --base smollm2-135m-instruct --aligned runs/demo/round-1/dpo --limit 32 --max_new_tokens 48
@@ -56,6 +59,8 @@ class EvaluateConfig:
     top_p: float = field(1.0, "Nucleus sampling; keep 1.0 for an unbiased KL estimate.")
     batch_size: int = field(16, "Prompts per generation batch.")
     seed: int = field(0, "Seed: every model samples with the same seeds on the same prompts.")
+    db: str = field("", "Store whose arena votes (people comparing two models' answers) give human win-rates and "
+                    "Bradley-Terry ratings ('' = none).")
     # Statistics and output
     bootstrap: int = field(1000, "Bootstrap resamples for the 95 % intervals.")
     output_dir: str = field("runs/eval", "Where metrics.json and report.html go.")
@@ -86,6 +91,66 @@ def bootstrap_ci(values, resamples: int = 1000, seed: int = 0, level: float = 0.
     means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
     lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
     return float(values.mean()), float(lo), float(hi)
+
+
+def arena_outcomes(tasks: list[dict]) -> list[tuple[str, str, float]]:
+    """(model of A, model of B, score of A) per arena vote: 1 A won, 0 B won, 0.5 a tie or both bad (counted as a
+    tie, as Chatbot Arena does). Votes on two responses of the same model say nothing about models: left out."""
+    outcomes = []
+    for task in tasks:
+        a, b = (r["model"] for r in task["responses"][:2])
+        if a == b:
+            continue
+        for v in task["votes"]:
+            outcomes.append((a, b, {"A": 1.0, "B": 0.0}.get(v["choice"], 0.5)))
+    return outcomes
+
+
+def bradley_terry(outcomes: list[tuple[str, str, float]], prior: float = 0.5, iterations: int = 300) -> dict[str, float]:
+    """Bradley-Terry ratings on the Elo scale (400 * log10 strength, mean 1000), fitted by minorization-maximization
+    (Hunter 2004, eq. 3: p_i <- W_i / sum_j n_ij / (p_i + p_j)); a tie counts as half a win for each side. A model
+    that never won (or never lost) has no finite maximum-likelihood rating, so `prior` games against a virtual
+    opponent of strength 1, half won and half lost, keep every rating finite (0: the plain maximum likelihood)."""
+    models = sorted({m for a, b, _ in outcomes for m in (a, b)})
+    index = {m: i for i, m in enumerate(models)}
+    k = len(models)
+    wins, games = np.full(k, prior / 2), np.zeros((k, k))
+    for a, b, score in outcomes:
+        i, j = index[a], index[b]
+        wins[i] += score
+        wins[j] += 1 - score
+        games[i, j] += 1
+        games[j, i] += 1
+    strength = np.ones(k)
+    for _ in range(iterations):
+        strength = wins / ((games / (strength[:, None] + strength[None, :])).sum(1) + prior / (strength + 1.0))
+        if not prior:  # without the virtual opponent the likelihood ignores the scale: pin it
+            strength /= np.exp(np.log(strength).mean())
+    ratings = 400 * np.log10(strength)
+    return {m: float(1000 + r - ratings.mean()) for m, r in zip(models, ratings)}
+
+
+def arena_figures(tasks: list[dict], base: str, aligned: list[str], resamples: int = 1000,
+                  seed: int = 0) -> dict:
+    """Human win-rate of each aligned model over base (votes between those two only) and every voted model's
+    Bradley-Terry rating, with 95 % percentile-bootstrap intervals over votes."""
+    outcomes = arena_outcomes(tasks)
+    figures: dict = {"votes": len(outcomes), "win_rate_human": {}, "ratings": {}}
+    for model in aligned:
+        scores = [s if a == model else 1 - s for a, b, s in outcomes if {a, b} == {model, base}]
+        if scores:
+            mean, lo, hi = bootstrap_ci(scores, resamples, seed)
+            figures["win_rate_human"][model] = {"mean": mean, "ci": [lo, hi], "votes": len(scores)}
+    if outcomes:
+        point = bradley_terry(outcomes)
+        rng = np.random.default_rng(seed)
+        draws = [bradley_terry([outcomes[i] for i in rng.integers(0, len(outcomes), len(outcomes))], iterations=100)
+                 for _ in range(min(resamples, 200))]  # 200 refits: intervals to a rating point or so
+        for model, rating in point.items():
+            values = [d[model] for d in draws if model in d]
+            lo, hi = np.quantile(values, [0.025, 0.975])
+            figures["ratings"][model] = {"rating": rating, "ci": [float(lo), float(hi)]}
+    return figures
 
 
 def distinct_n(texts: list[str], n: int) -> float:
@@ -210,7 +275,17 @@ def run(config: EvaluateConfig) -> dict:
             if row["label"].startswith("aligned"):
                 _add_win_rates(row, all_scores[row["label"]], all_scores[best["label"]], "_vs_prompt", config)
 
+    if config.db:
+        from rlhf.store import Store
+
+        human = arena_figures(Store(config.db, create=False).tasks(kind="arena"), config.base, config.aligned,
+                              config.bootstrap, config.seed)
+        for row in rows:
+            if row["model"] in human["win_rate_human"] and row["label"].startswith("aligned"):
+                figure = human["win_rate_human"][row["model"]]
+                row["win_rate_human"], row["win_rate_human_ci"] = figure["mean"], figure["ci"]
     metrics = {"config": asdict(config), "n_prompts": len(prompts), "models": rows,
+               "arena": human if config.db else None,
                "best_prompt_baseline": best["label"] if best else None,
                "seconds": round(time.perf_counter() - start, 1)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -269,7 +344,7 @@ def _plots(metrics: dict) -> list[tuple[str, str]]:
 def render_report(metrics: dict, prompts: list, samples: dict[str, list[str]], config: EvaluateConfig) -> str:
     """A self-contained HTML page: the metrics table, plots, and samples; every model output is escaped."""
     e = html.escape
-    cols = ["label", "model", "system", "mean_gold", "mean_reward", "win_rate_gold", "win_rate_reward",
+    cols = ["label", "model", "system", "mean_gold", "mean_reward", "win_rate_gold", "win_rate_reward", "win_rate_human",
             "win_rate_gold_vs_prompt", "win_rate_reward_vs_prompt", "kl_vs_base", "mean_tokens", "distinct_1",
             "distinct_2"]
     cols = [c for c in cols if any(m.get(c) not in (None, "") for m in metrics["models"])]
@@ -317,16 +392,31 @@ reward model: {e(config.reward or 'none')}. Win-rates count a tie as half; inter
 KL(aligned || base) is in nats per response.</p>
 <table>{table}</table>
 {plots}
+{_arena_section(metrics.get("arena"))}
 <h2>Samples</h2>
 <table>{header}{''.join(rows)}</table>
 </body></html>
 """
 
 
+def _arena_section(arena: dict | None) -> str:
+    """People's arena votes: Bradley-Terry ratings with intervals (model names escaped like everything else)."""
+    if not arena:
+        return ""
+    if not arena["ratings"]:
+        return "<h2>Arena</h2><p>No arena votes in the store yet.</p>"
+    e = html.escape
+    rows = "".join(f"<tr><td>{e(m)}</td><td>{r['rating']:.0f} <small>[{r['ci'][0]:.0f}, {r['ci'][1]:.0f}]</small></td></tr>"
+                   for m, r in sorted(arena["ratings"].items(), key=lambda kv: -kv[1]["rating"]))
+    return (f"<h2>Arena</h2><p>{arena['votes']} human votes between two models' answers; Bradley-Terry ratings on "
+            f"the Elo scale (mean 1000), 95 % bootstrap intervals over votes.</p>"
+            f"<table><tr><th>model</th><th>rating</th></tr>{rows}</table>")
+
+
 def _print_summary(metrics: dict, out: Path) -> None:
     for m in metrics["models"][1:]:
         parts = [f"{m['label']} ({m['model']})"]
-        for key in ("gold", "reward"):
+        for key in ("gold", "reward", "human"):
             if f"win_rate_{key}" in m:
                 lo, hi = m[f"win_rate_{key}_ci"]
                 parts.append(f"win-rate by {key} {100 * m[f'win_rate_{key}']:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}]")

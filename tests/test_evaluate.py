@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -10,8 +11,10 @@ import torch
 
 from rlhf.config import UserError, load_config
 from rlhf.data import read_prompts
-from rlhf.evaluate import EvaluateConfig, bootstrap_ci, distinct_n, response_logprobs, run, win_rate
+from rlhf.evaluate import (EvaluateConfig, arena_figures, arena_outcomes, bradley_terry, bootstrap_ci, distinct_n,
+                           response_logprobs, run, win_rate)
 from rlhf.models import load
+from rlhf.store import Store
 
 
 def shorter_is_better(prompts, responses):
@@ -139,3 +142,62 @@ def test_reward_model_win_rates(tmp_path, tiny_model_dir, tiny_reward_dir):
     metrics = run(_config(tmp_path, tiny_model_dir, tiny_model_dir, reward=tiny_reward_dir))
     aligned = metrics["models"][1]
     assert aligned["win_rate_reward"] == 0.5 and "mean_reward" in metrics["models"][0]
+
+
+def test_bradley_terry_by_hand():
+    # Plain maximum likelihood: A beat B 3 times of 4, so p_A / p_B = 3 and A is 400 log10(3) = 190.8 above B.
+    ratings = bradley_terry([("A", "B", 1.0)] * 3 + [("A", "B", 0.0)], prior=0)
+    assert ratings["A"] - ratings["B"] == pytest.approx(400 * math.log10(3), abs=1e-6)
+    assert (ratings["A"] + ratings["B"]) / 2 == pytest.approx(1000)
+    # A cycle in which everyone wins once and loses once (plus ties) leaves everyone equal.
+    cycle = bradley_terry([("A", "B", 1.0), ("B", "C", 1.0), ("C", "A", 1.0), ("A", "C", 0.5)], prior=0)
+    assert all(r == pytest.approx(1000, abs=1e-6) for r in cycle.values())
+    # Never beaten: finite only with the prior, and on top.
+    unbeaten = bradley_terry([("A", "B", 1.0), ("A", "C", 1.0), ("B", "C", 1.0), ("C", "B", 1.0)])
+    assert math.isfinite(unbeaten["A"]) and unbeaten["A"] > unbeaten["B"] and unbeaten["A"] > unbeaten["C"]
+
+
+def _arena_store(tmp_path, choices: list[str]):
+    """A store with arena tasks: the prompt answered by 'base' (A) and 'aligned' (B), one vote per choice; and a
+    task between two answers of one model, which says nothing about models."""
+    store = Store(f"sqlite:///{tmp_path / 'arena.db'}")
+    prompt = store.add_prompts(["Review Alien."])[0]
+    for i, choice in enumerate(choices):
+        base_r = store.add_responses(prompt, [f"base answer {i}"], model="base")[0]
+        aligned_r = store.add_responses(prompt, [f"aligned answer {i}"], model="aligned")[0]
+        task = store.add_task([base_r, aligned_r], kind="arena")
+        store.submit(store.annotator(f"person-{i}", create_simulated=True).name, task, choice)
+    same = store.add_responses(prompt, ["one", "two"], model="aligned")
+    store.submit("person-0", store.add_task(same, kind="arena"), "A")
+    return store
+
+
+def test_arena_human_win_rate_and_ratings_from_the_store(tmp_path):
+    store = _arena_store(tmp_path, ["B", "B", "B", "A", "tie", "both_bad"])
+    outcomes = arena_outcomes(store.tasks(kind="arena"))
+    assert outcomes == [("base", "aligned", s) for s in (0.0, 0.0, 0.0, 1.0, 0.5, 0.5)]  # same-model task left out
+    figures = arena_figures(store.tasks(kind="arena"), "base", ["aligned"], resamples=300)
+    human = figures["win_rate_human"]["aligned"]
+    assert human["mean"] == pytest.approx(4 / 6) and human["votes"] == 6  # 3 wins + 2 half-wins of 6
+    assert 0 <= human["ci"][0] < human["mean"] < human["ci"][1] <= 1
+    ratings = figures["ratings"]
+    assert ratings["aligned"]["rating"] > 1000 > ratings["base"]["rating"]
+    lo, hi = ratings["aligned"]["ci"]
+    assert lo <= ratings["aligned"]["rating"] <= hi
+
+
+def test_evaluate_reads_arena_votes_into_the_report(tmp_path, tiny_model_dir):
+    store = _arena_store(tmp_path, ["B", "B", "A"])
+    # The arena stores each response under the spec of the model that wrote it; evaluate matches on those.
+    aligned_dir = str(tmp_path / "aligned-dir")
+    shutil.copytree(tiny_model_dir, aligned_dir)
+    with store.session() as s:
+        from rlhf.store import Response
+
+        for r in s.query(Response):
+            r.model = {"base": tiny_model_dir, "aligned": aligned_dir}[r.model]
+    metrics = run(_config(tmp_path, tiny_model_dir, aligned_dir, db=store.url, limit=4))
+    aligned = metrics["models"][1]
+    assert aligned["win_rate_human"] == pytest.approx(2 / 3) and metrics["arena"]["votes"] == 3
+    page = (tmp_path / "eval" / "report.html").read_text()
+    assert "<h2>Arena</h2>" in page and "3 human votes" in page
