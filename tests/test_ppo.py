@@ -235,14 +235,16 @@ def test_ddp_on_two_cpu_processes(tmp_path, tiny_model_dir):
         f"r = run(PPOConfig(model={tiny_model_dir!r}, reward_model='', reward_fn='length:8', device='cpu', steps=2,"
         " batch_size=4, mini_batch_size=2, ppo_epochs=1, max_new_tokens=8, learning_rate=1e-3, save_steps=1,"
         f" output_dir={str(tmp_path / 'ddp')!r}))\n"
-        "import torch.distributed as dist\nprint('RESULT', json.dumps({'rank': dist.get_rank(), 'processes': r['processes'],"
-        " 'scores': [h['objective/scores'] for h in r['history']]}))\n")
+        # One file per rank: two processes printing to one pipe can interleave their lines.
+        "import torch.distributed as dist\nrank = dist.get_rank()\n"
+        f"open({str(tmp_path)!r} + f'/result-{{rank}}.json', 'w').write(json.dumps({{'rank': rank, "
+        "'processes': r['processes'], 'scores': [h['objective/scores'] for h in r['history']]}))\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                            "0" if sys.platform == "darwin" else "29561", str(script)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
+    results = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("result-*.json"))]
     assert sorted(r["rank"] for r in results) == [0, 1] and all(r["processes"] == 2 for r in results)
     assert results[0]["scores"] == results[1]["scores"]  # metrics are means over both processes
     assert (tmp_path / "ddp" / "checkpoint-1" / "random_states_1.pkl").is_file()
