@@ -71,7 +71,7 @@ class LoopConfig:
     ppo_batch_size: int = field(16, "PPO rollouts per step.")
     ppo_mini_batch_size: int = field(8, "PPO rollouts per optimizer update.")
     ppo_epochs: int = field(1, "PPO passes over each rollout batch.")
-    ppo_learning_rate: float = field(2e-5, "PPO learning rate (policy and critic).")
+    ppo_learning_rate: float = field(6e-5, "PPO learning rate (policy and critic).")
     ppo_kl_coef: float = field(0.05, "PPO's KL penalty beta.")
     # Evaluation
     eval_prompts: int = field(64, "Held-out prompts in each round's evaluation.")
