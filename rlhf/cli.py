@@ -16,9 +16,9 @@ from rlhf.config import UserError, add_arguments, from_args
 # command's module is imported.
 STAGES = [
     ("sample", "Sample responses from a model for a few prompts and print them.", "rlhf.sample", "SampleConfig", "run"),
-    ("demo", "The main job: one round of the loop on the embedded SmolLM2-135M (controlled sentiment), with report.",
+    ("demo", "The main job: a round of the loop with DPO and PPO on the embedded SmolLM2-135M (sentiment), report.",
      "rlhf.loop", "LoopConfig", "demo"),
-    ("loop", "Rounds of generate -> label -> export -> DPO -> evaluate; resumes where it stopped.",
+    ("loop", "Rounds of generate -> label -> export -> DPO / reward + PPO -> evaluate; resumes where it stopped.",
      "rlhf.loop", "LoopConfig", "run"),
     ("sft", "Instruction fine-tuning on demonstrations (TRL's SFTTrainer); writes a model directory.",
      "rlhf.sft", "SFTConfig", "run"),

@@ -169,8 +169,8 @@ def run(config: LoopConfig) -> dict:
             # With the policy as backbone the critic starts from the reward model (same tokenizer); with another
             # backbone PPO starts the critic from the policy with a zero value head.
             _step(rd, "reward", timings, lambda: run_reward(load_config(
-                RewardConfig, model=config.reward_backbone or policy, data=str(rd / "export"), output_dir=str(rd / "reward"),
-                learning_rate=config.reward_learning_rate, epochs=config.reward_epochs,
+                RewardConfig, model=config.reward_backbone or policy, data=str(rd / "export"),
+                output_dir=str(rd / "reward"), learning_rate=config.reward_learning_rate, epochs=config.reward_epochs,
                 batch_size=config.reward_batch_size, max_length=config.max_length, device=config.device,
                 precision=config.precision, seed=config.seed)))
             _step(rd, "ppo", timings, lambda: run_ppo(load_config(
@@ -182,8 +182,10 @@ def run(config: LoopConfig) -> dict:
             aligned.append(str(rd / "ppo"))
         if policy != config.base_model:
             aligned.append(policy)  # last round's policy, to see this round's gain
+        # With a reward model, the report shows its win-rates beside the gold's: a gap between them is reward hacking.
         evaluation = _step(rd, "evaluate", timings, lambda: run_evaluate(load_config(
             EvaluateConfig, base=config.base_model, aligned=aligned, gold=config.gold, prompts=config.prompts,
+            reward=str(rd / "reward") if config.align != "dpo" else "",
             split="test", limit=config.eval_prompts, max_new_tokens=config.max_new_tokens,
             prompt_baselines=config.prompt_baselines, output_dir=str(rd / "eval"), device=config.device,
             precision=config.precision, seed=config.seed)))

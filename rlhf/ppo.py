@@ -662,7 +662,8 @@ def run(config: PPOConfig, reward_fn: Callable | None = None) -> dict:
         tokenizer.padding_side = "left"
         tokenizer.save_pretrained(out)
     summary = {
-        "steps": config.steps, "resumed_from": str(resume_from) if resume_from else None,
+        "steps": config.steps, "steps_run": config.steps - start_step,
+        "resumed_from": str(resume_from) if resume_from else None,
         "first": history[0] if history else {}, "final": history[-1] if history else {},
         "kl_coef": kl_coef, "prompts": len(prompts), "processes": world,
         "reward": "reward_fn" if reward_fn is not None else config.reward_model,
@@ -673,7 +674,7 @@ def run(config: PPOConfig, reward_fn: Callable | None = None) -> dict:
     if accelerator.is_main_process:
         (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
         first, final = summary["first"], summary["final"]
-        print(f"PPO: {config.steps} steps ({len(history)} run here) in {summary['seconds']:.0f} s on {device}; "
+        print(f"PPO: {config.steps} steps ({summary['steps_run']} run here) in {summary['seconds']:.0f} s on {device}; "
               f"score {first.get('objective/scores', math.nan):.3f} -> {final.get('objective/scores', math.nan):.3f}, "
               f"KL {final.get('objective/kl', math.nan):.3f}, beta {kl_coef:.4f} -> {out}")
     if config.report_to != "none":

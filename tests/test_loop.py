@@ -39,6 +39,7 @@ def test_two_rounds_end_to_end_then_resume(tmp_path, tiny_model_dir, capsys):
     assert [model for _, model in models[2:4]] == [str(root / "round-2" / "dpo"), str(root / "round-2" / "ppo")]
     assert models[4][1] in (str(root / "round-1" / "dpo"), str(root / "round-1" / "ppo"))
     assert result["policy"] in (str(root / "round-2" / "dpo"), str(root / "round-2" / "ppo"))
+    assert all("win_rate_reward" in m for m in result["evaluation"]["models"][1:])  # the round's reward model
     out = capsys.readouterr().out
     assert "wall time per stage" in out and "report:" in out and "prompt baseline" in out
     assert "DPO vs base" in out and "PPO vs base" in out and "next round's policy" in out

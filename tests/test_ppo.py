@@ -205,7 +205,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_dir, monkeypat
     assert (tmp_path / "resumed" / "checkpoint-2" / "trainer_state.json").is_file()
     resumed = ppo.run(tiny_config(tmp_path, tiny_model_dir, "resumed", resume="latest", **common))
 
-    assert resumed["resumed_from"].endswith("checkpoint-2")
+    assert resumed["resumed_from"].endswith("checkpoint-2") and resumed["steps_run"] == 2
     assert [h["step"] for h in resumed["history"]] == [1, 2, 3, 4]  # the log kept steps 1-2 and appended 3-4
     for a, b in zip(straight["history"], resumed["history"]):
         for key in ("objective/scores", "objective/kl", "objective/kl_coef", "loss/policy_avg", "loss/value_avg", "lr"):
