@@ -67,7 +67,7 @@ class LoopConfig:
     reward_learning_rate: float = field(1e-4, "Reward model learning rate.")
     reward_epochs: float = field(4.0, "Reward model epochs over the labeled pairs.")
     reward_batch_size: int = field(8, "Reward model pairs per step.")
-    ppo_steps: int = field(10, "PPO steps (each: ppo_batch_size rollouts, then ppo_epochs of updates).")
+    ppo_steps: int = field(12, "PPO steps (each: ppo_batch_size rollouts, then ppo_epochs of updates).")
     ppo_batch_size: int = field(16, "PPO rollouts per step.")
     ppo_mini_batch_size: int = field(8, "PPO rollouts per optimizer update.")
     ppo_epochs: int = field(1, "PPO passes over each rollout batch.")
