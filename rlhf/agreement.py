@@ -4,6 +4,7 @@
   fleiss_kappa       many annotators, every item rated by the same number of them (Fleiss 1971)
   krippendorff_alpha any number of annotators, missing ratings allowed, nominal or ordinal (Krippendorff 2011,
                      "Computing Krippendorff's Alpha-Reliability", the coincidence-matrix form)
+  kendall_tau        two rankings of the same items, ties allowed (Kendall's tau-b, Kendall 1945)
 """
 
 from __future__ import annotations
@@ -72,3 +73,26 @@ def krippendorff_alpha(units: list[list], level: str = "nominal", order: list | 
     observed = sum(coincidence[(c, k)] * delta(c, k) for c in values for k in values)
     expected = sum(n_c[c] * n_c[k] * delta(c, k) for c in values for k in values) / (n - 1)
     return 1.0 if expected == 0 else 1.0 - observed / expected
+
+
+def kendall_tau(ranks_a: list, ranks_b: list) -> float:
+    """Kendall's tau-b of two rankings of the same items (rank values, lower = better; equal values are ties):
+    (concordant - discordant) / sqrt((n0 - ties_a) (n0 - ties_b)), n0 the number of item pairs. 1: the same
+    order, -1: reversed. Undefined (ValueError) when either ranking ties everything."""
+    if len(ranks_a) != len(ranks_b) or len(ranks_a) < 2:
+        raise ValueError("need two equally long rankings of two or more items")
+    concordant = discordant = ties_a = ties_b = 0
+    n = len(ranks_a)
+    for i in range(n):
+        for j in range(i + 1, n):
+            da, db = ranks_a[i] - ranks_a[j], ranks_b[i] - ranks_b[j]
+            ties_a += da == 0
+            ties_b += db == 0
+            if da * db > 0:
+                concordant += 1
+            elif da * db < 0:
+                discordant += 1
+    n0 = n * (n - 1) // 2
+    if ties_a == n0 or ties_b == n0:
+        raise ValueError("tau-b is undefined when a ranking ties every item")
+    return (concordant - discordant) / ((n0 - ties_a) * (n0 - ties_b)) ** 0.5

@@ -292,21 +292,67 @@ def _prompt_in_test(messages: list[dict], test_size: float, seed: int) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < test_size
 
 
+def ranking_pairs(ranking: list[list[int]] | None, k: int) -> list[tuple[int, int, float]]:
+    """A ranking of k positions (groups of tied positions, best first; None: all bad) as its C(k, 2) pairs
+    (better, worse, margin), margin = rank distance / (number of groups - 1), so first vs last is 1; a tied pair
+    has margin 0 (in position order), as has every pair of an all-bad ranking."""
+    if ranking is None:
+        return [(i, j, 0.0) for i in range(k) for j in range(i + 1, k)]
+    rank = {p: g for g, group in enumerate(ranking) for p in group}
+    span = max(len(ranking) - 1, 1)
+    pairs = []
+    for i in range(k):
+        for j in range(i + 1, k):
+            better, worse = (i, j) if rank[i] <= rank[j] else (j, i)
+            pairs.append((better, worse, abs(rank[i] - rank[j]) / span))
+    return pairs
+
+
+def _ranking_rows(task: dict) -> list[tuple[dict, str]]:
+    """Each ranking vote of a task expanded into its pairs, as (row, label): label "preference", "tie" or "both_bad".
+    Pairs of one ranking share a `group` (InstructGPT kept a ranking's pairs in one batch, to not overfit them)."""
+    out = []
+    responses = task["responses"]
+    for v in task["votes"]:
+        group = f"ranking-{task['task_id']}-{v['annotator']}"
+        for better, worse, margin in ranking_pairs(v.get("ranking"), len(responses)):
+            label = "both_bad" if v.get("ranking") is None else "preference" if margin > 0 else "tie"
+            chosen, rejected = responses[better], responses[worse]
+            out.append(({"prompt": task["prompt"], "chosen": [{"role": "assistant", "content": chosen["text"]}],
+                         "rejected": [{"role": "assistant", "content": rejected["text"]}], "margin": float(margin),
+                         "label": label, "chosen_model": chosen["model"], "rejected_model": rejected["model"],
+                         "task_id": task["task_id"], "round": task["round"], "how": task["how"], "n_votes": 1,
+                         "agreement": 1.0, "group": group}, label))
+    return out
+
+
 def export_preferences(tasks: list[dict], method: str = "majority", margins=(0.0, 0.5, 1.0), test_size: float = 0.1,
                        seed: int = 0):
-    """Store tasks (`Store.tasks()`) as a DatasetDict(train, test, ties) in TRL's conversational format."""
+    """Store tasks (`Store.tasks()`) as a DatasetDict(train, test, ties) in TRL's conversational format.
+
+    Pairs aggregate their votes into one row; each ranking of K responses becomes its C(K, 2) pairs (one `group`
+    per ranking). Swapped repeats (the bias audit) and votes an admin rejected on review are left out.
+    """
     from datasets import Dataset, DatasetDict
 
     splits: dict[str, list[dict]] = {"train": [], "test": [], "ties": []}
     for task in tasks:
+        if task["how"] == "repeat":
+            continue  # the same annotator's second look at a pair: an audit, not more data
+        task = {**task, "votes": [v for v in task["votes"] if v.get("review") != "rejected"]}
+        held_out = _prompt_in_test(task["prompt"], test_size, seed)
+        if task.get("kind") == "rank":
+            for row, label in _ranking_rows(task):
+                splits["ties" if label != "preference" else "test" if held_out else "train"].append(row)
+            continue
         if len(task["responses"]) != 2:
-            continue  # rankings are exported by their own path
+            continue
         agg = aggregate_task(task, method, tuple(margins))
         if agg is None:
             continue
         a, b = task["responses"]
         meta = {"task_id": task["task_id"], "round": task["round"], "how": task["how"], "n_votes": len(task["votes"]),
-                "agreement": agg["agreement"]}
+                "agreement": agg["agreement"], "group": f"task-{task['task_id']}"}
         if agg["winner"] is None:
             splits["ties"].append({"prompt": task["prompt"], "chosen": [{"role": "assistant", "content": a["text"]}],
                                    "rejected": [{"role": "assistant", "content": b["text"]}], "margin": 0.0,
@@ -317,9 +363,9 @@ def export_preferences(tasks: list[dict], method: str = "majority", margins=(0.0
         row = {"prompt": task["prompt"], "chosen": [{"role": "assistant", "content": chosen["text"]}],
                "rejected": [{"role": "assistant", "content": rejected["text"]}], "margin": float(agg["margin"]),
                "label": "preference", "chosen_model": chosen["model"], "rejected_model": rejected["model"], **meta}
-        splits["test" if _prompt_in_test(task["prompt"], test_size, seed) else "train"].append(row)
+        splits["test" if held_out else "train"].append(row)
     columns = ["prompt", "chosen", "rejected", "margin", "label", "chosen_model", "rejected_model", "task_id", "round",
-               "how", "n_votes", "agreement"]
+               "how", "n_votes", "agreement", "group"]
     return DatasetDict({name: Dataset.from_list(rows) if rows else Dataset.from_dict({c: [] for c in columns})
                         for name, rows in splits.items()})
 
@@ -393,7 +439,41 @@ def quality_stats(tasks: list[dict]) -> dict:
                 if len(common) >= 5:
                     cohen[f"{a} ~ {b}"] = cohen_kappa([by_task[t][a] for t in common], [by_task[t][b] for t in common])
         result["cohen_kappa"] = cohen
+    rankings = ranking_agreement(tasks)
+    if rankings["rankings"]:
+        result["rankings"] = rankings
     return result
+
+
+def ranking_agreement(tasks: list[dict]) -> dict:
+    """Agreement of rankings (K-response tasks): the mean Kendall's tau-b over every two annotators who ranked the
+    same task, and Krippendorff's ordinal alpha with each (task, response) as a unit and its rank as the value.
+    All-bad votes carry no order and are left out."""
+    from itertools import combinations
+
+    from rlhf.agreement import kendall_tau, krippendorff_alpha
+
+    ranked = [t for t in tasks if t.get("kind") == "rank"]
+    taus, units, n = [], [], 0
+    for t in ranked:
+        ranks = []  # one {position: rank} per ranking vote
+        for v in t["votes"]:
+            if v.get("ranking") is not None and v.get("review") != "rejected":
+                ranks.append({p: g for g, group in enumerate(v["ranking"]) for p in group})
+        n += len(ranks)
+        k = len(t["responses"])
+        for a, b in combinations(ranks, 2):
+            try:
+                taus.append(kendall_tau([a[p] for p in range(k)], [b[p] for p in range(k)]))
+            except ValueError:  # one of them tied everything: no order to compare
+                pass
+        units += [[r[p] for r in ranks] for p in range(k)] if len(ranks) >= 2 else []
+    out: dict = {"rankings": n, "tasks": len(ranked), "kendall_tau": sum(taus) / len(taus) if taus else None,
+                 "kendall_pairs": len(taus), "krippendorff_alpha_ordinal": None}
+    if units:
+        out["krippendorff_alpha_ordinal"] = krippendorff_alpha(units, "ordinal",
+                                                               order=sorted({v for u in units for v in u}))
+    return out
 
 
 def format_stats(stats: dict) -> str:
@@ -412,6 +492,12 @@ def format_stats(stats: dict) -> str:
             lines.append(f"{key.replace('_', ' ')}: {stats[key]:.3f}")
     for pair, kappa in stats.get("cohen_kappa", {}).items():
         lines.append(f"cohen kappa {pair}: {kappa:.3f}")
+    if "rankings" in stats:
+        r = stats["rankings"]
+        tau = "—" if r["kendall_tau"] is None else f"{r['kendall_tau']:.3f} over {r['kendall_pairs']} pairs of rankings"
+        alpha = "—" if r["krippendorff_alpha_ordinal"] is None else f"{r['krippendorff_alpha_ordinal']:.3f}"
+        lines.append(f"rankings: {r['rankings']} of {r['tasks']} tasks; Kendall tau-b {tau}; "
+                     f"Krippendorff alpha (ordinal) {alpha}")
     lines.append("left: share of A/B votes for the response shown on the left (50% = no position bias); longer: share "
                  "for the longer response (length bias)")
     return "\n".join(lines)
@@ -504,7 +590,8 @@ def run_import(config: ImportConfig) -> dict:
 
 def run_export(config: ExportConfig) -> dict:
     store = _store(config.db)
-    tasks = store.tasks(round=None if config.round < 0 else config.round)
+    round_ = None if config.round < 0 else config.round
+    tasks = sorted(store.tasks(round=round_) + store.tasks(round=round_, kind="rank"), key=lambda t: t["task_id"])
     data = export_preferences(tasks, config.aggregate, tuple(config.margins), config.test_size, config.seed)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -530,6 +617,7 @@ def run_export(config: ExportConfig) -> dict:
 
 def run_stats(config: StatsConfig) -> dict:
     store = _store(config.db)
-    stats = quality_stats(store.tasks(round=None if config.round < 0 else config.round))
+    round_ = None if config.round < 0 else config.round
+    stats = quality_stats(store.tasks(round=round_) + store.tasks(round=round_, kind="rank"))
     print(json.dumps(stats, indent=2) if config.json else format_stats(stats))
     return stats

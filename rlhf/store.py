@@ -18,8 +18,10 @@ Durability: by default a commit does not wait for the disk (SQLite `synchronous=
 corrupt the store or break a guarantee. `Store(url, durable=True)` waits for the disk on every commit; on this
 machine that turns a 2 ms PostgreSQL vote into 8 ms.
 
-A task holds K >= 2 responses at positions 0 (A), 1 (B), ...; pairs are what is labelled today, and a ranking
-needs no new table. Schema changes are numbered (SCHEMA_VERSION); an older store is upgraded when opened, a
+A task holds K >= 2 responses at positions 0 (A), 1 (B), ...: a pair (kind "pair" or "arena") gets a choice, K >= 3
+responses (kind "rank") get a ranking (`submit_ranking`), kept as given (groups of tied positions, best first).
+Swapped repeats (how "repeat", `repeat_task`) show an annotator a pair they judged again, sides swapped, for the
+position-bias audit; they are kept out of progress counts and of the training export. Schema changes are numbered (SCHEMA_VERSION); an older store is upgraded when opened, a
 newer one is refused with a clear error.
 """
 
@@ -36,20 +38,49 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from sqlalchemy import (JSON, BigInteger, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer, String,
-                        Text, UniqueConstraint, cast, create_engine, delete, event, exists, func, inspect, select, text,
-                        update)
+                        Text, UniqueConstraint, cast, create_engine, delete, event, exists, func, inspect, or_, select,
+                        text, update)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 from rlhf.config import UserError, rlhf_home
 
-SCHEMA_VERSION = 2
-# Statements that take a store from version k to k + 1 (run in one transaction when an older store is opened).
+SCHEMA_VERSION = 3
+
+
+def _migrate_2_to_3(conn, postgres: bool) -> None:
+    """Version 3: votes gain ranking, shown, model_p_a and review, and the choice check allows "ranked"."""
+    if postgres:
+        for statement in ["ALTER TABLE votes ADD COLUMN ranking JSON", "ALTER TABLE votes ADD COLUMN shown JSON",
+                          "ALTER TABLE votes ADD COLUMN model_p_a FLOAT", "ALTER TABLE votes ADD COLUMN review VARCHAR(16)",
+                          "ALTER TABLE votes DROP CONSTRAINT ck_vote_choice",
+                          "ALTER TABLE votes ADD CONSTRAINT ck_vote_choice "
+                          "CHECK (choice in ('A', 'B', 'tie', 'both_bad', 'ranked'))",
+                          "ALTER TABLE votes ADD CONSTRAINT ck_vote_review "
+                          "CHECK (review is null or review in ('queued', 'kept', 'rejected'))"]:
+            conn.execute(text(statement))
+        return
+    # SQLite cannot change a CHECK constraint in place: rebuild the table (its documented recipe), copying every
+    # row with its id. Nothing references votes, so the rename and drop touch no other table.
+    old = ["id", "task_id", "annotator_id", "choice", "strength", "rationale", '"left"', "guideline_version", "seconds",
+           "created_at", "margin"]
+    conn.execute(text("ALTER TABLE votes RENAME TO votes_v2"))
+    for index in ("ix_votes_task_id", "ix_votes_annotator_id"):
+        conn.execute(text(f"DROP INDEX IF EXISTS {index}"))
+    Vote.__table__.create(conn)
+    conn.execute(text(f"INSERT INTO votes ({', '.join(old)}) SELECT {', '.join(old)} FROM votes_v2"))
+    conn.execute(text("DROP TABLE votes_v2"))
+
+# What takes a store from version k to k + 1 (run in one transaction when an older store is opened): statements, or
+# a function of (connection, is_postgres) where the dialects differ.
 MIGRATIONS = {1: ["ALTER TABLE votes ADD COLUMN margin FLOAT",
                   "CREATE INDEX ix_tasks_open ON tasks (kind, round) WHERE vote_count < overlap",
-                  "CREATE INDEX ix_task_items_response_id ON task_items (response_id)"]}
+                  "CREATE INDEX ix_task_items_response_id ON task_items (response_id)"],
+              2: _migrate_2_to_3}
 CHOICES = ("A", "B", "tie", "both_bad")
+RANK_CHOICES = ("ranked", "both_bad")  # a ranking task: an order, or "all of them are bad"
+REVIEWS = ("queued", "kept", "rejected")  # a vote the reward model strongly disagreed with, and an admin's decision
 NAME_MAX = 128
 SOURCE_MAX = 256
 
@@ -170,9 +201,18 @@ class Vote(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=_now)
     # An explicit margin (imported preference data that came with one); None: export maps `strength` to a margin.
     margin: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # A ranking (choice "ranked"): groups of tied positions, best first, e.g. [[2], [0, 3], [1]]; and the order the
+    # positions were shown in (top first), for the position-bias audit of rankings.
+    ranking: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    shown: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    # The reward model's probability that A beats B, computed after the vote (the app shows it only then), and the
+    # review state of a vote it strongly disagreed with (None: not queued). Rejected votes are left out of exports.
+    model_p_a: Mapped[float | None] = mapped_column(Float, nullable=True)
+    review: Mapped[str | None] = mapped_column(String(16), nullable=True)
     __table_args__ = (
         UniqueConstraint("task_id", "annotator_id", name="uq_one_vote_per_annotator"),
-        CheckConstraint("choice in ('A', 'B', 'tie', 'both_bad')", name="ck_vote_choice"),
+        CheckConstraint("choice in ('A', 'B', 'tie', 'both_bad', 'ranked')", name="ck_vote_choice"),
+        CheckConstraint("review is null or review in ('queued', 'kept', 'rejected')", name="ck_vote_review"),
         CheckConstraint("strength between 1 and 3", name="ck_vote_strength"),
         CheckConstraint("\"left\" in ('A', 'B')", name="ck_vote_left"),
     )
@@ -300,8 +340,12 @@ class Store:
                 raise StoreError(f"{self.url} has store schema version {version}; this rlhf needs {SCHEMA_VERSION} "
                                  "and cannot upgrade it")
             while version < SCHEMA_VERSION:
-                for statement in MIGRATIONS[version]:
-                    conn.execute(text(statement))
+                step = MIGRATIONS[version]
+                if callable(step):
+                    step(conn, self.postgres)
+                else:
+                    for statement in step:
+                        conn.execute(text(statement))
                 version += 1
             conn.execute(update(Meta.__table__).where(Meta.key == "schema_version").values(value=str(version)))
 
@@ -451,7 +495,7 @@ class Store:
             seed = (who * 2654435761) % p
             order = (((cast(Task.id, BigInteger) * 1103515245 + seed) % p) * 48271) % p
             query = (select(Task).where(
-                Task.vote_count < Task.overlap, Task.kind == kind,
+                Task.vote_count < Task.overlap, Task.kind == kind, Task.how != "repeat",
                 ~exists().where(Vote.task_id == Task.id, Vote.annotator_id == who),
                 ~exists().where(Skip.task_id == Task.id, Skip.annotator_id == who)).order_by(order).limit(1))
             if round is not None:
@@ -472,7 +516,11 @@ class Store:
             raise StoreError("strength must be 1 (slight), 2 (clear) or 3 (strong)")
         if left not in ("A", "B"):
             raise StoreError("left must be A or B")
-        if seconds is not None and not seconds >= 0:
+        return self._add_vote(annotator, task_id, dict(choice=choice, strength=strength, rationale=rationale, left=left,
+                                                       guideline_version=guideline_version, seconds=seconds))
+
+    def _add_vote(self, annotator: str, task_id: int, fields: dict) -> int:
+        if fields["seconds"] is not None and not fields["seconds"] >= 0:
             raise StoreError("seconds must be >= 0")
         try:
             # One transaction does it all (who, the claim, the vote): a vote costs one round of locking.
@@ -492,14 +540,106 @@ class Store:
                     if s.get(Task, task_id) is None:
                         raise StoreError(f"no task {task_id}")
                     raise TaskFull(f"task {task_id} has all the votes it needs")
-                vote = Vote(task_id=task_id, annotator_id=who.id, choice=choice, strength=strength,
-                            rationale=rationale, left=left, guideline_version=guideline_version, seconds=seconds)
+                vote = Vote(task_id=task_id, annotator_id=who.id, **fields)
                 s.add(vote)
                 s.flush()
                 return vote.id
         except IntegrityError:
             # The unique constraint caught a concurrent double submit by the same annotator; the claim rolled back.
             raise AlreadyVoted(f"{annotator} has already voted on task {task_id}") from None
+
+    def submit_ranking(self, annotator: str, task_id: int, ranking: list[list[int]] | None, shown: list[int],
+                       rationale: str = "", guideline_version: str = "", seconds: float | None = None) -> int:
+        """Store one ranking of a K-response task: `ranking` lists groups of tied positions, best first (every
+        position exactly once), or None for "all of them are bad"; `shown` is the order the positions were shown in.
+        Same guarantees as `submit` (one vote per annotator, never more than `overlap`). Returns the vote id."""
+        with self.session(write=False) as s:
+            task = s.get(Task, task_id)
+            k = len(task.items) if task is not None else 0
+        if task is None:
+            raise StoreError(f"no task {task_id}")
+        if sorted(shown or []) != list(range(k)):
+            raise StoreError(f"shown must list the positions 0-{k - 1} once each")
+        if ranking is not None:
+            flat = [p for group in ranking for p in group]
+            if sorted(flat) != list(range(k)) or any(not group for group in ranking):
+                raise StoreError(f"a ranking must place each of the positions 0-{k - 1} exactly once")
+            ranking = [sorted(int(p) for p in group) for group in ranking]
+        return self._add_vote(annotator, task_id, dict(
+            choice="ranked" if ranking is not None else "both_bad", strength=2, rationale=rationale, left="A",
+            guideline_version=guideline_version, seconds=seconds, ranking=ranking, shown=[int(p) for p in shown]))
+
+    def repeat_task(self, annotator: str, round: int | None = None) -> tuple[TaskView, str] | None:
+        """A pair this annotator already judged, as a swapped repeat: the repeat task (how "repeat", repeat_of the
+        original, overlap 1, the same positions) and the side ("A" or "B") to show on the left, which is the other
+        one than last time. None when they have judged nothing that is not yet repeated for them."""
+        with self.session() as s:
+            who = s.scalar(select(Annotator.id).where(Annotator.name == annotator))
+            if who is None:
+                raise StoreError(f"no annotator named {annotator!r}")
+            # Originals already repeated for them: a repeat they voted on or skipped.
+            repeats = select(Task.repeat_of).where(Task.how == "repeat", or_(
+                exists().where(Vote.task_id == Task.id, Vote.annotator_id == who),
+                exists().where(Skip.task_id == Task.id, Skip.annotator_id == who)))
+            query = (select(Task.id, Vote.left).join(Vote, Vote.task_id == Task.id)
+                     .where(Vote.annotator_id == who, Task.kind == "pair", Task.how != "repeat",
+                            Vote.choice.in_(("A", "B")), Task.id.not_in(repeats))
+                     .order_by(func.random()).limit(1))
+            if round is not None:
+                query = query.where(Task.round == round)
+            row = s.execute(query).first()
+            if row is None:
+                return None
+            original = s.get(Task, row.id)
+            # Reuse an open repeat of this task that this annotator has neither voted on nor skipped.
+            task = s.scalar(select(Task).where(
+                Task.repeat_of == original.id, Task.how == "repeat", Task.vote_count < Task.overlap,
+                ~exists().where(Skip.task_id == Task.id, Skip.annotator_id == who)).limit(1))
+            if task is None:
+                task = Task(prompt_id=original.prompt_id, round=original.round, how="repeat", kind="pair", overlap=1,
+                            repeat_of=original.id)
+                s.add(task)
+                s.flush()
+                s.add_all(TaskItem(task_id=task.id, position=i.position, response_id=i.response_id)
+                          for i in original.items)
+                s.flush()
+                s.refresh(task)
+            return _view(s, task), "B" if row.left == "A" else "A"
+
+    def set_model_verdict(self, vote_id: int, p_a: float, queue: bool) -> None:
+        """Record the reward model's P(A beats B) for a vote; `queue` puts it on the admins' review queue."""
+        if not 0.0 <= p_a <= 1.0:
+            raise StoreError("p_a must be a probability")
+        with self.session() as s:
+            values: dict = {"model_p_a": float(p_a)}
+            if queue:
+                values["review"] = "queued"
+            if s.execute(update(Vote).where(Vote.id == vote_id).values(**values)).rowcount != 1:
+                raise StoreError(f"no vote {vote_id}")
+
+    def review_queue(self, state: str = "queued") -> list[dict]:
+        """Votes in a review state ("queued" by default) with their task's prompt and responses, oldest first."""
+        if state not in REVIEWS:
+            raise StoreError(f"review state must be one of {', '.join(REVIEWS)}")
+        with self.session(write=False) as s:
+            rows = []
+            for vote, task, who in s.execute(select(Vote, Task, Annotator).join(Task, Task.id == Vote.task_id)
+                                             .join(Annotator, Annotator.id == Vote.annotator_id)
+                                             .where(Vote.review == state).order_by(Vote.id)):
+                rows.append({"vote_id": vote.id, "task_id": task.id, "annotator": who.name, "choice": vote.choice,
+                             "strength": vote.strength, "rationale": vote.rationale, "model_p_a": vote.model_p_a,
+                             "prompt": s.get(Prompt, task.prompt_id).messages,
+                             "responses": [i.response.text for i in task.items]})
+            return rows
+
+    def review(self, vote_id: int, decision: str) -> None:
+        """An admin's decision on a queued vote: "kept" (it stands) or "rejected" (left out of every export)."""
+        if decision not in ("kept", "rejected"):
+            raise StoreError("decision must be kept or rejected")
+        with self.session() as s:
+            if s.execute(update(Vote).where(Vote.id == vote_id, Vote.review.is_not(None))
+                         .values(review=decision)).rowcount != 1:
+                raise StoreError(f"vote {vote_id} is not on the review queue")
 
     def skip(self, annotator: str, task_id: int) -> None:
         """Never offer this task to this annotator again (skipping twice is harmless)."""
@@ -539,11 +679,12 @@ class Store:
         with self.session(write=False) as s:
             return set(s.scalars(select(Task.prompt_id).where(Task.round == round).distinct()))
 
-    def progress(self, annotator: str | None = None, round: int | None = None) -> dict:
+    def progress(self, annotator: str | None = None, round: int | None = None, kind: str = "pair") -> dict:
         """Counts for a progress bar: tasks, slots (sum of overlaps), votes, complete tasks; with an annotator also
-        `done` (their votes), `skipped`, and `open` (tasks that next_task could still give them)."""
+        `done` (their votes), `skipped`, and `open` (tasks that next_task could still give them). Swapped repeats
+        are not counted: they are extra work for the bias audit, not part of the round."""
         with self.session(write=False) as s:
-            tasks = select(Task).where(Task.kind == "pair")
+            tasks = select(Task).where(Task.kind == kind, Task.how != "repeat")
             if round is not None:
                 tasks = tasks.where(Task.round == round)
             sub = tasks.subquery()
@@ -569,9 +710,9 @@ class Store:
             rows: dict[tuple[str, int], dict] = {}
             votes = (select(Annotator.name, Task.round, func.count(), func.avg(Vote.seconds), func.max(Vote.created_at))
                      .join(Vote, Vote.annotator_id == Annotator.id).join(Task, Task.id == Vote.task_id)
-                     .where(Task.kind == "pair").group_by(Annotator.name, Task.round))
+                     .where(Task.kind.in_(("pair", "rank"))).group_by(Annotator.name, Task.round))
             skips = (select(Annotator.name, Task.round, func.count()).join(Skip, Skip.annotator_id == Annotator.id)
-                     .join(Task, Task.id == Skip.task_id).where(Task.kind == "pair").group_by(Annotator.name, Task.round))
+                     .join(Task, Task.id == Skip.task_id).where(Task.kind.in_(("pair", "rank"))).group_by(Annotator.name, Task.round))
             if round is not None:
                 votes, skips = votes.where(Task.round == round), skips.where(Task.round == round)
             for name, rd, n, mean_s, last in s.execute(votes):
@@ -596,6 +737,8 @@ class Store:
                              "choice": vote.choice, "strength": vote.strength, "margin": vote.margin, "left": vote.left,
                              "rationale": vote.rationale, "guideline_version": vote.guideline_version,
                              "seconds": vote.seconds, "created_at": vote.created_at.isoformat(),
+                             "ranking": vote.ranking, "shown": vote.shown, "model_p_a": vote.model_p_a,
+                             "review": vote.review,
                              "response_ids": [i.response_id for i in task.items],
                              "responses": [i.response.text for i in task.items]})
             return rows
@@ -673,7 +816,8 @@ def _response_row(r: Response) -> dict:
 def _vote_row(v: Vote, a: Annotator) -> dict:
     return {"annotator": a.name, "role": a.role, "simulated": a.simulated, "choice": v.choice, "strength": v.strength,
             "margin": v.margin, "rationale": v.rationale, "left": v.left, "guideline_version": v.guideline_version,
-            "seconds": v.seconds, "created_at": _iso(v.created_at)}
+            "seconds": v.seconds, "created_at": _iso(v.created_at), "ranking": v.ranking, "shown": v.shown,
+            "model_p_a": v.model_p_a, "review": v.review}
 
 
 def _as_messages(prompt) -> list[dict]:
@@ -821,13 +965,18 @@ def import_tasks(store: Store, rows: list[dict], source: str = "", where: list[s
                         who = annotator(v["annotator"], role=v.get("role", "annotator"), active=False,
                                         simulated=bool(v.get("simulated", False)))
                         strength = v.get("strength", 2)
-                        if v.get("choice") not in CHOICES or strength not in (1, 2, 3):
-                            raise ValueError(f"bad vote: choice must be one of {', '.join(CHOICES)}, strength 1-3")
+                        if v.get("choice") not in CHOICES + RANK_CHOICES or strength not in (1, 2, 3):
+                            raise ValueError(f"bad vote: choice must be one of {', '.join(CHOICES + RANK_CHOICES)}, "
+                                             "strength 1-3")
+                        if v.get("review") not in (None, *REVIEWS):
+                            raise ValueError(f"bad vote: review must be one of {', '.join(REVIEWS)}")
                         margin = v.get("margin")
                         s.add(Vote(task_id=task.id, annotator_id=who.id, choice=v["choice"], strength=strength,
                                    margin=None if margin is None else float(margin), rationale=v.get("rationale") or "",
                                    left=v.get("left", "A"), guideline_version=v.get("guideline_version") or "",
-                                   seconds=v.get("seconds"), created_at=_when(v.get("created_at"))))
+                                   seconds=v.get("seconds"), created_at=_when(v.get("created_at")),
+                                   ranking=v.get("ranking"), shown=v.get("shown"), model_p_a=v.get("model_p_a"),
+                                   review=v.get("review")))
                         counts["votes"] += 1
                     for name in row.get("skips") or []:
                         s.add(Skip(task_id=task.id, annotator_id=annotator(name, active=False).id))

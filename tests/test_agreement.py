@@ -39,3 +39,16 @@ def test_krippendorff_alpha_by_hand():
     # D_o = (1 + 1) / 4 = 0.5; D_e = (3 * 1 + 1 * 3) / (4 * 3) = 0.5; alpha = 1 - D_o / D_e = 0.
     assert krippendorff_alpha([["A", "A"], ["A", "B"]]) == pytest.approx(0.0)
     assert krippendorff_alpha([["A", "A"], ["B", "B"]]) == pytest.approx(1.0)
+
+
+def test_kendall_tau_b_by_hand():
+    from rlhf.agreement import kendall_tau
+
+    assert kendall_tau([1, 2, 3, 4], [1, 2, 3, 4]) == pytest.approx(1.0)
+    assert kendall_tau([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # One swapped neighbour: 6 pairs, 5 concordant, 1 discordant -> (5 - 1) / 6.
+    assert kendall_tau([1, 2, 3, 4], [2, 1, 3, 4]) == pytest.approx(4 / 6)
+    # A tie in the first ranking: 5 concordant, the tied pair neither; tau-b = 5 / sqrt((6 - 1) * (6 - 0)).
+    assert kendall_tau([1, 1, 2, 3], [1, 2, 3, 4]) == pytest.approx(5 / 30 ** 0.5)
+    with pytest.raises(ValueError):
+        kendall_tau([1, 1, 1], [1, 2, 3])

@@ -157,3 +157,47 @@ def test_cli_data_and_annotators(tmp_path, capsys, db):
     assert Store(db).authenticate("alice", credential).role == "admin"
     assert main(["data", "import", "--db", db, "--file", str(tmp_path / "missing.jsonl")]) == 2
     assert "file not found" in capsys.readouterr().err
+
+
+def test_a_ranking_of_four_exports_six_pairs_in_one_group(tmp_path, db):
+    from rlhf.data import ranking_agreement
+
+    store = Store(db)
+    store.add_annotator("r1")
+    store.add_annotator("r2")
+    [pid] = store.add_prompts(["Rank four reviews."])
+    ids = store.add_responses(pid, ["best", "worst", "second", "third"], model="m")
+    task_id = store.add_task(ids, kind="rank", overlap=2)
+    store.submit_ranking("r1", task_id, [[0], [2], [3], [1]], shown=[1, 3, 0, 2])
+    run_export(ExportConfig(db=db, out=str(tmp_path / "e"), test_size=0.0))
+    rows = [json.loads(line) for line in (tmp_path / "e" / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and len({r["group"] for r in rows}) == 1
+    margins = {(r["chosen"][0]["content"], r["rejected"][0]["content"]): r["margin"] for r in rows}
+    # Four ranks: neighbours are 1/3 apart, first vs last 1.
+    assert margins == pytest.approx({("best", "second"): 1 / 3, ("best", "third"): 2 / 3, ("best", "worst"): 1.0,
+                                     ("second", "third"): 1 / 3, ("second", "worst"): 2 / 3, ("third", "worst"): 1 / 3})
+    # A second annotator ties two and reverses one neighbour pair: the tie goes to the ties split.
+    store.submit_ranking("r2", task_id, [[0, 2], [1], [3]], shown=[0, 1, 2, 3])
+    counts = run_export(ExportConfig(db=db, out=str(tmp_path / "e2"), test_size=0.0))
+    assert counts == {"train": 6 + 5, "test": 0, "ties": 1}
+    figures = ranking_agreement(store.tasks(kind="rank"))
+    # r1 ranks (positions 0-3) = (0, 3, 1, 2), r2 = (0, 1, 0, 2). Of the 6 pairs, (0,1) (0,3) (1,2) (2,3) agree,
+    # (1,3) disagrees, (0,2) is tied by r2: tau-b = (4 - 1) / sqrt((6 - 0) (6 - 1)).
+    assert figures["rankings"] == 2 and figures["kendall_tau"] == pytest.approx(3 / 30 ** 0.5)
+    assert figures["krippendorff_alpha_ordinal"] is not None
+
+
+def test_export_leaves_out_repeats_and_rejected_votes(tmp_path, db):
+    store = Store(db)
+    store.add_annotator("a")
+    tasks = []
+    for i in range(3):
+        [pid] = store.add_prompts([f"Prompt {i}."])
+        tasks.append(store.add_task(store.add_responses(pid, [f"x{i}", f"y{i}"], model="m")))
+    votes = [store.submit("a", t, "A", left="A") for t in tasks]
+    repeat, left = store.repeat_task("a")
+    store.submit("a", repeat.id, "A", left=left)
+    store.set_model_verdict(votes[0], 0.02, queue=True)
+    store.review(votes[0], "rejected")
+    counts = run_export(ExportConfig(db=db, out=str(tmp_path / "e"), test_size=0.0))
+    assert counts == {"train": 2, "test": 0, "ties": 0}

@@ -193,3 +193,108 @@ def test_fifty_annotators_forty_votes_each_concurrently(store_url):
     assert max(Counter((v["task_id"], v["annotator"]) for v in votes).values()) == 1
     assert max(Counter(v["task_id"] for v in votes).values()) <= 2
     assert Counter(v["annotator"] for v in votes) == {n: 40 for n in names}
+
+
+def _ranking_task(store: Store, k: int = 4, overlap: int = 2) -> int:
+    [pid] = store.add_prompts(["Rank these reviews."], source="test")
+    ids = store.add_responses(pid, [f"review {i}" for i in range(k)], model="m")
+    return store.add_task(ids, kind="rank", overlap=overlap)
+
+
+def test_rankings_are_stored_as_given_and_checked(store_url):
+    store = Store(store_url)
+    for name in ("r1", "r2", "r3"):
+        store.add_annotator(name)
+    task_id = _ranking_task(store, overlap=2)
+    assert store.next_task("r1", kind="rank").id == task_id
+    for bad in ([[0], [1], [2]], [[0, 1], [1, 2, 3]], [[0], [], [1, 2, 3]], [[0], [1], [2], [7]]):
+        with pytest.raises(StoreError, match="exactly once"):
+            store.submit_ranking("r1", task_id, bad, shown=[0, 1, 2, 3])
+    with pytest.raises(StoreError, match="shown"):
+        store.submit_ranking("r1", task_id, [[0], [1], [2], [3]], shown=[0, 1, 2])
+    store.submit_ranking("r1", task_id, [[2], [3, 0], [1]], shown=[3, 1, 0, 2], seconds=9.5)
+    store.submit_ranking("r2", task_id, None, shown=[0, 1, 2, 3])  # all of them bad
+    with pytest.raises(TaskFull):
+        store.submit_ranking("r3", task_id, [[0], [1], [2], [3]], shown=[0, 1, 2, 3])
+    first, second = store.tasks(kind="rank")[0]["votes"]
+    assert (first["choice"], first["ranking"], first["shown"]) == ("ranked", [[2], [0, 3], [1]], [3, 1, 0, 2])
+    assert (second["choice"], second["ranking"]) == ("both_bad", None)
+    assert store.progress(kind="rank") == {"tasks": 1, "slots": 2, "votes": 2, "complete_tasks": 1}
+    assert store.undo_last("r2") == task_id and len(store.tasks(kind="rank")[0]["votes"]) == 1
+
+
+def test_swapped_repeat_shows_the_other_side_and_stays_out_of_counts(store_url):
+    store = Store(store_url)
+    store.add_annotator("p")
+    store.add_annotator("q")
+    [t1, t2] = _pairs(store, 2)
+    assert store.repeat_task("p") is None  # nothing judged yet
+    store.submit("p", t1, "A", left="B")
+    store.submit("p", t2, "tie")  # a tie says nothing about sides: never repeated
+    view, left = store.repeat_task("p")
+    assert view.how == "repeat" and view.id not in (t1, t2) and left == "A"  # last time B was on the left
+    assert view.responses == store.task(t1).responses  # same positions; only the shown side changes
+    assert store.repeat_task("p")[0].id == view.id  # asked again before voting: the same repeat, not a new one
+    assert store.next_task("q") is None  # other annotators are never handed someone's repeat
+    store.submit("p", view.id, "A", left="A")
+    assert store.repeat_task("p") is None  # every A/B judgement repeated once
+    assert store.progress() == {"tasks": 2, "slots": 2, "votes": 2, "complete_tasks": 2}
+    [repeat] = [t for t in store.tasks() if t["how"] == "repeat"]
+    assert repeat["repeat_of"] == t1 and repeat["votes"][0]["left"] == "A"
+
+
+def test_model_verdict_and_the_review_queue(store_url):
+    store = Store(store_url)
+    store.add_annotator("h")
+    [t1, t2] = _pairs(store, 2)
+    v1 = store.submit("h", t1, "A", strength=3)
+    v2 = store.submit("h", t2, "A", strength=1)
+    store.set_model_verdict(v1, 0.05, queue=True)
+    store.set_model_verdict(v2, 0.9, queue=False)
+    [queued] = store.review_queue()
+    assert (queued["vote_id"], queued["model_p_a"], queued["responses"]) == (v1, 0.05, ["good 1", "bad 1"])
+    store.review(v1, "rejected")
+    assert store.review_queue() == [] and [r["vote_id"] for r in store.review_queue("rejected")] == [v1]
+    with pytest.raises(StoreError, match="not on the review queue"):
+        store.review(v2, "kept")
+    with pytest.raises(StoreError):
+        store.set_model_verdict(v2, 1.5, queue=False)
+    assert {v["vote_id"]: (v["model_p_a"], v["review"]) for v in store.votes()} == {v1: (0.05, "rejected"),
+                                                                                    v2: (0.9, None)}
+
+
+def test_a_version_2_store_is_upgraded_in_place(store_url):
+    """A store written by schema version 2 (the votes table as it was) opens with its votes intact and takes rankings."""
+    url = store_url
+    sqlite = url.startswith("sqlite")
+    datetime_type, id_type = ("DATETIME", "INTEGER") if sqlite else ("TIMESTAMP WITHOUT TIME ZONE", "SERIAL")
+    store = Store(url)
+    store.add_annotator("old")
+    [task_id] = _pairs(store, 1)
+    rank_id = _ranking_task(store, k=3, overlap=1)
+    store.close()
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE votes"))
+        conn.execute(text(f"""CREATE TABLE votes (id {id_type} NOT NULL, task_id INTEGER NOT NULL,
+            annotator_id INTEGER NOT NULL, choice VARCHAR(16) NOT NULL, strength INTEGER NOT NULL, rationale TEXT NOT NULL,
+            "left" VARCHAR(1) NOT NULL, guideline_version VARCHAR(64) NOT NULL, seconds FLOAT, created_at {datetime_type} NOT NULL,
+            margin FLOAT, PRIMARY KEY (id), CONSTRAINT uq_one_vote_per_annotator UNIQUE (task_id, annotator_id),
+            CONSTRAINT ck_vote_choice CHECK (choice in ('A', 'B', 'tie', 'both_bad')),
+            CONSTRAINT ck_vote_strength CHECK (strength between 1 and 3), CONSTRAINT ck_vote_left CHECK ("left" in ('A', 'B')),
+            FOREIGN KEY(task_id) REFERENCES tasks (id), FOREIGN KEY(annotator_id) REFERENCES annotators (id))"""))
+        conn.execute(text("CREATE INDEX ix_votes_task_id ON votes (task_id)"))
+        conn.execute(text("CREATE INDEX ix_votes_annotator_id ON votes (annotator_id)"))
+        conn.execute(text("INSERT INTO votes VALUES (7, :t, 1, 'B', 3, 'why', 'A', 'v1', 2.5, '2026-01-01 00:00:00', 0.5)"),
+                     {"t": task_id})
+        conn.execute(text("UPDATE tasks SET vote_count = 1 WHERE id = :t"), {"t": task_id})
+        conn.execute(text("UPDATE meta SET value = '2' WHERE key = 'schema_version'"))
+    engine.dispose()
+    upgraded = Store(url)
+    [vote] = upgraded.votes()
+    assert (vote["vote_id"], vote["choice"], vote["strength"], vote["margin"], vote["rationale"]) == (7, "B", 3, 0.5, "why")
+    assert vote["ranking"] is None and vote["review"] is None
+    upgraded.submit_ranking("old", rank_id, [[1], [0, 2]], shown=[2, 0, 1])
+    with pytest.raises(StoreError):
+        upgraded.submit("old", task_id, "ranked")  # the check still guards pair choices
+    assert Store(url).votes(kind="rank")[0]["ranking"] == [[1], [0, 2]]
