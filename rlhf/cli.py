@@ -26,7 +26,7 @@ STAGES = [
      "rlhf.generate", "GenerateConfig", "run"),
     ("label-sim", "Vote on open tasks as a simulated annotator (gold function + Bradley-Terry noise).",
      "rlhf.annotators", "LabelSimConfig", "label_sim"),
-    ("label", "Start the labeling app (Gradio) on the store: annotators sign in and compare pairs.",
+    ("label", "Start the labeling app (Gradio): annotators compare pairs or rank several; an arena; an admin page.",
      "labeling_ui.app", "LabelConfig", "launch"),
     ("reward", "Train a reward model on preference pairs (TRL's RewardTrainer); writes a model directory + metrics.json.",
      "rlhf.reward", "RewardConfig", "run"),

@@ -675,6 +675,14 @@ class Store:
 
     # ---------------------------------------------------------------- reading back
 
+    def random_prompt(self, split: str | None = None) -> list[dict] | None:
+        """One stored prompt (of `split`, if given) at random, as messages; None when there is none."""
+        with self.session(write=False) as s:
+            query = select(Prompt.messages).order_by(func.random()).limit(1)
+            if split:
+                query = query.where(Prompt.split == split)
+            return s.scalar(query)
+
     def prompts_with_tasks(self, round: int) -> set[int]:
         with self.session(write=False) as s:
             return set(s.scalars(select(Task.prompt_id).where(Task.round == round).distinct()))

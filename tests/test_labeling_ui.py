@@ -7,7 +7,10 @@ import socket
 
 import pytest
 
-from labeling_ui.app import LabelConfig, admin_export, admin_overview, build_app, next_for, render_text, undo, vote
+from labeling_ui.app import (Arena, LabelConfig, admin_add_annotator, admin_add_prompts, admin_export, admin_overview,
+                             admin_queue, admin_review, arena_ask, arena_vote, build_app, describe_order, leaderboard,
+                             model_verdict, next_for, next_ranking, parse_contestants, parse_order, render_text,
+                             submit_ranking, undo, vote)
 from rlhf.store import Store
 
 XSS = "<script>window.__pwned = 1</script><img src=x onerror=\"window.__pwned = 2\"> **bold**"
@@ -35,7 +38,7 @@ def test_vote_maps_screen_sides_to_stored_choice(store):
     rng = random.Random(0)
     seen = 0
     while (task := next_for(store, "ann", None, rng))["task_id"] is not None:
-        message = vote(store, "ann", task, "left", "strong", " because ", "v1")
+        message, _ = vote(store, "ann", task, "left", "strong", " because ", "v1")
         assert message.startswith("Saved")
         seen += 1
     assert seen == 3
@@ -48,9 +51,9 @@ def test_vote_maps_screen_sides_to_stored_choice(store):
 def test_vote_needs_a_choice_and_undo_returns_the_task(store):
     store.add_annotator("ann")
     task = next_for(store, "ann", None, random.Random(1))
-    assert vote(store, "ann", task, "", "clear", "", "v1").startswith("Choose")
-    assert vote(store, "ann", task, "tie", "clear", "", "v1").startswith("Saved")
-    assert vote(store, "ann", task, "tie", "clear", "", "v1") == "You had already voted on that one."
+    assert vote(store, "ann", task, "", "clear", "", "v1")[0].startswith("Choose")
+    assert vote(store, "ann", task, "tie", "clear", "", "v1")[0].startswith("Saved")
+    assert vote(store, "ann", task, "tie", "clear", "", "v1") == ("You had already voted on that one.", None)
     assert undo(store, "ann", 300).startswith("Your last vote was undone")
     assert store.votes() == []
 
@@ -62,8 +65,128 @@ def test_admin_handlers_refuse_annotators(store, tmp_path):
         admin_overview(store, "ann")
     with pytest.raises(PermissionError):
         admin_export(store, "ann", str(tmp_path / "out"))
+    for handler, args in ((admin_queue, ()), (admin_review, (1, "kept")), (admin_add_prompts, ("x", "train")),
+                          (admin_add_annotator, ("mallory", True))):
+        with pytest.raises(PermissionError):
+            handler(store, "ann", *args)
+    assert store.annotator("boss").role == "admin" and "mallory" not in [a.name for a in store.list_annotators()]
     assert "tasks complete" in admin_overview(store, "boss")
     assert admin_export(store, "boss", str(tmp_path / "out")).startswith("Exported")
+    assert admin_add_prompts(store, "boss", "First new prompt\n\n  Second new prompt  \n", "test").startswith("Stored 2")
+    assert store.random_prompt(split="test")[0]["content"] in ("First new prompt", "Second new prompt")
+    message = admin_add_annotator(store, "boss", "carol", False)
+    credential = message.rsplit("`", 2)[1]
+    assert store.authenticate("carol", credential).role == "annotator"
+    assert admin_add_annotator(store, "boss", "carol", False) == "an annotator named &#x27;carol&#x27; exists already"
+
+
+def test_swapped_repeats_come_back_with_the_other_side_left(store):
+    store.add_annotator("ann")
+    rng = random.Random(3)
+    first = next_for(store, "ann", None, rng)
+    vote(store, "ann", first, "left", "clear", "", "v1")
+    repeat = next_for(store, "ann", None, rng, repeat_share=1.0)  # always a repeat while one is possible
+    assert repeat["task_id"] != first["task_id"] and repeat["left_is_a"] != first["left_is_a"]
+    assert {repeat["left"], repeat["right"]} == {first["left"], first["right"]} and repeat["left"] == first["right"]
+    vote(store, "ann", repeat, "right", "clear", "", "v1")  # the same response as before: consistent
+    from rlhf.data import quality_stats
+
+    stats = quality_stats(store.tasks())
+    assert stats["annotators"]["ann"]["repeat_consistency"] == 1.0
+    assert next_for(store, "ann", None, rng, repeat_share=1.0)["task_id"] not in (first["task_id"], repeat["task_id"])
+
+
+class FixedScores:
+    """A reward model with known scores per response text (the queue rule is what is tested here)."""
+
+    def __init__(self, scores: dict):
+        self.scores = scores
+
+    def score(self, prompts, responses):
+        import torch
+
+        return torch.tensor([self.scores[r] for r in responses])
+
+
+def test_reward_model_verdict_comes_after_the_vote_and_queues_strong_disagreement(store, tiny_reward_dir):
+    import math
+
+    from rlhf.reward import RewardModel
+
+    store.add_annotator("ann")
+    rng = random.Random(5)
+    task = next_for(store, "ann", None, rng)
+    assert "reward" not in str(task).lower()  # nothing about the model before the vote
+    a, b = task["a"], task["b"]
+    # Left chosen strongly while the model gives the left response e^-3 / (1 + e^-3) = 4.7 %: queued.
+    left, right = (a, b) if task["left_is_a"] else (b, a)
+    _, vote_id = vote(store, "ann", task, "left", "strong", "", "v1")
+    message = model_verdict(store, FixedScores({left: 0.0, right: 3.0}), task, vote_id, "left", "strong", 0.2)
+    assert message.startswith("The reward model gives the left response 5 %") and "queued for review" in message
+    [queued] = store.review_queue()
+    p_a = 1 / (1 + math.exp(3.0)) if task["left_is_a"] else 1 - 1 / (1 + math.exp(3.0))
+    assert queued["vote_id"] == vote_id and queued["model_p_a"] == pytest.approx(p_a)
+    # The same disagreement voiced only "clear" is shown but not queued; the real tiny reward model's verdict is the
+    # sigmoid of its score difference.
+    second = next_for(store, "ann", None, rng)
+    _, vote_2 = vote(store, "ann", second, "right", "clear", "", "v1")
+    scorer = RewardModel.load(tiny_reward_dir, precision="fp32")
+    message = model_verdict(store, scorer, second, vote_2, "right", "clear", 0.2)
+    r_a, r_b = scorer.score([second["messages"]] * 2, [second["a"], second["b"]]).tolist()
+    p_left = 1 / (1 + math.exp(r_b - r_a)) if second["left_is_a"] else 1 / (1 + math.exp(r_a - r_b))
+    assert f"{100 * p_left:.0f} %" in message and "queued" not in message
+    assert len(store.review_queue()) == 1
+
+
+def test_parse_order_reads_numbers_ties_and_says_what_is_wrong():
+    assert parse_order("3 1 4 2", 4) == [[3], [1], [4], [2]]
+    assert parse_order("3=1 > 4, 2", 4) == [[3, 1], [4], [2]]
+    assert parse_order("3 =1 4 2", 4) == [[3, 1], [4], [2]]
+    for text, message in (("3 1 4", "still to place: 2"), ("3 1 4 2 2", "only once"), ("5 1 2 3", "not 5"),
+                          ("= 1 2 3 4", "start with a number"), ("1 2 3 four", "unexpected")):
+        with pytest.raises(ValueError, match=message):
+            parse_order(text, 4)
+    assert describe_order("3=1 4 2", 4).startswith("Your order: #3 = #1 > #4 > #2")
+
+
+def test_a_ranking_maps_shown_numbers_back_to_task_positions(store):
+    store.add_annotator("ranker")
+    [pid] = store.add_prompts(["Rank four."])
+    ids = store.add_responses(pid, ["r0", "r1", "r2", "r3"], model="m")
+    task_id = store.add_task(ids, kind="rank", overlap=1)
+    task = next_ranking(store, "ranker", None, random.Random(2))
+    assert task["task_id"] == task_id and sorted(task["shown"]) == [0, 1, 2, 3]
+    assert [c for c in task["cards"]] == [f"r{p}" for p in task["shown"]]
+    assert submit_ranking(store, "ranker", task, "1 2", False, "", "v1")[0].startswith("Not yet: still to place")
+    message, _ = submit_ranking(store, "ranker", task, "2 = 4 1 3", False, "ok", "v1")
+    assert message == "Saved your ranking."
+    [v] = store.tasks(kind="rank")[0]["votes"]
+    s = task["shown"]
+    assert v["ranking"] == [sorted([s[1], s[3]]), [s[0]], [s[2]]] and v["shown"] == s and v["rationale"] == "ok"
+    assert next_ranking(store, "ranker", None, random.Random(2))["task_id"] is None
+
+
+def test_arena_two_anonymous_models_then_the_reveal_and_leaderboard(store, tiny_model_dir):
+    contestants = parse_contestants([f"base={tiny_model_dir}", f"prompted={tiny_model_dir}|Be very positive."])
+    assert contestants[1]["name"] == f"{tiny_model_dir} | system: Be very positive."
+    with pytest.raises(ValueError):
+        parse_contestants(["no-equals-sign"])
+    arena = Arena(contestants, precision="fp32", max_new_tokens=8)
+    store.add_annotator("fan")
+    rng = random.Random(0)
+    for i in range(3):
+        current = arena_ask(store, arena, f"Tell me about film {i}.", rng)
+        assert current["task_id"] is not None and sorted(current["labels"]) == ["base", "prompted"]
+        reveal = arena_vote(store, "fan", current, "A" if i < 2 else "tie")
+        assert f"**A** was **{current['labels'][0]}**" in reveal
+        assert arena_vote(store, "fan", current, "B").startswith("This one has its vote")
+    assert arena_ask(store, arena, "   ", rng)["task_id"] is None
+    tasks = store.tasks(kind="arena")
+    assert len(tasks) == 3 and all(len(t["votes"]) == 1 for t in tasks)
+    assert {r["model"] for t in tasks for r in t["responses"]} == {c["name"] for c in contestants}
+    board = leaderboard(store, arena)
+    assert "| base |" in board and "| prompted |" in board and "3 votes" in board
+    assert all(t["how"] != "arena" for t in store.tasks())  # arena votes never become training pairs
 
 
 def _free_port() -> int:
@@ -73,16 +196,21 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def running_app(store):
+def running_app(store, tiny_model_dir, tiny_reward_dir):
+    """The app on localhost with a reward model (the tiny one) and an arena of the tiny model vs a prompt baseline."""
     from labeling_ui.app import CSS, KEYS_JS
+    from rlhf.reward import RewardModel
 
     credentials = {"ann": store.add_annotator("ann"), "boss": store.add_annotator("boss", role="admin")}
     port = _free_port()
-    app = build_app(LabelConfig(db=store.url, port=port), store)
+    arena = Arena(parse_contestants([f"base={tiny_model_dir}", f"prompted={tiny_model_dir}|Be positive."]),
+                  precision="fp32", max_new_tokens=6)
+    app = build_app(LabelConfig(db=store.url, port=port), store,
+                    scorer=RewardModel.load(tiny_reward_dir, precision="fp32"), arena=arena)
     app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, css=CSS, head=KEYS_JS,
                footer_links=[],
                auth=lambda u, p: store.authenticate(u, p) is not None)
-    yield f"http://127.0.0.1:{port}", credentials
+    yield f"http://127.0.0.1:{port}", credentials, app
     app.close()
 
 
@@ -96,7 +224,7 @@ def _sign_in(page, url, user, credential):
 
 @pytest.mark.browser
 def test_annotator_votes_with_mouse_and_keyboard_in_chromium(running_app, browser, artifacts_dir, store):
-    url, credentials = running_app
+    url, credentials, _ = running_app
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     _sign_in(page, url, "ann", credentials["ann"])
     page.wait_for_function("document.querySelector('#left') && document.querySelector('#left').innerText.includes('film')")
@@ -108,6 +236,8 @@ def test_annotator_votes_with_mouse_and_keyboard_in_chromium(running_app, browse
     page.get_by_label("Left is better").check()
     page.click("#submit-btn")
     page.wait_for_function("document.querySelector('#status').innerText.includes('1 done')")
+    # The reward model's verdict shows only now, after the vote.
+    assert "The reward model gives the left response" in page.inner_text("#verdict")
     # Keyboard: 2 = right, Enter = submit.
     page.click("#prompt")
     page.keyboard.press("2")
@@ -126,12 +256,118 @@ def test_annotator_votes_with_mouse_and_keyboard_in_chromium(running_app, browse
 
 
 @pytest.mark.browser
-def test_admin_sees_progress_and_exports(running_app, browser, artifacts_dir):
-    url, credentials = running_app
+def test_admin_sees_progress_adds_an_annotator_and_exports(running_app, browser, artifacts_dir, store, tmp_path):
+    url, credentials, _ = running_app
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     _sign_in(page, url, "boss", credentials["boss"])
     page.get_by_role("tab", name="Admin").click()
     page.click("#refresh-btn")
     page.wait_for_selector("text=tasks complete")
-    page.screenshot(path=str(artifacts_dir / "labeling_admin.png"), full_page=False)
+    page.get_by_text("Add an annotator").click()
+    page.fill("#new-name input, #new-name textarea", "dora")
+    page.click("#add-annotator-btn")
+    page.wait_for_selector("#add-annotator-msg code")
+    credential = page.inner_text("#add-annotator-msg code")
+    assert store.authenticate("dora", credential).role == "annotator"
+    page.fill("label:has-text('Export directory') textarea, label:has-text('Export directory') input",
+              str(tmp_path / "exported"))
+    page.click("#export-btn")
+    page.wait_for_selector("#export-msg :text('Exported')")
+    assert (tmp_path / "exported" / "train.jsonl").exists()
+    page.screenshot(path=str(artifacts_dir / "labeling_admin.png"), full_page=True)
     page.close()
+
+
+@pytest.mark.browser
+def test_ranking_four_responses_with_the_keyboard(running_app, browser, artifacts_dir, store):
+    url, credentials, _ = running_app
+    [pid] = store.add_prompts(["Rank these four film reviews."])
+    ids = store.add_responses(pid, ["Review zero.", "Review one <b>bold?</b>", "Review two.", "Review three."],
+                              model="m")
+    task_id = store.add_task(ids, kind="rank", overlap=1)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    _sign_in(page, url, "ann", credentials["ann"])
+    page.get_by_role("tab", name="Rank several").click()
+    page.wait_for_selector("#card-4", state="visible")
+    shown = [page.inner_text(f"#card-{i}") for i in range(1, 5)]
+    page.click("#rank-prompt")
+    for key in "3142":
+        page.keyboard.press(key)
+    page.wait_for_function("document.querySelector('#rank-preview').innerText.includes('#3 > #1 > #4 > #2')")
+    page.screenshot(path=str(artifacts_dir / "labeling_rank.png"), full_page=False)
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.querySelector('#rank-status').innerText.includes('1 ranked by you')")
+    [v] = store.tasks(kind="rank")[0]["votes"]
+    position = {f"Review {w}": p for p, w in enumerate(["zero", "one", "two", "three"])}
+
+    def position_of(card_text: str) -> int:
+        return next(p for text, p in position.items() if text in card_text)
+
+    assert v["ranking"] == [[position_of(shown[n - 1])] for n in (3, 1, 4, 2)]
+    assert v["shown"] == [position_of(t) for t in shown] and store.tasks(kind="rank")[0]["task_id"] == task_id
+    page.keyboard.press("u")  # undo works as for pairs
+    page.wait_for_function("document.querySelector('#rank-status').innerText.includes('0 ranked by you')")
+    assert store.tasks(kind="rank")[0]["votes"] == []
+    page.close()
+
+
+@pytest.mark.browser
+def test_arena_vote_reveals_the_models_and_updates_the_leaderboard(running_app, browser, artifacts_dir, store):
+    url, credentials, _ = running_app
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    _sign_in(page, url, "ann", credentials["ann"])
+    page.get_by_role("tab", name="Arena").click()
+    page.fill("#arena-prompt textarea", "Write one line about a <script>window.__pwned = 3</script> film.")
+    page.click("#arena-ask-btn")
+    page.wait_for_selector("#arena-a-btn", state="visible", timeout=60_000)
+    page.click("#arena-prompt")
+    page.keyboard.press("Escape")
+    page.click("#arena-msg")
+    page.keyboard.press("1")  # A is better
+    page.wait_for_function("document.querySelector('#arena-msg').innerText.includes('was')")
+    page.wait_for_function("document.querySelector('#leaderboard').innerText.includes('prompted')")
+    assert page.evaluate("window.__pwned === undefined")
+    page.screenshot(path=str(artifacts_dir / "labeling_arena.png"), full_page=True)
+    [task] = store.tasks(kind="arena")
+    assert [v["choice"] for v in task["votes"]] == ["A"] and task["votes"][0]["annotator"] == "ann"
+    page.close()
+
+
+def _call_event(url: str, user: str, credential: str, fn_index: int, data: list):
+    """Call one of the page's events the way a script would, over HTTP (login, queue/join, read the stream)."""
+    import json
+    import uuid
+
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=30) as client:
+        client.post("/login", data={"username": user, "password": credential})  # a refused login sets no cookie
+        session = uuid.uuid4().hex
+        joined = client.post("/gradio_api/queue/join", json={"data": data, "fn_index": fn_index, "session_hash": session,
+                                                             "event_data": None, "trigger_id": None})
+        if joined.status_code != 200:
+            return {"refused": joined.status_code}
+        with client.stream("GET", "/gradio_api/queue/data", params={"session_hash": session}) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data:"):
+                    message = json.loads(line[5:])
+                    if message.get("msg") == "process_completed":
+                        return message["output"]
+    return None
+
+
+def test_a_non_admin_cannot_reach_admin_functions_over_http(running_app, store, tmp_path):
+    url, credentials, app = running_app
+    by_name = {fn.name: index for index, fn in app.fns.items()}
+    target = tmp_path / "stolen"
+    # The page's private events answer an HTTP caller (the browser is one), so the server-side role check is what
+    # protects them: it answers a signed-in annotator "Admins only." and does nothing.
+    assert _call_event(url, "ann", credentials["ann"], by_name["on_export"], [str(target)])["data"] == ["Admins only."]
+    assert not target.exists()
+    output = _call_event(url, "ann", credentials["ann"], by_name["on_add_annotator"], ["eve", True])
+    assert output["data"] == ["Admins only."] and "eve" not in [a.name for a in store.list_annotators()]
+    output = _call_event(url, "nobody", "wrong", by_name["on_export"], [str(target)])
+    assert output == {"refused": 401} and not target.exists()  # without a sign-in nothing runs at all
+    # The same call by the admin works (so the refusal above is the role check, not a broken call).
+    output = _call_event(url, "boss", credentials["boss"], by_name["on_export"], [str(target)])
+    assert output["data"][0].startswith("Exported") and target.exists()

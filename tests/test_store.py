@@ -2,43 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import threading
-import uuid
 from collections import Counter
 
 import pytest
 from sqlalchemy import create_engine, text
 
 from rlhf.store import AlreadyVoted, Store, StoreError, TaskFull
-
-
-def _postgres_url() -> str:
-    url = os.environ.get("RLHF_TEST_POSTGRES_URL")
-    if not url:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI must provide RLHF_TEST_POSTGRES_URL (.ci/run starts PostgreSQL)")
-        pytest.skip("RLHF_TEST_POSTGRES_URL is not set")
-    return url
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def store_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'store.db'}"
-        return
-    base = _postgres_url()
-    # A fresh database per test, dropped afterwards.
-    name = f"rlhf_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = base.rsplit("/", 1)[0] + "/" + name
-    yield url
-    with admin.connect() as conn:
-        conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"))
-        conn.execute(text(f'DROP DATABASE "{name}"'))
-    admin.dispose()
 
 
 def _pairs(store: Store, n: int, overlap: int = 1, round: int = 0) -> list[int]:
