@@ -27,6 +27,7 @@ from pathlib import Path
 import gradio as gr
 
 from rlhf.config import UserError, field
+from rlhf.evaluate import arena_name
 from rlhf.store import AlreadyVoted, Store, StoreError, TaskFull
 
 MAX_SHOWN_CHARS = 20_000
@@ -93,8 +94,7 @@ def parse_contestants(entries: list[str]) -> list[dict]:
         label, spec, system = label.strip(), spec.strip(), system.strip()
         if not sep or not label or not spec:
             raise ValueError(f"arena entry {entry!r}: write LABEL=MODEL or LABEL=MODEL|SYSTEM PROMPT")
-        out.append({"label": label, "model": spec, "system": system,
-                    "name": f"{spec} | system: {system}" if system else spec})
+        out.append({"label": label, "model": spec, "system": system, "name": arena_name(spec, system)})
     if len({c["label"] for c in out}) != len(out) or len({c["name"] for c in out}) != len(out):
         raise ValueError("arena labels and models must be distinct")
     return out

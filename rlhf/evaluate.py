@@ -130,17 +130,33 @@ def bradley_terry(outcomes: list[tuple[str, str, float]], prior: float = 0.5, it
     return {m: float(1000 + r - ratings.mean()) for m, r in zip(models, ratings)}
 
 
+def arena_name(spec: str, system: str = "") -> str:
+    """The model name the arena stores for a contestant: its spec, and its system prompt for a prompt baseline."""
+    return f"{spec} | system: {system}" if system else spec
+
+
 def arena_figures(tasks: list[dict], base: str, aligned: list[str], resamples: int = 1000,
-                  seed: int = 0) -> dict:
-    """Human win-rate of each aligned model over base (votes between those two only) and every voted model's
-    Bradley-Terry rating, with 95 % percentile-bootstrap intervals over votes."""
+                  seed: int = 0, baselines: list[str] = ()) -> dict:
+    """Human win-rate of each aligned model and prompt baseline over base, and of each aligned model over each
+    prompt baseline (`win_rate_human_vs`; votes between those two only), and every voted model's Bradley-Terry
+    rating, with 95 % percentile-bootstrap intervals over votes."""
     outcomes = arena_outcomes(tasks)
-    figures: dict = {"votes": len(outcomes), "win_rate_human": {}, "ratings": {}}
+    figures: dict = {"votes": len(outcomes), "win_rate_human": {}, "win_rate_human_vs": {}, "ratings": {}}
+
+    def win_rate(model: str, opponent: str) -> dict | None:
+        scores = [s if a == model else 1 - s for a, b, s in outcomes if {a, b} == {model, opponent}]
+        if not scores:
+            return None
+        mean, lo, hi = bootstrap_ci(scores, resamples, seed)
+        return {"mean": mean, "ci": [lo, hi], "votes": len(scores)}
+
+    for model in [*aligned, *baselines]:
+        if (figure := win_rate(model, base)) is not None:
+            figures["win_rate_human"][model] = figure
     for model in aligned:
-        scores = [s if a == model else 1 - s for a, b, s in outcomes if {a, b} == {model, base}]
-        if scores:
-            mean, lo, hi = bootstrap_ci(scores, resamples, seed)
-            figures["win_rate_human"][model] = {"mean": mean, "ci": [lo, hi], "votes": len(scores)}
+        for baseline in baselines:
+            if (figure := win_rate(model, baseline)) is not None:
+                figures["win_rate_human_vs"].setdefault(model, {})[baseline] = figure
     if outcomes:
         point = bradley_terry(outcomes)
         rng = np.random.default_rng(seed)
@@ -278,12 +294,24 @@ def run(config: EvaluateConfig) -> dict:
     if config.db:
         from rlhf.store import Store
 
+        # The app names a prompt baseline by the base's spec and its system prompt (arena_name), so votes against
+        # "the base told to be positive" are found here under the same name.
+        names = {r["label"]: arena_name(r["model"], r["system"] if r["label"].startswith("prompt") else "")
+                 for r in rows}
+        prompt_names = [names[r["label"]] for r in rows if r["label"].startswith("prompt")]
         human = arena_figures(Store(config.db, create=False).tasks(kind="arena"), config.base, config.aligned,
-                              config.bootstrap, config.seed)
+                              config.bootstrap, config.seed, baselines=prompt_names)
         for row in rows:
-            if row["model"] in human["win_rate_human"] and row["label"].startswith("aligned"):
-                figure = human["win_rate_human"][row["model"]]
+            name = names[row["label"]]
+            if name in human["win_rate_human"] and row["label"] != "base":
+                figure = human["win_rate_human"][name]
                 row["win_rate_human"], row["win_rate_human_ci"] = figure["mean"], figure["ci"]
+            # Against the best prompt baseline by the oracle, like the other "_vs_prompt" figures (the only one when
+            # nothing scores them).
+            target = best or (baselines[0] if len(baselines) == 1 else None)
+            versus = human["win_rate_human_vs"].get(name, {}).get(names[target["label"]] if target else "")
+            if versus is not None:
+                row["win_rate_human_vs_prompt"], row["win_rate_human_vs_prompt_ci"] = versus["mean"], versus["ci"]
     metrics = {"config": asdict(config), "n_prompts": len(prompts), "models": rows,
                "arena": human if config.db else None,
                "best_prompt_baseline": best["label"] if best else None,
@@ -345,7 +373,7 @@ def render_report(metrics: dict, prompts: list, samples: dict[str, list[str]], c
     """A self-contained HTML page: the metrics table, plots, and samples; every model output is escaped."""
     e = html.escape
     cols = ["label", "model", "system", "mean_gold", "mean_reward", "win_rate_gold", "win_rate_reward", "win_rate_human",
-            "win_rate_gold_vs_prompt", "win_rate_reward_vs_prompt", "kl_vs_base", "mean_tokens", "distinct_1",
+            "win_rate_gold_vs_prompt", "win_rate_reward_vs_prompt", "win_rate_human_vs_prompt", "kl_vs_base", "mean_tokens", "distinct_1",
             "distinct_2"]
     cols = [c for c in cols if any(m.get(c) not in (None, "") for m in metrics["models"])]
 

@@ -201,3 +201,29 @@ def test_evaluate_reads_arena_votes_into_the_report(tmp_path, tiny_model_dir):
     assert aligned["win_rate_human"] == pytest.approx(2 / 3) and metrics["arena"]["votes"] == 3
     page = (tmp_path / "eval" / "report.html").read_text()
     assert "<h2>Arena</h2>" in page and "3 human votes" in page
+
+
+def test_the_arena_pits_aligned_models_against_a_prompt_baseline(tmp_path, tiny_model_dir):
+    """Votes between the aligned model and the base steered by a system prompt (named as the app names it) give
+    the prompt baseline's human win-rate over base and the aligned model's over the prompt baseline."""
+    from rlhf.evaluate import arena_name
+
+    aligned_dir = str(tmp_path / "aligned-dir")
+    shutil.copytree(tiny_model_dir, aligned_dir)
+    system = "Write a positive review."
+    prompted = arena_name(tiny_model_dir, system)
+    store = Store(f"sqlite:///{tmp_path / 'arena.db'}")
+    [pid] = store.add_prompts(["Review Alien."])
+    votes = [(aligned_dir, prompted, "A"), (aligned_dir, prompted, "A"), (prompted, aligned_dir, "A"),
+             (aligned_dir, prompted, "tie"), (prompted, tiny_model_dir, "A")]
+    for i, (a, b, choice) in enumerate(votes):
+        ids = [store.add_responses(pid, [f"{m} answer {i}"], model=m)[0] for m in (a, b)]
+        store.submit(store.annotator(f"person-{i}", create_simulated=True).name, store.add_task(ids, kind="arena"),
+                     choice)
+    metrics = run(_config(tmp_path, tiny_model_dir, aligned_dir, db=store.url, limit=4, prompt_baselines=[system]))
+    by_label = {m["label"]: m for m in metrics["models"]}
+    assert by_label["prompt"]["win_rate_human"] == pytest.approx(1.0)  # its one vote against base
+    # Aligned vs prompt: won 2, lost 1, tied 1 of 4 -> (2 + 0.5) / 4.
+    assert by_label["aligned"]["win_rate_human_vs_prompt"] == pytest.approx(2.5 / 4)
+    assert "win_rate_human" not in by_label["aligned"]  # no votes against the plain base
+    assert "human vs prompt" in (tmp_path / "eval" / "report.html").read_text()
