@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
+from unittest.mock import patch
 
 from rlhf.config import UserError, field, resume_checkpoint
 from rlhf.models import DEFAULT_MODEL, save_model_dir
@@ -199,21 +201,27 @@ def build_trainer(config: DPOConfig):
         peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules="all-linear",
                                  task_type="CAUSAL_LM", lora_dropout=0.0)
 
+    # Under `accelerate launch`, TrainingArguments takes the launcher's mixed precision (ACCELERATE_MIXED_PRECISION,
+    # bf16 in configs/accelerate/ddp.yaml) whenever bf16 and fp16 are both off, so `precision: fp32` became bf16.
+    # The stage's precision decides, as in PPO; the variable is set only while the arguments are built.
+    mixed = "bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "no"
     # transformers 5 takes a warmup ratio as a float in [0, 1) through warmup_steps.
-    args = trl.DPOConfig(
-        output_dir=config.output_dir, per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.batch_size, gradient_accumulation_steps=config.gradient_accumulation_steps,
-        learning_rate=config.learning_rate, num_train_epochs=config.epochs, max_steps=config.max_steps,
-        warmup_steps=config.warmup_ratio, beta=config.beta, loss_type=[config.loss_type],
-        label_smoothing=config.label_smoothing, max_length=config.max_length,
-        precompute_ref_log_probs=config.precompute_ref_log_probs,
-        gradient_checkpointing=config.gradient_checkpointing, use_cpu=device.type == "cpu", **flags,
-        seed=config.seed, logging_steps=config.logging_steps,
-        save_strategy="steps" if config.save_steps else "no", save_steps=config.save_steps or 500,
-        save_total_limit=config.save_total_limit or None, report_to=config.report_to,
-        eval_strategy="steps" if config.eval_steps and has_test else "no", eval_steps=config.eval_steps or None,
-        dataloader_num_workers=0,
-    )
+    with patch.dict(os.environ, ACCELERATE_MIXED_PRECISION=mixed):
+        args = trl.DPOConfig(
+            output_dir=config.output_dir, per_device_train_batch_size=config.batch_size,
+            per_device_eval_batch_size=config.batch_size,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            learning_rate=config.learning_rate, num_train_epochs=config.epochs, max_steps=config.max_steps,
+            warmup_steps=config.warmup_ratio, beta=config.beta, loss_type=[config.loss_type],
+            label_smoothing=config.label_smoothing, max_length=config.max_length,
+            precompute_ref_log_probs=config.precompute_ref_log_probs,
+            gradient_checkpointing=config.gradient_checkpointing, use_cpu=device.type == "cpu", **flags,
+            seed=config.seed, logging_steps=config.logging_steps,
+            save_strategy="steps" if config.save_steps else "no", save_steps=config.save_steps or 500,
+            save_total_limit=config.save_total_limit or None, report_to=config.report_to,
+            eval_strategy="steps" if config.eval_steps and has_test else "no", eval_steps=config.eval_steps or None,
+            dataloader_num_workers=0,
+        )
     trainer_cls, collator = trl.DPOTrainer, None
     if use_margin:
         trainer_cls, collator_cls = _offset_trainer(trl, config.margin_scale)
@@ -233,7 +241,10 @@ def run(config: DPOConfig) -> dict:
     eval_metrics = trainer.evaluate() if has_test else {}
 
     out = Path(config.output_dir)
-    save_model_dir(trainer.model, tokenizer, out)
+    # Under `accelerate launch` only the main process writes (processes writing one file at once can corrupt it).
+    main = trainer.is_world_process_zero()
+    if main:
+        save_model_dir(trainer.model, tokenizer, out)
 
     logs = [h for h in trainer.state.log_history if "loss" in h and "train_loss" not in h]
     final = _picked(logs[-1]) if logs else {}
@@ -246,7 +257,11 @@ def run(config: DPOConfig) -> dict:
         "device": str(args.device), "mixed_precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
         "margin_offset": "margin" in data["train"].column_names, "output_dir": str(out), "config": asdict(config),
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
+    if main:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
+    trainer.accelerator.wait_for_everyone()  # no process goes on to load the model before it is written
+    if not main:
+        return metrics
 
     nan = float("nan")
     line = (f"DPO ({config.loss_type}, beta {config.beta}): {metrics['steps']} steps on {metrics['train_pairs']} pairs "

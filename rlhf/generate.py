@@ -5,7 +5,8 @@
 labeling tasks (rlhf.pairing): a random pair among one model's samples, one response from each of two models,
 or, given a reward model, the closest-scored pair with a `random_share` of prompts kept random. Each prompt's
 responses and task are written in one transaction as soon as its batch is done, so Ctrl+C keeps everything
-finished so far and leaves nothing half-written.
+finished so far and leaves nothing half-written. `backend: vllm` samples with vLLM where it is installed
+(rlhf.sample.load_for_sampling; transformers otherwise, with a warning).
 
     rlhf generate --model smollm2-135m-instruct --prompts sentiment --limit 32 --n 2 --max_new_tokens 48
 """
@@ -15,14 +16,16 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
+from typing import Literal
 
+import torch
 from tqdm.auto import tqdm
 
 from rlhf.config import field
 from rlhf.data import read_prompts
-from rlhf.models import DEFAULT_MODEL, load
+from rlhf.models import DEFAULT_MODEL
 from rlhf.pairing import across_pairs, active_or_random_pair, random_pairs
-from rlhf.sample import generate_batch, render_prompt
+from rlhf.sample import generate_batch, load_for_sampling, render_prompt
 from rlhf.store import Store
 
 
@@ -47,6 +50,8 @@ class GenerateConfig:
     top_p: float = field(0.95, "Nucleus sampling.")
     batch_size: int = field(16, "Sequences generated per batch.")
     seed: int = field(0, "Random seed (sampling and pairing).")
+    backend: Literal["hf", "vllm"] = field("hf", "hf (transformers) or vllm (`pip install vllm`, GPU; falls back "
+                                           "to hf with a warning where vllm is not installed).")
     # Tasks
     pairing: str = field("random", "random (within one model), across (one per model) or active (closest reward).")
     random_share: float = field(0.25, "With pairing=active: share of prompts that keep a random pair (unbiased eval).")
@@ -56,6 +61,8 @@ class GenerateConfig:
     skip_existing: bool = field(False, "Skip prompts that already have a task in this round (resume a generation).")
 
     def __post_init__(self):
+        if self.backend not in ("hf", "vllm"):
+            raise ValueError("backend must be hf or vllm")
         if self.pairing not in ("random", "across", "active"):
             raise ValueError("pairing must be random, across or active")
         if self.pairing == "across" and not self.second_model:
@@ -90,14 +97,20 @@ def run(config: GenerateConfig) -> dict:
         done = store.prompts_with_tasks(config.round)
         kept = [(p, i) for p, i in zip(prompts, prompt_ids) if i not in done]
         prompts, prompt_ids = [p for p, _ in kept], [i for _, i in kept]
-    policy = load(config.model, device=config.device, precision=config.precision)
-    second = load(config.second_model, device=config.device, precision=config.precision) if config.pairing == "across" else None
+    # Two vLLM engines (pairing=across) share the GPU; one leaves room for an active pairing's reward model.
+    memory = 0.4 if config.pairing == "across" else 0.8
+    policy = load_for_sampling(config.model, config.device, config.precision, config.backend, memory)
+    second = (load_for_sampling(config.second_model, config.device, config.precision, config.backend, memory)
+              if config.pairing == "across" else None)
     scorer = None
     if config.pairing == "active":
         from rlhf.reward import RewardModel
 
         scorer = RewardModel.load(config.reward_model, device=config.device, precision=config.precision)
     params = {k: getattr(config, k) for k in ("temperature", "top_p", "max_new_tokens", "seed", "system")}
+    # The backend that actually sampled (a vllm request without vllm installed samples with hf): same seed,
+    # different samples.
+    params["backend"] = "hf" if isinstance(policy.model, torch.nn.Module) else "vllm"
     rng = random.Random(config.seed)
     written = {"prompts": 0, "responses": 0, "tasks": 0}
     start = time.perf_counter()

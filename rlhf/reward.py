@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
 
@@ -345,19 +347,26 @@ def build_trainer(config: RewardConfig):
     has_test = len(data.get("test", [])) > 0
     if "test" not in data:
         data["test"] = data["train"].select([])
+    flags = precision_flags(device, config.precision)
+    # Under `accelerate launch`, TrainingArguments takes the launcher's mixed precision (ACCELERATE_MIXED_PRECISION,
+    # bf16 in configs/accelerate/ddp.yaml) whenever bf16 and fp16 are both off, so `precision: fp32` became bf16.
+    # The stage's precision decides, as in PPO; the variable is set only while the arguments are built.
+    mixed = "bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "no"
     # transformers 5 takes a warmup ratio as a float in [0, 1) through warmup_steps.
-    args = trl.RewardConfig(
-        output_dir=config.output_dir, per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.batch_size, gradient_accumulation_steps=config.gradient_accumulation_steps,
-        learning_rate=config.learning_rate, num_train_epochs=config.epochs, max_steps=config.max_steps,
-        warmup_steps=config.warmup_ratio, weight_decay=config.weight_decay, max_length=config.max_length,
-        center_rewards_coefficient=config.center_rewards_coefficient or None,
-        activation_checkpointing=config.gradient_checkpointing, use_cpu=device.type == "cpu",
-        **precision_flags(device, config.precision), seed=config.seed, logging_steps=config.logging_steps,
-        save_strategy="steps" if config.save_steps else "no", save_steps=config.save_steps or 500,
-        eval_strategy="steps" if config.eval_steps and has_test else "no", eval_steps=config.eval_steps or None,
-        report_to=config.report_to, dataloader_num_workers=0, include_num_input_tokens_seen="non_padding",
-    )
+    with patch.dict(os.environ, ACCELERATE_MIXED_PRECISION=mixed):
+        args = trl.RewardConfig(
+            output_dir=config.output_dir, per_device_train_batch_size=config.batch_size,
+            per_device_eval_batch_size=config.batch_size,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            learning_rate=config.learning_rate, num_train_epochs=config.epochs, max_steps=config.max_steps,
+            warmup_steps=config.warmup_ratio, weight_decay=config.weight_decay, max_length=config.max_length,
+            center_rewards_coefficient=config.center_rewards_coefficient or None,
+            activation_checkpointing=config.gradient_checkpointing, use_cpu=device.type == "cpu",
+            **flags, seed=config.seed, logging_steps=config.logging_steps,
+            save_strategy="steps" if config.save_steps else "no", save_steps=config.save_steps or 500,
+            eval_strategy="steps" if config.eval_steps and has_test else "no", eval_steps=config.eval_steps or None,
+            report_to=config.report_to, dataloader_num_workers=0, include_num_input_tokens_seen="non_padding",
+        )
     model.train()
     trainer = trl.RewardTrainer(model=model, args=args, train_dataset=data["train"],
                                 eval_dataset=data["test"] if has_test else None, processing_class=tokenizer,
@@ -395,7 +404,14 @@ def run(config: RewardConfig) -> dict:
     result = trainer.train(resume_from_checkpoint=resume_from)
 
     out = Path(config.output_dir)
-    trained = save_model_dir(trainer.model, tokenizer, out, padding_side="right").eval()
+    # Under `accelerate launch` every process holds the same trained model and computes the figures below; only
+    # the main one writes (processes writing one file at once can leave it corrupt).
+    main = trainer.is_world_process_zero()
+    if main:
+        trained = save_model_dir(trainer.model, tokenizer, out, padding_side="right").eval()
+    else:
+        merge = getattr(trainer.model, "merge_and_unload", None)
+        trained = (merge() if merge else trainer.model).eval()
 
     # Held-out figures through the scoring path itself, so they describe the model that PPO and the app will use.
     scorer = RewardModel(trained, tokenizer, str(out))
@@ -428,7 +444,11 @@ def run(config: RewardConfig) -> dict:
         "seconds": round(time.perf_counter() - start, 1), "config": asdict(config), "device": str(device),
         "dtype": str(next(trained.parameters()).dtype).replace("torch.", ""),
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
+    if main:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
+    trainer.accelerator.wait_for_everyone()  # no process goes on to load the model before it is written
+    if not main:
+        return metrics
     figures = (f"held-out accuracy {held_out['accuracy']:.3f}, margin {held_out['mean_margin']:.3f}, "
                f"ECE {held_out['ece']:.3f} on {len(test)} pairs" if len(test) else "no test pairs")
     loss = (f"loss {logs[0]['loss']:.3f} -> {logs[-1]['loss']:.3f}" if len(logs) > 1

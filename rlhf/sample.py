@@ -3,17 +3,24 @@
 Prompts go through the model's chat template (a user turn, after an optional system prompt) and are generated
 in one left-padded batch; `generate.py` uses the same `generate_batch` to fill the preference store.
 
+Two backends: `hf` (transformers' generate, everywhere) and `vllm` (`pip install vllm`, for users with GPUs:
+PagedAttention and continuous batching). vllm is imported only when asked for; where it is not installed the
+request falls back to `hf` with a one-time warning. The vLLM path is written against vLLM's documented offline API
+(LLM, SamplingParams, LLM.generate with token-id prompts) and has not been run here: no vLLM on these machines.
+
     rlhf sample --prompt "Write a short review of the film Alien." --max_new_tokens 48
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from rlhf.config import UserError, field
-from rlhf.models import DEFAULT_MODEL, load
+from rlhf.models import DEFAULT_MODEL, Loaded, load, load_tokenizer, pick_dtype, resolve
 
 
 @dataclass
@@ -31,8 +38,12 @@ class SampleConfig:
     temperature: float = field(0.7, "Sampling temperature; 0 means greedy decoding.")
     top_p: float = field(0.95, "Nucleus sampling: keep the smallest token set with this total probability.")
     seed: int = field(0, "Random seed, for reproducible samples.")
+    backend: Literal["hf", "vllm"] = field("hf", "hf (transformers) or vllm (`pip install vllm`, GPU; falls back "
+                                           "to hf with a warning where vllm is not installed).")
 
     def __post_init__(self):
+        if self.backend not in ("hf", "vllm"):
+            raise ValueError("backend must be hf or vllm")
         if not self.prompt or any(not p.strip() for p in self.prompt):
             raise ValueError("every prompt must be non-empty text")
         if self.n < 1 or self.max_new_tokens < 1:
@@ -58,6 +69,67 @@ def render_prompt(tokenizer, prompt: str | list[dict], system: str = "") -> str:
     return (system + "\n\n" if system else "") + prompt
 
 
+_warned_no_vllm = False
+
+
+def vllm_engine(spec: str, precision: str = "auto", memory: float = 0.8):
+    """A vLLM engine (`vllm.LLM`) on a model spec, or None where vllm is not installed (a warning, once per process;
+    the caller then samples with transformers). `memory`: the share of GPU memory vLLM may take for weights and KV
+    cache (its own default is 0.9; less leaves room for a reward model or a second engine beside it)."""
+    global _warned_no_vllm
+    try:
+        import vllm
+    except ImportError:
+        if not _warned_no_vllm:
+            _warned_no_vllm = True
+            warnings.warn("backend vllm: vllm is not installed (pip install vllm); sampling with transformers (hf)",
+                          stacklevel=2)
+        return None
+    # vLLM runs on the GPU; `auto` there is bf16 where supported. Weights load from the model directory as for hf.
+    dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(pick_dtype("cuda", precision), "float32")
+    path = resolve(spec)
+    return vllm.LLM(model=path, tokenizer=path, dtype=dtype, gpu_memory_utilization=memory)
+
+
+def load_for_sampling(spec: str, device: str = "auto", precision: str = "auto", backend: str = "hf",
+                      memory: float = 0.8) -> Loaded:
+    """What `generate_batch` samples from: a transformers model, or with backend vllm a vLLM engine in its place
+    (then the model is loaded only once, by vLLM; without vllm installed, the transformers model)."""
+    if backend == "vllm":
+        engine = vllm_engine(spec, precision, memory)
+        if engine is not None:
+            path = resolve(spec)
+            return Loaded(model=engine, tokenizer=load_tokenizer(path), path=path)
+    return load(spec, device=device, precision=precision)
+
+
+def _generate_vllm(engine, tokenizer, texts: list[str], max_new_tokens: int, temperature: float, top_p: float,
+                   generator_seed: int | None) -> list[dict]:
+    """generate_batch on a vLLM engine: the same prompts, the same result dicts. Not run here (no vLLM)."""
+    from vllm import SamplingParams
+
+    # Token ids, not text: vLLM would tokenize text with special tokens added (a second BOS before the chat
+    # template's own), which transformers' path leaves out.
+    prompts = [{"prompt_token_ids": tokenizer(t, add_special_tokens=False)["input_ids"]} for t in texts]
+    sampling = temperature > 0
+    # One seed per prompt: a prompt repeated n times (rlhf sample --n, generate's candidates) must get n samples,
+    # and one shared seed would give n copies of one.
+    params = [SamplingParams(n=1, temperature=temperature if sampling else 0.0, top_p=top_p if sampling else 1.0,
+                             max_tokens=max_new_tokens, stop_token_ids=[tokenizer.eos_token_id],
+                             seed=None if generator_seed is None else generator_seed + i)
+              for i in range(len(texts))]
+    results = []
+    for request in engine.generate(prompts, params, use_tqdm=False):
+        completion = request.outputs[0]
+        ids = list(completion.token_ids)
+        ended = completion.finish_reason == "stop"
+        if ended and ids[-1:] != [tokenizer.eos_token_id]:
+            ids.append(tokenizer.eos_token_id)  # through the EOS, as transformers' path counts it
+        text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        results.append({"text": text, "token_ids": ids, "new_tokens": len(ids), "ended_with_eos": ended})
+    return results
+
+
 @torch.no_grad()
 def generate_batch(
     model,
@@ -74,8 +146,11 @@ def generate_batch(
     Returns, per prompt, the decoded text, its token ids (through the EOS, if any), the number of new tokens, and
     whether it ended with EOS. Left padding
     keeps every prompt's last token next to its first generated one; `generate` derives position ids from the
-    attention mask, so padded rows see the same positions as unpadded ones.
+    attention mask, so padded rows see the same positions as unpadded ones. `model` may be a vLLM engine from
+    `load_for_sampling`, which batches by itself (seeded per prompt: the samples differ from transformers' own).
     """
+    if not isinstance(model, torch.nn.Module):
+        return _generate_vllm(model, tokenizer, texts, max_new_tokens, temperature, top_p, generator_seed)
     if generator_seed is not None:
         torch.manual_seed(generator_seed)
     tokenizer.padding_side = "left"
@@ -103,7 +178,7 @@ def generate_batch(
 
 
 def run(config: SampleConfig) -> list[dict]:
-    loaded = load(config.model, device=config.device, precision=config.precision)
+    loaded = load_for_sampling(config.model, config.device, config.precision, config.backend)
     prompts = [p for p in config.prompt for _ in range(config.n)]
     texts = [render_prompt(loaded.tokenizer, p, config.system) for p in prompts]
     results = generate_batch(

@@ -52,3 +52,50 @@ def test_cli_sample_from_a_fresh_process(tiny_model_dir, tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert "### Hello there" in out.stdout and "tokens" in out.stdout
+
+
+def test_vllm_backend_falls_back_to_hf_with_one_warning(tiny_model_dir, monkeypatch):
+    from rlhf import sample
+
+    # None in sys.modules makes `import vllm` fail, as where vllm is not installed (it is imported only when asked).
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    monkeypatch.setattr(sample, "_warned_no_vllm", False)
+    common = dict(model=tiny_model_dir, prompt=["a", "b"], n=2, max_new_tokens=6, device="cpu", temperature=0.9)
+    hf = run(load_config(SampleConfig, **common))
+    with pytest.warns(UserWarning, match="vllm is not installed") as caught:
+        first = run(load_config(SampleConfig, backend="vllm", **common))
+        second = run(load_config(SampleConfig, backend="vllm", **common))
+    assert len([w for w in caught if "vllm" in str(w.message)]) == 1  # warned once per process
+    assert first == second == hf
+
+
+def test_generate_batch_takes_a_vllm_engine(tiny_model_dir, monkeypatch):
+    """The vLLM path cannot run here (no vllm): a stand-in with vLLM's documented shapes checks our side of it —
+    token-id prompts, one seed per prompt, the EOS counted as transformers' path counts it."""
+    import types
+
+    from rlhf.sample import generate_batch
+
+    tok = load(tiny_model_dir, device="cpu").tokenizer
+    hello, eos = tok("Hello", add_special_tokens=False)["input_ids"], tok.eos_token_id
+    seen = {}
+
+    class SamplingParams:
+        def __init__(self, **kwargs):
+            self.__dict__.update(kwargs)
+
+    class Engine:  # vllm.LLM: generate(prompts, sampling_params, use_tqdm) -> [RequestOutput]
+        def generate(self, prompts, params, use_tqdm=True):
+            seen.update(prompts=prompts, params=params)
+            done = types.SimpleNamespace(token_ids=hello, finish_reason="stop")  # vLLM may leave the EOS out
+            cut = types.SimpleNamespace(token_ids=hello + hello, finish_reason="length")
+            return [types.SimpleNamespace(outputs=[done]), types.SimpleNamespace(outputs=[cut])]
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(SamplingParams=SamplingParams))
+    texts = [render_prompt(tok, "a"), render_prompt(tok, "a")]
+    out = generate_batch(Engine(), tok, texts, max_new_tokens=4, temperature=0.7, top_p=0.9, generator_seed=5)
+    assert seen["prompts"][0] == {"prompt_token_ids": tok(texts[0], add_special_tokens=False)["input_ids"]}
+    assert [p.seed for p in seen["params"]] == [5, 6]  # a repeated prompt still gets two different samples
+    assert (seen["params"][0].max_tokens, seen["params"][0].temperature, seen["params"][0].top_p) == (4, 0.7, 0.9)
+    assert out[0] == {"text": "Hello", "token_ids": hello + [eos], "new_tokens": len(hello) + 1, "ended_with_eos": True}
+    assert out[1]["ended_with_eos"] is False and out[1]["token_ids"] == hello + hello

@@ -1,0 +1,278 @@
+"""Two processes agree with one: the reward, DPO and PPO stages under `accelerate launch` with 2 CPU processes
+(gloo) train on the same global batch and give the result of a 1-process run; and the README's multi-GPU commands
+name real accelerate configs, stages and stage configs.
+
+The 2-process runs use configs/accelerate/ddp.yaml with `--num_processes 2`: on a machine without GPUs accelerate
+starts them through torch.distributed.run and, since the stages ask for the CPU, joins them with gloo
+(configs/accelerate/cpu.yaml goes through accelerate's single-process launcher, which starts one process whatever
+--num_processes says). Each process gets half the per-device batch of the 1-process run, so the global batch is the
+same. Every run is fp32: `precision: auto` is bf16 on CPUs with AVX512-BF16, and bf16 noise would swamp the
+comparisons. This file doubles as the PPO worker
+script (`accelerate launch tests/test_distributed.py ppo CONFIG_JSON RESULT_FILE`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+ACCELERATE = ROOT / "configs" / "accelerate"
+WORDS = "film plot actor scene story music camera script light night day city".split()
+TRAIN_PAIRS = 48  # 6 optimizer steps at a global batch of 8
+
+
+def _pairs(n: int, seed: int) -> list[dict]:
+    """Short reviews; the chosen one carries 'wonderful' where the rejected one has 'dull'."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randrange(3, 8))]
+        k = rng.randrange(len(words) + 1)
+        rows.append({"prompt": f"Review film {seed}-{i}", "chosen": " ".join(words[:k] + ["wonderful"] + words[k:]),
+                     "rejected": " ".join(words[:k] + ["dull"] + words[k:])})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def preference_dir(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("pairs")
+    for split, n, seed in (("train", TRAIN_PAIRS, 0), ("test", 16, 1)):
+        (path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _pairs(n, seed)))
+    return str(path)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(accelerate_config: str, *args: str, processes: int = 1) -> None:
+    """`accelerate launch --config_file configs/accelerate/<config> [--num_processes N] ARGS` from the repository
+    root, as the README runs it."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / accelerate_config)]
+    if processes > 1:
+        cmd += ["--num_processes", str(processes), "--main_process_port", str(_free_port())]
+    # One BLAS thread per process: two processes on two cores, and the 1-process run computes the same way.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd + list(args), cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def _launch_stage(stage: str, processes: int, options: dict) -> None:
+    accelerate_config = "ddp.yaml" if processes > 1 else "cpu.yaml"
+    flags = [a for k, v in options.items() for a in (f"--{k}", str(v))]
+    _launch(accelerate_config, "-m", "rlhf.cli", stage, "--config", f"configs/{stage}.yaml", *flags,
+            processes=processes)
+
+
+def _weights(path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+def _relative_gap(one: dict, two: dict, start: dict) -> float:
+    """|w_1 - w_2| / |w_1 - w_0| over all tensors: how far apart the two runs end, per unit of distance trained."""
+    gap = sum(float((one[k] - two[k]).double().norm() ** 2) for k in one) ** 0.5
+    # A fresh head (the reward model's score) has no starting value: its distance from zero counts.
+    moved = sum(float((one[k] - start[k] if k in start else one[k]).double().norm() ** 2) for k in one) ** 0.5
+    assert moved > 0
+    return gap / moved
+
+
+# Tolerances. fp32 runs that see the same global batches differ only in the order of floating-point sums (two
+# half-batch gradients averaged by all-reduce vs one batch; each process pads its half to its own length):
+# measured here, 1e-6 of the distance trained apart in weights and 1e-6 relative in losses. The bounds below sit
+# 1000x and 100x above that. A wrong global batch changes the number of optimizer steps (checked exactly) or the
+# data of a step, which puts the weights a whole learning-rate-sized step apart (of the order of 1e-1 of the
+# distance trained in 6 steps); the bf16 autocast that configs/accelerate/ddp.yaml used to force on the reward
+# stage (rlhf/reward.py now keeps the stage's precision) left its weights 8e-2 apart.
+WEIGHT_GAP = 1e-3
+METRIC_REL = 1e-4
+
+
+@pytest.mark.slow
+def test_reward_two_processes_agree_with_one(tmp_path, tiny_model_dir, preference_dir):
+    common = dict(model=tiny_model_dir, data=preference_dir, device="cpu", precision="fp32", epochs=1,
+                  learning_rate=3e-3, max_length=64, logging_steps=1, norm_samples=2)
+    _launch_stage("reward", 1, {**common, "batch_size": 8, "output_dir": tmp_path / "one"})
+    _launch_stage("reward", 2, {**common, "batch_size": 4, "output_dir": tmp_path / "two"})
+    one, two = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("one", "two"))
+
+    # The global batch: 8 pairs per optimizer step either way, so one epoch is 6 steps, and the tokens counted over
+    # both processes are every training pair's, once.
+    assert one["steps"] == two["steps"] == TRAIN_PAIRS // 8
+    assert one["train_tokens"] == two["train_tokens"] > 0
+    # The result: held-out figures, losses and weights.
+    assert one["accuracy"] == two["accuracy"]
+    for key in ("eval_loss", "mean_margin", "train_loss"):
+        assert two[key] == pytest.approx(one[key], rel=METRIC_REL), key
+    assert two["final"]["loss"] == pytest.approx(one["final"]["loss"], rel=METRIC_REL)
+    gap = _relative_gap(_weights(tmp_path / "one"), _weights(tmp_path / "two"), _weights(tiny_model_dir))
+    assert gap < WEIGHT_GAP, gap
+
+
+@pytest.mark.slow
+def test_dpo_two_processes_agree_with_one(tmp_path, tiny_model_dir, preference_dir):
+    common = dict(model=tiny_model_dir, data=preference_dir, device="cpu", precision="fp32", epochs=1,
+                  learning_rate=5e-3, max_length=64, logging_steps=1)
+    _launch_stage("dpo", 1, {**common, "batch_size": 8, "output_dir": tmp_path / "one"})
+    _launch_stage("dpo", 2, {**common, "batch_size": 4, "output_dir": tmp_path / "two"})
+    one, two = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("one", "two"))
+
+    assert one["steps"] == two["steps"] == TRAIN_PAIRS // 8  # the global batch: 8 pairs per step either way
+    assert one["mixed_precision"] == two["mixed_precision"] == "fp32"
+    train_one = [h["loss"] for h in one["log_history"] if "loss" in h]
+    train_two = [h["loss"] for h in two["log_history"] if "loss" in h]
+    assert len(train_one) == len(train_two) == TRAIN_PAIRS // 8
+    assert train_two == pytest.approx(train_one, rel=METRIC_REL)  # the same pairs in every step
+    for key in ("loss", "rewards/margins", "rewards/chosen", "rewards/rejected"):
+        assert two["eval"][key] == pytest.approx(one["eval"][key], rel=METRIC_REL), key
+    gap = _relative_gap(_weights(tmp_path / "one"), _weights(tmp_path / "two"), _weights(tiny_model_dir))
+    assert gap < WEIGHT_GAP, gap
+
+
+# ---------------------------------------------------------------- PPO
+
+
+PLAIN_FORWARD = None  # rlhf.ppo.PolicyAndCritic.forward, kept by the worker before it patches the class
+
+
+def sample_rows_alone(self, input_ids, attention_mask, position_ids=None, width: int = 0, mode: str = "train",
+                      **kwargs):
+    """rlhf.ppo.PolicyAndCritic.forward, except that sampling draws every row alone, seeded by its prompt.
+
+    PPO seeds its sampler per process, so a 2-process run draws other responses than a 1-process run, and two
+    different draws cannot be compared number for number. Seeded by the prompt, a row gets the same response
+    whichever process and batch it lands in; what is left to compare is everything downstream: the prompt split,
+    the all-reduced updates, the metrics gathered over processes. EOS is suppressed, so every response has the
+    same length and every process's token-mean weighs its tokens as the 1-process mean does."""
+    from rlhf import losses, ppo
+
+    if mode != "generate":
+        return PLAIN_FORWARD(self, input_ids, attention_mask, position_ids, width, mode, **kwargs)
+    recorder = kwargs.pop("logits_processor")[0]
+    eos = self.policy.generation_config.eos_token_id
+    kwargs.update(eos_token_id=None, suppress_tokens=[eos] if isinstance(eos, int) else list(eos))
+    responses, logprobs = [], []
+    for ids, mask in zip(input_ids, attention_mask):
+        prompt = ids[mask.bool()][None]  # (1, q): the left padding dropped
+        torch.manual_seed(zlib.crc32(str(prompt.tolist()).encode()))
+        sequence = self.policy.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **kwargs)
+        response = sequence[:, prompt.shape[1]:]  # (1, R)
+        logits = ppo.policy_logits(self.policy, sequence, torch.ones_like(sequence), None, response.shape[1])
+        logprobs.append(losses.logprobs_from_logits(logits.float() / kwargs["temperature"], response))
+        responses.append(response)
+    recorder.result = lambda _: torch.cat(logprobs)  # (B, R): what PPO's recorder would have given
+    return torch.cat([input_ids, torch.cat(responses)], 1)
+
+
+def _ppo_worker(config_json: str, result_file: str) -> None:
+    """One process of a PPO run with `sample_rows_alone`; the main process writes the history."""
+    from rlhf import ppo
+
+    global PLAIN_FORWARD
+    PLAIN_FORWARD = ppo.PolicyAndCritic.forward
+    ppo.PolicyAndCritic.forward = sample_rows_alone
+    result = ppo.run(ppo.PPOConfig(**json.loads(config_json)))
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(result_file).write_text(json.dumps({"processes": result["processes"], "history": result["history"]}))
+
+
+@pytest.mark.slow
+def test_ppo_two_processes_agree_with_one(tmp_path, tiny_model_dir):
+    # One minibatch per rollout batch, so each PPO epoch is one update on the whole global batch (with smaller
+    # minibatches a process's minibatch would hold other rows than the 1-process run's). Advantages are whitened
+    # per process (rlhf.ppo whitens each process's batch), which differs from whitening the global batch: off here.
+    common = dict(model=tiny_model_dir, reward_model="", reward_fn="length:8", device="cpu", precision="fp32",
+                  steps=3, ppo_epochs=2, max_new_tokens=8, stop_at_eos=False, learning_rate=1e-3,
+                  whiten_advantages=False)
+    results = {}
+    for processes, batch in ((1, 4), (2, 2)):
+        config = {**common, "batch_size": batch, "mini_batch_size": batch, "output_dir": str(tmp_path / str(batch))}
+        _launch("ddp.yaml" if processes > 1 else "cpu.yaml", str(Path(__file__).resolve()), "ppo",
+                json.dumps(config), str(tmp_path / f"result-{processes}.json"), processes=processes)
+        results[processes] = json.loads((tmp_path / f"result-{processes}.json").read_text())
+    one, two = results[1], results[2]
+    assert (one["processes"], two["processes"]) == (1, 2)
+    # The global batch: 4 rollouts per step either way.
+    assert [h["episode"] for h in one["history"]] == [h["episode"] for h in two["history"]] == [4, 8, 12]
+    for a, b in zip(one["history"], two["history"]):
+        assert b["objective/scores"] == pytest.approx(a["objective/scores"], abs=1e-6)  # the same responses
+        for key in ("objective/kl", "objective/entropy", "loss/policy_avg", "loss/value_avg", "policy/approxkl_avg",
+                    "val/response_length"):
+            assert b[key] == pytest.approx(a[key], rel=METRIC_REL, abs=1e-6), (a["step"], key)
+    assert one["history"][-1]["objective/kl"] > 1e-3  # the policy moved, so the agreement above says something
+    gap = _relative_gap(_weights(tmp_path / "4"), _weights(tmp_path / "2"), _weights(tiny_model_dir))
+    assert gap < WEIGHT_GAP, gap
+
+
+# ---------------------------------------------------------------- the README's commands
+
+
+def _readme_section() -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index("## Many GPUs and many machines")
+    return text[start : text.index("\n## ", start + 1)]
+
+
+def _readme_commands() -> list[list[str]]:
+    """Every `accelerate launch ...` command of the section, backslash continuations joined, split as a shell does."""
+    joined = _readme_section().replace("\\\n", " ")
+    return [shlex.split(line.strip(), comments=True) for line in joined.splitlines()
+            if line.strip().startswith("accelerate launch ")]
+
+
+def test_readme_commands_name_real_configs_and_stages():
+    from accelerate.commands.launch import launch_command_parser
+
+    from rlhf.cli import STAGES, build_parser
+
+    stages = {name for name, *_ in STAGES}
+    commands = _readme_commands()
+    assert len(commands) >= 8
+    named: set[str] = set()
+    seen_stages: set[str] = set()
+    for argv in commands:
+        launch_args = argv[2:]
+        # accelerate's own parser takes the launcher's options (a typo in a flag fails here) ...
+        parsed = launch_command_parser().parse_args(launch_args)
+        config_file = ROOT / parsed.config_file
+        assert config_file.is_file() and config_file.parent == ACCELERATE, parsed.config_file
+        named.add(config_file.name)
+        assert parsed.module and parsed.training_script == "rlhf.cli", argv
+        # ... and rlhf's parser the stage's: `--config configs/<stage>.yaml` for that same stage.
+        stage_argv = parsed.training_script_args
+        stage = stage_argv[0]
+        assert stage in stages, stage
+        config = stage_argv[stage_argv.index("--config") + 1]
+        assert re.fullmatch(r"configs/(\w+)\.yaml", config) and config == f"configs/{stage}.yaml", argv
+        assert (ROOT / config).is_file(), config
+        build_parser(stage_argv).parse_args(stage_argv)
+        seen_stages.add(stage)
+    assert seen_stages == {"sft", "reward", "dpo", "ppo"}
+    # Every accelerate config is in the section (the ZeRO-3 one without a command: it does not work yet), and
+    # every one that works with several processes has a command.
+    section = _readme_section()
+    for path in ACCELERATE.glob("*.yaml"):
+        assert f"`{path.name}`" in section, path.name
+    assert named == {p.name for p in ACCELERATE.glob("*.yaml")} - {"deepspeed_zero3.yaml"}
+    for flag in ("--num_machines", "--machine_rank", "--main_process_ip", "--main_process_port"):
+        assert flag in section, flag
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["ppo"]:
+    _ppo_worker(sys.argv[2], sys.argv[3])
