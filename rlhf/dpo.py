@@ -26,15 +26,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
-from unittest.mock import patch
 
 from rlhf.config import UserError, field, resume_checkpoint
-from rlhf.models import DEFAULT_MODEL, save_model_dir
+from rlhf.models import DEFAULT_MODEL, launcher_precision, save_model_dir
 
 # TRL 1.16's DPOConfig.loss_type values (tests/test_dpo.py checks this list against the installed TRL).
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -201,12 +199,8 @@ def build_trainer(config: DPOConfig):
         peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules="all-linear",
                                  task_type="CAUSAL_LM", lora_dropout=0.0)
 
-    # Under `accelerate launch`, TrainingArguments takes the launcher's mixed precision (ACCELERATE_MIXED_PRECISION,
-    # bf16 in configs/accelerate/ddp.yaml) whenever bf16 and fp16 are both off, so `precision: fp32` became bf16.
-    # The stage's precision decides, as in PPO; the variable is set only while the arguments are built.
-    mixed = "bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "no"
     # transformers 5 takes a warmup ratio as a float in [0, 1) through warmup_steps.
-    with patch.dict(os.environ, ACCELERATE_MIXED_PRECISION=mixed):
+    with launcher_precision(flags):
         args = trl.DPOConfig(
             output_dir=config.output_dir, per_device_train_batch_size=config.batch_size,
             per_device_eval_batch_size=config.batch_size,

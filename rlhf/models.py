@@ -92,6 +92,20 @@ def precision_flags(device: torch.device | str, precision: str = "auto") -> dict
     return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
 
 
+def launcher_precision(flags: dict[str, bool]):
+    """A context in which TrainingArguments take the stage's precision (`precision_flags`) over the launcher's.
+
+    Under `accelerate launch`, TrainingArguments read the launcher's mixed precision (ACCELERATE_MIXED_PRECISION,
+    bf16 in configs/accelerate/ddp.yaml) whenever bf16 and fp16 are both off, so `precision: fp32` became bf16.
+    The variable is set only while the arguments are built.
+    """
+    import os
+    from unittest.mock import patch
+
+    return patch.dict(os.environ, ACCELERATE_MIXED_PRECISION="bf16" if flags["bf16"] else "fp16" if flags["fp16"]
+                      else "no")
+
+
 # ---------------------------------------------------------------- the embedded default
 
 

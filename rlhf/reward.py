@@ -28,17 +28,15 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from unittest.mock import patch
 
 import torch
 
 from rlhf.config import UserError, field, resume_checkpoint
-from rlhf.models import DEFAULT_MODEL, save_model_dir
+from rlhf.models import DEFAULT_MODEL, launcher_precision, save_model_dir
 
 # Encoders ship no chat template: a turn is "role: content" between BERT's [CLS]/[SEP] markers, so the pooled
 # [CLS] token sees the whole exchange. A causal LM without one gets one turn per line (no EOS at the end: its pad
@@ -348,12 +346,8 @@ def build_trainer(config: RewardConfig):
     if "test" not in data:
         data["test"] = data["train"].select([])
     flags = precision_flags(device, config.precision)
-    # Under `accelerate launch`, TrainingArguments takes the launcher's mixed precision (ACCELERATE_MIXED_PRECISION,
-    # bf16 in configs/accelerate/ddp.yaml) whenever bf16 and fp16 are both off, so `precision: fp32` became bf16.
-    # The stage's precision decides, as in PPO; the variable is set only while the arguments are built.
-    mixed = "bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "no"
     # transformers 5 takes a warmup ratio as a float in [0, 1) through warmup_steps.
-    with patch.dict(os.environ, ACCELERATE_MIXED_PRECISION=mixed):
+    with launcher_precision(flags):
         args = trl.RewardConfig(
             output_dir=config.output_dir, per_device_train_batch_size=config.batch_size,
             per_device_eval_batch_size=config.batch_size,

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rlhf.config import UserError, field, resume_checkpoint
-from rlhf.models import DEFAULT_MODEL, save_model_dir
+from rlhf.models import DEFAULT_MODEL, launcher_precision, save_model_dir
 
 SHIPPED_DEMOS = Path(__file__).parent / "data" / "sft_demos.jsonl"
 _SPLITS = ("train", "test", "validation")
@@ -178,17 +178,19 @@ def run(config: SFTConfig) -> dict:
                                  task_type="CAUSAL_LM", lora_dropout=0.0)
 
     # transformers 5 takes a warmup ratio as a float in [0, 1) through warmup_steps.
-    args = trl.SFTConfig(
-        output_dir=config.output_dir, per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.batch_size, gradient_accumulation_steps=config.gradient_accumulation_steps,
-        learning_rate=config.learning_rate, num_train_epochs=config.epochs, max_steps=config.max_steps,
-        warmup_steps=config.warmup_ratio, max_length=config.max_length,
-        completion_only_loss=config.completion_only_loss, gradient_checkpointing=config.gradient_checkpointing,
-        use_cpu=device.type == "cpu", **flags, seed=config.seed, logging_steps=config.logging_steps,
-        save_strategy="steps" if config.save_steps else "no", save_steps=config.save_steps or 500,
-        save_total_limit=config.save_total_limit or None, report_to=config.report_to, eval_strategy="no",
-        dataloader_num_workers=0,
-    )
+    with launcher_precision(flags):
+        args = trl.SFTConfig(
+            output_dir=config.output_dir, per_device_train_batch_size=config.batch_size,
+            per_device_eval_batch_size=config.batch_size,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            learning_rate=config.learning_rate, num_train_epochs=config.epochs, max_steps=config.max_steps,
+            warmup_steps=config.warmup_ratio, max_length=config.max_length,
+            completion_only_loss=config.completion_only_loss, gradient_checkpointing=config.gradient_checkpointing,
+            use_cpu=device.type == "cpu", **flags, seed=config.seed, logging_steps=config.logging_steps,
+            save_strategy="steps" if config.save_steps else "no", save_steps=config.save_steps or 500,
+            save_total_limit=config.save_total_limit or None, report_to=config.report_to, eval_strategy="no",
+            dataloader_num_workers=0,
+        )
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data["train"],
                              eval_dataset=data["test"] if has_test else None, processing_class=tokenizer,
                              peft_config=peft_config)
@@ -196,7 +198,10 @@ def run(config: SFTConfig) -> dict:
     eval_metrics = trainer.evaluate() if has_test else {}
 
     out = Path(config.output_dir)
-    save_model_dir(trainer.model, tokenizer, out)
+    # Under `accelerate launch` only the main process writes (processes writing one file at once can corrupt it).
+    main = trainer.is_world_process_zero()
+    if main:
+        save_model_dir(trainer.model, tokenizer, out)
 
     logs = [h for h in trainer.state.log_history if "loss" in h and "train_loss" not in h]
     final = _picked(logs[-1]) if logs else {}
@@ -209,7 +214,11 @@ def run(config: SFTConfig) -> dict:
         "device": str(device), "mixed_precision": "bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "fp32",
         "output_dir": str(out), "config": asdict(config),
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
+    if main:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
+    trainer.accelerator.wait_for_everyone()  # no process goes on to load the model before it is written
+    if not main:
+        return metrics
 
     nan = float("nan")
     line = (f"SFT: {metrics['steps']} steps on {metrics['train_rows']} demonstrations in {metrics['seconds']:.0f} s; "

@@ -145,6 +145,26 @@ def test_dpo_two_processes_agree_with_one(tmp_path, tiny_model_dir, preference_d
     assert gap < WEIGHT_GAP, gap
 
 
+@pytest.mark.slow
+def test_sft_two_processes_agree_with_one(tmp_path, tiny_model_dir):
+    demos = tmp_path / "demos"
+    demos.mkdir()
+    (demos / "train.jsonl").write_text("".join(json.dumps({"instruction": r["prompt"], "response": r["chosen"]}) + "\n"
+                                               for r in _pairs(TRAIN_PAIRS, 2)))
+    common = dict(model=tiny_model_dir, data=demos, device="cpu", precision="fp32", epochs=1, learning_rate=5e-3,
+                  max_length=64, logging_steps=1, test_size=0.0)
+    _launch_stage("sft", 1, {**common, "batch_size": 8, "output_dir": tmp_path / "one"})
+    _launch_stage("sft", 2, {**common, "batch_size": 4, "output_dir": tmp_path / "two"})
+    one, two = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("one", "two"))
+    assert one["steps"] == two["steps"] == TRAIN_PAIRS // 8
+    train_one = [h["loss"] for h in one["log_history"] if "loss" in h]
+    train_two = [h["loss"] for h in two["log_history"] if "loss" in h]
+    assert len(train_one) == len(train_two) == TRAIN_PAIRS // 8
+    assert train_two == pytest.approx(train_one, rel=METRIC_REL)  # the same demonstrations in every step
+    gap = _relative_gap(_weights(tmp_path / "one"), _weights(tmp_path / "two"), _weights(tiny_model_dir))
+    assert gap < WEIGHT_GAP, gap
+
+
 # ---------------------------------------------------------------- PPO
 
 
