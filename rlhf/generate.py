@@ -56,6 +56,8 @@ class GenerateConfig:
     pairing: str = field("random", "random (within one model), across (one per model) or active (closest reward).")
     random_share: float = field(0.25, "With pairing=active: share of prompts that keep a random pair (unbiased eval).")
     pairs_per_prompt: int = field(1, "Tasks made per prompt (disjoint pairs; needs n >= 2 x this).")
+    rank: int = field(0, "Instead of pairs, one ranking task per prompt of this many responses (3-9; needs n >= "
+                         "rank and pairing=random; 0: pairs). The export expands a ranking into its pairs.")
     overlap: int = field(1, "Votes wanted per task (several annotators: agreement figures).")
     round: int = field(0, "Round number stored with the tasks.")
     skip_existing: bool = field(False, "Skip prompts that already have a task in this round (resume a generation).")
@@ -71,6 +73,8 @@ class GenerateConfig:
             raise ValueError("pairing=active needs reward_model")
         if self.pairing != "across" and self.n < 2 * self.pairs_per_prompt:
             raise ValueError("n must be at least 2 x pairs_per_prompt")
+        if self.rank and (not 3 <= self.rank <= 9 or self.n < self.rank or self.pairing != "random"):
+            raise ValueError("rank must be 0 (pairs) or 3-9, with n >= rank and pairing=random")
         if min(self.n, self.max_new_tokens, self.batch_size, self.overlap, self.pairs_per_prompt) < 1:
             raise ValueError("n, max_new_tokens, batch_size, overlap and pairs_per_prompt must be >= 1")
         if not 0 <= self.random_share <= 1 or self.temperature <= 0 or not 0 < self.top_p <= 1:
@@ -138,6 +142,12 @@ def run(config: GenerateConfig) -> dict:
                 elif scorer is not None:
                     rewards = scorer.score([prompt] * len(ids), [r["text"] for r in samples[i]]).tolist()
                     pairs = [active_or_random_pair(ids, rewards, config.random_share, rng)]
+                elif config.rank:
+                    # One task of `rank` responses in a random order (the app shuffles them again per annotator).
+                    store.add_task(rng.sample(ids, config.rank), round=config.round, how="random", kind="rank",
+                                   overlap=config.overlap)
+                    written["tasks"] += 1
+                    pairs = []
                 else:
                     pairs = [(p, "random") for p in random_pairs(ids, rng, config.pairs_per_prompt)]
                 for pair, how in pairs:

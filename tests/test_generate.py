@@ -59,8 +59,19 @@ def test_ctrl_c_keeps_every_finished_prompt_and_nothing_half_written(tmp_path, t
     assert len(tasks) == 4 and all(len(t["responses"]) == 2 for t in tasks)
 
 
+def test_rank_makes_one_ranking_task_of_k_responses_per_prompt(tmp_path, tiny_model_dir):
+    config = _config(tmp_path, tiny_model_dir, n=4, rank=4, limit=3, round=1)
+    assert run(config)["tasks"] == 3
+    store = Store(config.db)
+    assert store.tasks() == []  # no pairs
+    ranked = store.tasks(kind="rank")
+    assert len(ranked) == 3 and all(len(t["responses"]) == 4 and t["round"] == 1 for t in ranked)
+    assert all(len({r["id"] for r in t["responses"]}) == 4 for t in ranked)
+
+
 def test_bad_generate_options_are_clear():
-    for bad in (dict(pairing="across"), dict(pairing="active"), dict(n=1), dict(pairing="best")):
+    for bad in (dict(pairing="across"), dict(pairing="active"), dict(n=1), dict(pairing="best"), dict(n=4, rank=2),
+                dict(n=3, rank=4), dict(n=10, rank=10)):
         with pytest.raises(UserError):
             load_config(GenerateConfig, **bad)
 
