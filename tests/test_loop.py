@@ -10,6 +10,7 @@ import pytest
 from rlhf.cli import main
 from rlhf.config import UserError, load_config
 from rlhf.loop import LoopConfig, _next_policy, run
+from rlhf.store import Store
 
 
 @pytest.mark.slow
@@ -73,3 +74,16 @@ def test_demo_help_lists_its_options(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     assert "--prompts_per_round" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("store_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+def test_a_round_on_postgresql(tmp_path, tiny_model_dir, store_url):
+    """The loop keeps its tasks and votes in PostgreSQL when given a URL (as a team sharing one store would)."""
+    config = load_config(LoopConfig, name="pg", runs_dir=str(tmp_path), rounds=1, base_model=tiny_model_dir,
+                         device="cpu", prompts_per_round=6, max_new_tokens=6, batch_size=6, dpo_epochs=1.0,
+                         dpo_batch_size=3, max_length=64, eval_prompts=4, align="dpo", db=store_url)
+    run(config)
+    store = Store(store_url)
+    assert len(store.tasks(round=1)) == 6 and len(store.votes(round=1)) == 6
+    assert not (tmp_path / "pg" / "store.db").exists()
+    assert (tmp_path / "pg" / "round-1" / "dpo" / "model.safetensors").is_file()
