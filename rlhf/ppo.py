@@ -30,6 +30,7 @@ one CPU, one GPU, DDP; configs for DeepSpeed ZeRO-2 and FSDP are in configs/acce
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import json
@@ -193,13 +194,15 @@ class PolicyAndCritic(torch.nn.Module):
       reference  the policy's logits with its LoRA adapter switched off: the reference model, for free
       generate   `policy.generate(**generate_kwargs)`"""
 
-    def __init__(self, policy, critic):
+    def __init__(self, policy, critic, eager_training: bool = False):
         super().__init__()
         self.policy, self.critic = policy, critic
+        # Off under gradient checkpointing, whose backward recomputes the forward outside the switch.
+        self.eager_training = eager_training
 
     def values(self, input_ids, attention_mask, position_ids, width: int) -> torch.Tensor:
         # A LoRA critic's adapters sit inside the base model's layers, so calling the base model uses them.
-        base = self.critic.get_base_model() if hasattr(self.critic, "get_base_model") else self.critic
+        base = _base(self.critic)
         backbone = getattr(base, base.base_model_prefix)
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           use_cache=False).last_hidden_state  # (B, L, H)
@@ -214,8 +217,39 @@ class PolicyAndCritic(torch.nn.Module):
                 return policy_logits(self.policy, input_ids, attention_mask, position_ids, width)
         if mode == "values":
             return self.values(input_ids, attention_mask, position_ids, width)
-        return (policy_logits(self.policy, input_ids, attention_mask, position_ids, width),
-                self.values(input_ids, attention_mask, position_ids, width))
+        with eager_attention([_base(self.policy), _base(self.critic)], input_ids, self.eager_training):
+            return (policy_logits(self.policy, input_ids, attention_mask, position_ids, width),
+                    self.values(input_ids, attention_mask, position_ids, width))
+
+
+# PyTorch's CPU flash attention (sdpa) is slow to train through in bf16 (torch 2.13, AVX512-BF16): SmolLM2-135M's
+# forward + backward on 4 x 72 tokens took 1.83 s with it and 1.49 s with transformers' eager attention (1.56x
+# faster backward; the tiny test model's micro-batch 40 vs 22 ms), and eager still led at 400 tokens. Sampling
+# stays on sdpa (6% faster there). Eager keeps each layer's (B, heads, L, L) probabilities for the backward, so
+# only sequences up to this length switch.
+EAGER_ATTENTION_MAX_TOKENS = 256
+
+
+@contextlib.contextmanager
+def eager_attention(models: list, input_ids: torch.Tensor, enabled: bool):
+    """Switch sdpa models to eager attention for a training forward on a CPU under low-precision autocast."""
+    switch = []
+    if (enabled and input_ids.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and input_ids.shape[1] <= EAGER_ATTENTION_MAX_TOKENS):
+        switch = [m for m in models if getattr(m.config, "_attn_implementation", None) == "sdpa"
+                  and getattr(m, "_can_set_attn_implementation", lambda: False)()]
+    for m in switch:
+        m.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        for m in switch:
+            m.set_attn_implementation("sdpa")
+
+
+def _base(model):
+    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def build_critic(spec: str, rm, policy_path: str, tokenizer, device) -> torch.nn.Module:
@@ -271,8 +305,18 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
 
 
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
+# Sequence widths are rounded up to a multiple of this. oneDNN and PyTorch's CPU bf16 kernels are compiled and
+# cached per tensor shape, never evicted: with a width that changed every micro-batch, compiling took most of a
+# tiny model's step and its memory grew ~30 MB a step. A few extra padded (masked) columns cost less.
+SHAPE_MULTIPLE = 8
+
+
+def round_up(n: int, multiple: int = SHAPE_MULTIPLE) -> int:
+    return -(-n // multiple) * multiple
+
+
+def left_pad(rows: list[list[int]], pad_id: int, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    width = round_up(max(len(r) for r in rows), multiple)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, Q)
     mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, Q)
     for i, r in enumerate(rows):
@@ -354,7 +398,7 @@ class RewardScorer:
         if self.suffix is None:
             return self.rm.score(prompts, texts, normalize=self.normalize)
         rows = [(p + r + self.suffix)[: self.rm.max_tokens] for p, r in zip(prompt_ids, response_ids)]
-        width = max(len(r) for r in rows)
+        width = min(round_up(max(len(r) for r in rows)), self.rm.max_tokens)
         pad = self.rm.tokenizer.pad_token_id
         # Right padding and default positions, as RewardModel.score feeds the model.
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -453,8 +497,12 @@ def run(config: PPOConfig, reward_fn: Callable | None = None) -> dict:
                                                    modules_to_save=["score"]))
     scorer = RewardScorer(rm, reward_fn, tokenizer, config.normalize_reward)
 
-    model = PolicyAndCritic(policy, critic)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
+    model = PolicyAndCritic(policy, critic, eager_training=not config.gradient_checkpointing)
+    # The fused AdamW (one kernel over all parameters, as transformers' Trainer defaults to) is faster than the
+    # for-each one and allocates no parameter-sized temporaries.
+    fused = device.type in ("cpu", "cuda") and accelerator.state.deepspeed_plugin is None
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
+                                  fused=fused or None)
     micro_batch_size = config.mini_batch_size // config.gradient_accumulation_steps
     if accelerator.state.deepspeed_plugin is not None:
         # No dataloader is prepared, so DeepSpeed must be told the batch geometry and clipping itself.
@@ -512,7 +560,7 @@ def run(config: PPOConfig, reward_fn: Callable | None = None) -> dict:
             torch.manual_seed(config.seed * 1_000_003 + step * 997 + rank)
             batch = prompt_indices(step)
             batch_prompts = [prompts[i] for i in batch]
-            prompt_ids, prompt_mask = left_pad([encoded[i] for i in batch], tokenizer.pad_token_id)
+            prompt_ids, prompt_mask = left_pad([encoded[i] for i in batch], tokenizer.pad_token_id, SHAPE_MULTIPLE)
             prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
             Q = prompt_ids.shape[1]
 
@@ -528,6 +576,11 @@ def run(config: PPOConfig, reward_fn: Callable | None = None) -> dict:
             responses = sequences[:, Q:]  # (B, R)
             logprobs = recorder.result(responses)  # (B, R)
             mask, ended = response_mask(responses, eos_ids)  # (B, R), (B,)
+            # When every response stopped early, pad the columns up to a bucketed width too (masked out).
+            extra = min(config.max_new_tokens, round_up(responses.shape[1])) - responses.shape[1]
+            if extra > 0:
+                pad = functools.partial(torch.nn.functional.pad, pad=(0, extra))
+                responses, logprobs, mask = pad(responses), pad(logprobs), pad(mask)
             responses = responses.masked_fill(mask == 0, tokenizer.pad_token_id)
             R = responses.shape[1]
             input_ids = torch.cat([prompt_ids, responses], 1)  # (B, Q + R)
@@ -579,34 +632,40 @@ def run(config: PPOConfig, reward_fn: Callable | None = None) -> dict:
             for _ in range(config.ppo_epochs):
                 order = torch.randperm(len(batch), generator=shuffle)
                 for mb in range(0, len(batch), config.mini_batch_size):
-                    for mi in range(mb, mb + config.mini_batch_size, micro_batch_size):
-                        idx = order[mi : mi + micro_batch_size].to(device)
-                        # Trim columns every row of this micro-batch pads: left of the prompts, right of the responses.
-                        first = int(prompt_mask[idx].any(0).long().argmax())
-                        width = int(mask[idx].sum(1).max().clamp(min=1))
-                        cols = slice(first, Q + width)
-                        with accelerator.accumulate(model):
-                            logits, new_values = model(input_ids[idx, cols], attention_mask[idx, cols],
-                                                       position_ids[idx, cols], width)
-                            logits = logits.float() / T
-                            new_logprobs = losses.logprobs_from_logits(logits, responses[idx, :width])
-                            m = mask[idx, :width]
-                            pg_loss, pg = losses.policy_loss(new_logprobs, logprobs[idx, :width],
-                                                             advantages[idx, :width], m, config.cliprange)
-                            vf_loss, vf = losses.value_loss(new_values, values[idx, :width], returns[idx, :width], m,
-                                                            config.cliprange_value)
-                            accelerator.backward(pg_loss + config.vf_coef * vf_loss)
-                            if accelerator.sync_gradients and config.max_grad_norm:
-                                accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                            optimizer.step()
-                            optimizer.zero_grad()
-                        with torch.no_grad():
-                            entropy = losses.masked_mean(losses.entropy_from_logits(logits), m)
-                        for key, value in (("pg", pg_loss), ("vf", vf_loss), ("clip", pg["clipfrac"]),
-                                           ("vclip", vf["clipfrac"]), ("approxkl", pg["approxkl"]),
-                                           ("ratio", pg["ratio"]), ("ent", entropy)):
-                            stats[key].append(float(value.detach()))
-                        del logits, new_values, new_logprobs, pg_loss, vf_loss
+                    # One autocast region per minibatch: autocast keeps the weights' low-precision copies until its
+                    # outermost region ends, and the weights change only at the minibatch's optimizer step, so its
+                    # micro-batches cast them once.
+                    with accelerator.autocast():
+                        for mi in range(mb, mb + config.mini_batch_size, micro_batch_size):
+                            idx = order[mi : mi + micro_batch_size].to(device)
+                            # Trim columns every row of this micro-batch pads (left of the prompts, right of the
+                            # responses), keeping widths multiples of SHAPE_MULTIPLE.
+                            width = min(R, round_up(int(mask[idx].sum(1).max().clamp(min=1))))
+                            used = Q + width - int(prompt_mask[idx].any(0).long().argmax())
+                            cols = slice(Q + width - min(Q + width, round_up(used)), Q + width)
+                            with accelerator.accumulate(model):
+                                logits, new_values = model(input_ids[idx, cols], attention_mask[idx, cols],
+                                                           position_ids[idx, cols], width)
+                                logits = logits.float() / T
+                                new_logprobs = losses.logprobs_from_logits(logits, responses[idx, :width])
+                                m = mask[idx, :width]
+                                pg_loss, pg = losses.policy_loss(new_logprobs, logprobs[idx, :width],
+                                                                 advantages[idx, :width], m, config.cliprange)
+                                vf_loss, vf = losses.value_loss(new_values, values[idx, :width],
+                                                                returns[idx, :width], m, config.cliprange_value)
+                                with torch.autocast(device.type, enabled=False):  # backward passes run outside
+                                    accelerator.backward(pg_loss + config.vf_coef * vf_loss)
+                                if accelerator.sync_gradients and config.max_grad_norm:
+                                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                                optimizer.step()
+                                optimizer.zero_grad()
+                            with torch.no_grad():
+                                entropy = losses.masked_mean(losses.entropy_from_logits(logits), m)
+                            for key, value in (("pg", pg_loss), ("vf", vf_loss), ("clip", pg["clipfrac"]),
+                                               ("vclip", vf["clipfrac"]), ("approxkl", pg["approxkl"]),
+                                               ("ratio", pg["ratio"]), ("ent", entropy)):
+                                stats[key].append(float(value.detach()))
+                            del logits, new_values, new_logprobs, pg_loss, vf_loss
 
             # 6. Metrics (means over processes), the KL controller, logging, checkpoints.
             seq_kl = float(kl.sum(1).mean())
