@@ -4,7 +4,8 @@ A simulated annotator with gold function g prefers A over B with probability
     P(A > B) = sigmoid((g(A) - g(B)) / tau)            (Bradley & Terry 1952; the RLHF preference model)
 declares a tie when |g(A) - g(B)| < eps, and may favour whichever response is shown on the left (position bias,
 a logit offset). tau -> 0 gives a perfect oracle; a huge tau gives coin flips. The vote's strength (1-3) grows
-with how sure the annotator is.
+with how sure the annotator is. K responses are ranked by the Plackett-Luce model with the same utilities
+g / tau (Plackett 1975; for K = 2 it is Bradley-Terry), neighbours closer than eps tied.
 
 Gold functions map (prompts, responses) -> scores, batched, so PPO can use the same one as a reward:
     sentiment  VADER compound score in [-1, 1] (the controlled-sentiment task of the DPO paper, §6.1)
@@ -128,6 +129,25 @@ def simulate_vote(
     return SimulatedVote("A" if a_wins else "B", strength, p_a)
 
 
+def simulate_ranking(golds: list[float], *, tau: float, eps: float = 0.0, rng: random.Random) -> list[list[int]]:
+    """A Plackett-Luce ranking of the positions 0..K-1 (best first, groups of ties): each next place goes to a
+    remaining item with probability proportional to exp(g / tau), drawn by sorting g / tau + Gumbel noise (the
+    Gumbel-max trick); tau = 0 sorts by g. Neighbours whose gold differs by less than eps share a group."""
+    def key(i: int) -> float:
+        if tau <= 0:
+            return golds[i]
+        return golds[i] / tau - math.log(-math.log(rng.random() or 1e-300))
+
+    order = sorted(range(len(golds)), key=key, reverse=True)
+    groups = [[order[0]]]
+    for i in order[1:]:
+        if abs(golds[i] - golds[groups[-1][-1]]) < eps:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return [sorted(g) for g in groups]
+
+
 # ---------------------------------------------------------------- rlhf label-sim
 
 
@@ -179,8 +199,27 @@ def label_sim(config: LabelSimConfig) -> dict:
             counts["ties"] += vote.choice == "tie"
             counts["agree_with_gold"] += (vote.choice == "A") == (g_a > g_b) and vote.choice != "tie"
             bar.update(1)
-    decided = counts["votes"] - counts["ties"]
+        # Ranking tasks (rlhf generate --rank K): the same annotator ranks them by the Plackett-Luce model.
+        while not config.limit or counts["votes"] < config.limit:
+            task = store.next_task(config.annotator, round=round_, kind="rank")
+            if task is None:
+                break
+            prompt = task.prompt[-1]["content"]
+            golds = [float(x) for x in gold([prompt] * len(task.responses), task.responses)]
+            shown = list(range(len(golds)))
+            rng.shuffle(shown)
+            ranking = simulate_ranking(golds, tau=config.tau, eps=config.eps, rng=rng)
+            try:
+                store.submit_ranking(config.annotator, task.id, ranking, shown=shown,
+                                     guideline_version=f"sim:{config.gold}")
+            except TaskFull:
+                continue
+            counts["votes"] += 1
+            counts["rankings"] = counts.get("rankings", 0) + 1
+            bar.update(1)
+    decided = counts["votes"] - counts["ties"] - counts.get("rankings", 0)
     share = counts["agree_with_gold"] / decided if decided else 0.0
-    print(f"{config.annotator} cast {counts['votes']} votes ({counts['ties']} ties); agrees with gold on "
-          f"{100 * share:.1f} % of the decided ones (tau {config.tau})")
+    ranked = f", {counts['rankings']} of them rankings" if counts.get("rankings") else ""
+    agrees = f"; agrees with gold on {100 * share:.1f} % of the decided pairs" if decided else ""
+    print(f"{config.annotator} cast {counts['votes']} votes ({counts['ties']} ties{ranked}){agrees} (tau {config.tau})")
     return {**counts, "agreement": share}

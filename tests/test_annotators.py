@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from rlhf.annotators import keyword, length, load_gold, prob_left_wins, sentiment, simulate_vote
+from rlhf.annotators import (keyword, length, load_gold, prob_left_wins, sentiment, simulate_ranking,
+                             simulate_vote)
 from rlhf.config import UserError
 
 
@@ -69,3 +70,24 @@ def test_strength_grows_with_certainty():
     rng = random.Random(0)
     assert simulate_vote(1.0, -1.0, tau=0.01, rng=rng).strength == 3
     assert simulate_vote(0.01, 0.0, tau=1.0, rng=rng).strength == 1
+
+
+def test_ranking_with_zero_tau_sorts_by_gold_and_ties_neighbours():
+    rng = random.Random(0)
+    assert simulate_ranking([0.1, 0.9, 0.5, 0.2], tau=0.0, rng=rng) == [[1], [2], [3], [0]]
+    assert simulate_ranking([0.1, 0.9, 0.5, 0.12], tau=0.0, eps=0.05, rng=rng) == [[1], [2], [0, 3]]
+
+
+def test_ranking_follows_plackett_luce():
+    # Utilities log 1, log 2, log 3 at tau 1: first place goes to each with probability 1/6, 2/6, 3/6, and after
+    # the third item is first, the second beats the first with probability 2/3 (Luce's choice axiom).
+    rng = random.Random(1)
+    n = 6000
+    rankings = [simulate_ranking([0.0, math.log(2), math.log(3)], tau=1.0, rng=rng) for _ in range(n)]
+    firsts = [r[0][0] for r in rankings]
+    for item, p in ((0, 1 / 6), (1, 2 / 6), (2, 3 / 6)):
+        share = firsts.count(item) / n
+        assert abs(share - p) < 4 * math.sqrt(p * (1 - p) / n), (item, share)
+    after_2 = [r for r in rankings if r[0] == [2]]
+    share = sum(r[1] == [1] for r in after_2) / len(after_2)
+    assert abs(share - 2 / 3) < 4 * math.sqrt(2 / 9 / len(after_2))

@@ -69,6 +69,18 @@ def test_rank_makes_one_ranking_task_of_k_responses_per_prompt(tmp_path, tiny_mo
     assert all(len({r["id"] for r in t["responses"]}) == 4 for t in ranked)
 
 
+def test_simulated_oracle_ranks_by_gold(tmp_path, tiny_model_dir):
+    config = _config(tmp_path, tiny_model_dir, n=3, rank=3, limit=4)
+    run(config)
+    result = label_sim(LabelSimConfig(db=config.db, annotator="oracle", gold="sentiment", tau=0.0))
+    assert result["rankings"] == 4
+    for task in Store(config.db).tasks(kind="rank"):
+        [vote] = task["votes"]
+        golds = sentiment([None] * 3, [r["text"] for r in task["responses"]])
+        flat = [p for group in vote["ranking"] for p in group]
+        assert [golds[p] for p in flat] == sorted(golds, reverse=True) and sorted(vote["shown"]) == [0, 1, 2]
+
+
 def test_bad_generate_options_are_clear():
     for bad in (dict(pairing="across"), dict(pairing="active"), dict(n=1), dict(pairing="best"), dict(n=4, rank=2),
                 dict(n=3, rank=4), dict(n=10, rank=10)):
