@@ -234,14 +234,24 @@ def parse_order(text: str, k: int) -> list[list[int]]:
 
 
 def describe_order(text: str, k: int) -> str:
-    """A live preview of the typed order ('#3 > #1 = #4 > #2'), or what is still missing."""
+    """The typed order as HTML: a strip of numbered chips, placed ones first in order (they can be dragged to
+    reorder), and a line that reads the order out ('#3 > #1 = #4 > #2') or says what is still missing. Only numbers
+    and escaped text go into it."""
+    groups: list[list[int]] = []
     if not (text or "").strip():
-        return f"Press the numbers 1-{k} from best to worst."
-    try:
-        groups = parse_order(text, k)
-    except ValueError as e:
-        return html.escape(str(e))
-    return "Your order: " + " > ".join(" = ".join(f"#{n}" for n in g) for g in groups) + " — Enter submits."
+        note = f"Press the numbers 1-{k} from best to worst, or drag them into order."
+    else:
+        try:
+            groups = parse_order(text, k)
+            note = "Your order: " + " > ".join(" = ".join(f"#{n}" for n in g) for g in groups) + " — Enter submits."
+        except ValueError as e:
+            note = html.escape(str(e))
+    # An order still being typed puts what it has placed so far first.
+    placed = list(dict.fromkeys([n for g in groups for n in g] or
+                                [int(n) for n in re.findall(r"\d+", text or "") if 1 <= int(n) <= k]))
+    chips = "".join(f'<span class="rank-chip" draggable="true" data-n="{n}">#{n}</span>'
+                    for n in placed + [n for n in range(1, k + 1) if n not in placed])
+    return f'<div id="rank-strip">{chips}</div><div class="rank-note">{note}</div>'
 
 
 def submit_ranking(store: Store, user: str, current: dict, order: str, all_bad: bool, rationale: str,
@@ -459,6 +469,27 @@ def admin_export(store: Store, user: str, out: str) -> str:
 
 KEYS_JS = """
 <script>
+const rankBox = () => document.querySelector('#rank-order textarea, #rank-order input');
+// Set the order textbox as typing would (Gradio listens for input events).
+const setRankOrder = (v) => {
+  const box = rankBox();
+  Object.getOwnPropertyDescriptor(Object.getPrototypeOf(box), 'value').set.call(box, v);
+  box.dispatchEvent(new Event('input', {bubbles: true}));
+};
+// Drag a numbered chip onto another to reorder; the whole strip then becomes the order (best first).
+const chipAt = (e) => e.target.closest ? e.target.closest('.rank-chip') : null;
+document.addEventListener('dragstart', (e) => { const c = chipAt(e); if (c) e.dataTransfer.setData('text/plain', c.dataset.n); });
+document.addEventListener('dragover', (e) => { if (chipAt(e)) e.preventDefault(); });
+document.addEventListener('drop', (e) => {
+  const target = chipAt(e);
+  if (!target) return;
+  e.preventDefault();
+  const strip = target.parentElement, moved = strip.querySelector(`.rank-chip[data-n="${e.dataTransfer.getData('text/plain')}"]`);
+  if (!moved || moved === target) return;
+  const box = target.getBoundingClientRect();
+  strip.insertBefore(moved, e.clientX > box.left + box.width / 2 ? target.nextSibling : target);
+  setRankOrder([...strip.querySelectorAll('.rank-chip')].map((c) => c.dataset.n).join(' '));
+});
 document.addEventListener('keydown', (e) => {
   const t = e.target;
   if (t && (t.tagName === 'TEXTAREA' || (t.tagName === 'INPUT' && t.type !== 'radio' && t.type !== 'checkbox'))) return;
@@ -477,12 +508,8 @@ document.addEventListener('keydown', (e) => {
     else if (k === 's') { e.preventDefault(); click('skip-btn'); }
     else if (k === 'u') { e.preventDefault(); click('undo-btn'); }
   } else if (onRank) {
-    const box = document.querySelector('#rank-order textarea, #rank-order input');
-    const set = (v) => {
-      const proto = Object.getPrototypeOf(box);
-      Object.getOwnPropertyDescriptor(proto, 'value').set.call(box, v);
-      box.dispatchEvent(new Event('input', {bubbles: true}));
-    };
+    const box = rankBox();
+    const set = setRankOrder;
     if (/^[1-9]$/.test(k)) { e.preventDefault(); set((box.value.trim() + (box.value.trim().endsWith('=') || !box.value.trim() ? '' : ' ') + k).trim()); }
     else if (k === '=') { e.preventDefault(); set(box.value.trim() + ' ='); }
     else if (k === 'backspace') { e.preventDefault(); set(box.value.trim().replace(/\\s*=?\\s*\\d*$/, '').trim()); }
@@ -509,7 +536,10 @@ CSS = """
 .response p, .card p { font-size: 1.02rem; line-height: 1.55; }
 #prompt, #rank-prompt { background: var(--background-fill-secondary); border-radius: 10px; padding: 4px 14px; }
 #status, #rank-status, #verdict { color: var(--body-text-color-subdued); }
-#rank-preview { font-weight: 600; }
+#rank-strip { display: flex; gap: 8px; margin: 6px 0; }
+.rank-chip { cursor: grab; user-select: none; padding: 4px 14px; border-radius: 999px; font-weight: 600;
+             border: 1px solid var(--border-color-primary); background: var(--background-fill-secondary); }
+.rank-note { font-weight: 600; }
 """
 
 
@@ -697,7 +727,7 @@ def build_app(config: LabelConfig, store: Store | None = None, scorer=None, aren
                 with gr.Row(equal_height=False):
                     for i in range(row_start, row_start + 3):
                         cards.append(gr.Markdown(elem_classes="card", elem_id=f"card-{i + 1}", visible=False))
-            rank_preview = gr.Markdown(elem_id="rank-preview")
+            rank_preview = gr.HTML(elem_id="rank-preview")
             with gr.Row():
                 rank_order = gr.Textbox(label="Your order, best first (keys: numbers; '=' ties; Backspace)",
                                         elem_id="rank-order", scale=3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 import socket
 
 import pytest
@@ -146,7 +147,11 @@ def test_parse_order_reads_numbers_ties_and_says_what_is_wrong():
                           ("= 1 2 3 4", "start with a number"), ("1 2 3 four", "unexpected")):
         with pytest.raises(ValueError, match=message):
             parse_order(text, 4)
-    assert describe_order("3=1 4 2", 4).startswith("Your order: #3 = #1 > #4 > #2")
+    shown = describe_order("3=1 4 2", 4)
+    assert "Your order: #3 = #1 > #4 > #2" in shown
+    assert [int(n) for n in re.findall(r'data-n="(\d)"', shown)] == [3, 1, 4, 2]
+    assert [int(n) for n in re.findall(r'data-n="(\d)"', describe_order("2", 4))] == [2, 1, 3, 4]
+    assert "&lt;" in describe_order("<b>", 4) and "<b>" not in describe_order("<b>", 4)
 
 
 def test_a_ranking_maps_shown_numbers_back_to_task_positions(store):
@@ -308,6 +313,16 @@ def test_ranking_four_responses_with_the_keyboard(running_app, browser, artifact
     page.keyboard.press("u")  # undo works as for pairs
     page.wait_for_function("document.querySelector('#rank-status').innerText.includes('0 ranked by you')")
     assert store.tasks(kind="rank")[0]["votes"] == []
+    # The mouse: drag #4 in front of #1 (the strip starts 1 2 3 4), then submit with the button.
+    page.wait_for_selector('#rank-strip .rank-chip[data-n="4"]')
+    page.drag_and_drop('#rank-strip .rank-chip[data-n="4"]', '#rank-strip .rank-chip[data-n="1"]',
+                       target_position={"x": 2, "y": 5})
+    page.wait_for_function("document.querySelector('#rank-preview').innerText.includes('#4 > #1 > #2 > #3')")
+    shown = [page.inner_text(f"#card-{i}") for i in range(1, 5)]
+    page.click("#rank-submit-btn")
+    page.wait_for_function("document.querySelector('#rank-status').innerText.includes('1 ranked by you')")
+    [v] = store.tasks(kind="rank")[0]["votes"]
+    assert v["ranking"] == [[position_of(shown[n - 1])] for n in (4, 1, 2, 3)]
     page.close()
 
 
