@@ -592,7 +592,10 @@ def build_app(config: LabelConfig, store: Store | None = None, scorer=None, aren
             return (current, message, *nothing[2:], gr.skip())
         verdict = ""
         if vote_id is not None and scorer is not None:
-            verdict = model_verdict(store, scorer, current, vote_id, choice, strength, config.disagree_below)
+            try:
+                verdict = model_verdict(store, scorer, current, vote_id, choice, strength, config.disagree_below)
+            except Exception as e:  # noqa: BLE001 - the vote is saved; a failing model must not stall the page
+                verdict = f"(The reward model could not score this pair: {html.escape(type(e).__name__)}.)"
         return (*show(next_for(store, request.username, round_, rng, config.repeat_share), message), verdict)
 
     def on_skip(current, request: gr.Request):
@@ -642,7 +645,10 @@ def build_app(config: LabelConfig, store: Store | None = None, scorer=None, aren
         return messages[-1]["content"] if messages else "Write a short review of your favourite film."
 
     def on_ask(prompt_text):
-        current = arena_ask(store, arena, prompt_text, rng)
+        try:
+            current = arena_ask(store, arena, prompt_text, rng)
+        except UserError as e:  # e.g. a contestant's model cannot be loaded: say which, keep the page usable
+            current = {"task_id": None, "message": f"The arena cannot answer: {html.escape(str(e))}"}
         has = current["task_id"] is not None
         vote_buttons = [gr.update(visible=has)] * 4
         return (current, current["message"], current.get("a", ""), current.get("b", ""), *vote_buttons)

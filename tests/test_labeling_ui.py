@@ -386,3 +386,12 @@ def test_a_non_admin_cannot_reach_admin_functions_over_http(running_app, store, 
     # The same call by the admin works (so the refusal above is the role check, not a broken call).
     output = _call_event(url, "boss", credentials["boss"], by_name["on_export"], [str(target)])
     assert output["data"][0].startswith("Exported") and target.exists()
+
+
+def test_an_arena_model_that_cannot_load_is_a_clear_error(store, tmp_path):
+    from rlhf.config import UserError
+
+    arena = Arena(parse_contestants([f"a={tmp_path / 'missing-a'}", f"b={tmp_path / 'missing-b'}"]), max_new_tokens=4)
+    with pytest.raises(UserError):  # the page shows its one line and stays usable
+        arena_ask(store, arena, "Review a film.", random.Random(0))
+    assert store.tasks(kind="arena") == []  # nothing half-stored
