@@ -57,12 +57,18 @@ def test_tasks_dump_is_lossless(tmp_path, db):
                               source="chat", split="test")
     ids = store.add_responses(pid, ["Hello.", "Hey there, friend!"], model="m1", params={"temperature": 0.7})
     task = store.add_task(ids, round=3, how="active", overlap=2)
-    store.submit("ann", task, "B", strength=3, left="B", rationale="friendlier", guideline_version="v2", seconds=3.5)
+    vote = store.submit("ann", task, "B", strength=3, left="B", rationale="friendlier", guideline_version="v2",
+                        seconds=3.5)
+    store.set_model_verdict(vote, 0.9, queue=True)  # the reward model's verdict and the review state travel too
+    ranked = store.add_task(store.add_responses(pid, ["One.", "Two.", "Three."], model="m2"), kind="rank", round=3)
+    store.submit_ranking("ann", ranked, [[2], [0, 1]], shown=[1, 2, 0], rationale="ties", seconds=7.0)
     run_export(ExportConfig(db=db, out=str(tmp_path / "e")))
     db2 = f"sqlite:///{tmp_path / 'copy.db'}"
     run_import(ImportConfig(db=db2, file=str(tmp_path / "e" / "tasks.jsonl")))
     strip = lambda tasks: [{k: v for k, v in t.items() if k != "task_id"} for t in tasks]  # noqa: E731
     assert strip(Store(db2).tasks()) == strip(store.tasks())
+    assert strip(Store(db2).tasks(kind="rank")) == strip(store.tasks(kind="rank"))
+    assert Store(db2).tasks(kind="rank")[0]["votes"][0]["ranking"] == [[2], [0, 1]]
 
 
 def test_export_splits_by_prompt_and_keeps_ties_apart(tmp_path, db):
