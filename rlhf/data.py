@@ -455,11 +455,15 @@ def ranking_agreement(tasks: list[dict]) -> dict:
 
     ranked = [t for t in tasks if t.get("kind") == "rank"]
     taus, units, n = [], [], 0
+    first_on_top, chance = 0, 0.0  # position bias: how often the response shown first is ranked best
     for t in ranked:
         ranks = []  # one {position: rank} per ranking vote
         for v in t["votes"]:
             if v.get("ranking") is not None and v.get("review") != "rejected":
                 ranks.append({p: g for g, group in enumerate(v["ranking"]) for p in group})
+                if v.get("shown"):
+                    first_on_top += v["shown"][0] in v["ranking"][0]
+                    chance += len(v["ranking"][0]) / len(v["shown"])
         n += len(ranks)
         k = len(t["responses"])
         for a, b in combinations(ranks, 2):
@@ -469,7 +473,9 @@ def ranking_agreement(tasks: list[dict]) -> dict:
                 pass
         units += [[r[p] for r in ranks] for p in range(k)] if len(ranks) >= 2 else []
     out: dict = {"rankings": n, "tasks": len(ranked), "kendall_tau": sum(taus) / len(taus) if taus else None,
-                 "kendall_pairs": len(taus), "krippendorff_alpha_ordinal": None}
+                 "kendall_pairs": len(taus), "krippendorff_alpha_ordinal": None,
+                 "first_shown_on_top": first_on_top / n if n else None,
+                 "first_shown_on_top_by_chance": chance / n if n else None}
     if units:
         out["krippendorff_alpha_ordinal"] = krippendorff_alpha(units, "ordinal",
                                                                order=sorted({v for u in units for v in u}))
@@ -498,6 +504,9 @@ def format_stats(stats: dict) -> str:
         alpha = "—" if r["krippendorff_alpha_ordinal"] is None else f"{r['krippendorff_alpha_ordinal']:.3f}"
         lines.append(f"rankings: {r['rankings']} of {r['tasks']} tasks; Kendall tau-b {tau}; "
                      f"Krippendorff alpha (ordinal) {alpha}")
+        if r["first_shown_on_top"] is not None:
+            lines.append(f"rankings: the response shown first was ranked best in {100 * r['first_shown_on_top']:.0f} % "
+                         f"(by chance {100 * r['first_shown_on_top_by_chance']:.0f} %: position bias if far above)")
     lines.append("left: share of A/B votes for the response shown on the left (50% = no position bias); longer: share "
                  "for the longer response (length bias)")
     return "\n".join(lines)

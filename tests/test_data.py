@@ -191,6 +191,9 @@ def test_a_ranking_of_four_exports_six_pairs_in_one_group(tmp_path, db):
     # (1,3) disagrees, (0,2) is tied by r2: tau-b = (4 - 1) / sqrt((6 - 0) (6 - 1)).
     assert figures["rankings"] == 2 and figures["kendall_tau"] == pytest.approx(3 / 30 ** 0.5)
     assert figures["krippendorff_alpha_ordinal"] is not None
+    # Shown first: r1 saw position 1 first (ranked last), r2 saw position 0 first (best, tied with 2): 1 of 2 on
+    # top, against a chance of (1/4 + 2/4) / 2.
+    assert figures["first_shown_on_top"] == 0.5 and figures["first_shown_on_top_by_chance"] == pytest.approx(3 / 8)
 
 
 def test_export_leaves_out_repeats_and_rejected_votes(tmp_path, db):
