@@ -56,6 +56,45 @@ def test_response_mask_stops_after_the_first_eos():
     assert ended.tolist() == [True, False, True]
 
 
+def test_left_pad_to_a_multiple_keeps_the_positions():
+    rows = [[5, 6, 7], [8]]
+    ids, mask = ppo.left_pad(rows, pad_id=0, multiple=8)
+    assert ids.shape == (2, 8) and ids[0, -3:].tolist() == [5, 6, 7] and ids[1, -1].item() == 8
+    assert mask.sum(1).tolist() == [3, 1]
+    assert ppo.positions(mask)[0, -3:].tolist() == [0, 1, 2] and ppo.positions(mask)[1, -1].item() == 0
+    assert ppo.left_pad(rows, pad_id=0)[0].shape == (2, 3)  # multiple 1: as long as the longest row
+
+
+def test_eager_attention_only_for_cpu_low_precision_training_and_restored(tiny_model_dir, tiny_reward_dir):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+    critic = AutoModelForSequenceClassification.from_pretrained(tiny_reward_dir, attn_implementation="sdpa")
+    ids = torch.randint(0, 300, (3, 12))
+    attention = torch.ones_like(ids)
+    attention[0, :4] = 0  # left padding
+    args = (ids, attention, ppo.positions(attention), 5)
+    seen = []
+    original = policy.model.forward
+
+    def spy(*a, **k):
+        seen.append(policy.config._attn_implementation)
+        return original(*a, **k)
+
+    policy.model.forward = spy
+    for eager in (False, True):
+        model = ppo.PolicyAndCritic(policy, critic, eager_training=eager)
+        model(*args)  # fp32: never switched
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, values = model(*args)
+        assert policy.config._attn_implementation == critic.config._attn_implementation == "sdpa"  # restored
+        if eager:
+            assert torch.allclose(logits.float(), reference[0].float(), atol=0.1)
+            assert torch.allclose(values, reference[1], atol=0.05)
+        reference = (logits, values)
+    assert seen == ["sdpa", "sdpa", "sdpa", "eager"]
+
+
 def test_sampled_logprobs_equal_a_forward_pass_with_left_padding(tiny_model_dir):
     from transformers import LogitsProcessorList
 
@@ -166,6 +205,55 @@ def test_ppo_with_a_reward_model_trains_and_saves_a_model(tmp_path, tiny_model_d
     trained, start = weights(out), weights(tiny_model_dir)
     assert any(not torch.equal(trained[k], start[k]) for k in start)
     AutoModelForCausalLM.from_pretrained(out)  # a full model directory the next stage loads by path
+
+
+def test_the_first_micro_batch_values_its_rows_for_the_rollout(tmp_path, tiny_model_dir, tiny_reward_dir,
+                                                                monkeypatch):
+    """The rollout runs the critic only on the rows outside the first training micro-batch, whose forward (same
+    weights) gives the rest: a training forward values a row as the rollout's no-grad forward does."""
+    calls, gae_values = [], []
+    values, gae = ppo.PolicyAndCritic.values, losses.gae
+
+    def spy_values(self, input_ids, *args):
+        out = values(self, input_ids, *args)
+        calls.append((torch.is_grad_enabled(), input_ids.clone(), out.detach().clone()))
+        return out
+
+    def spy_gae(rewards, values, mask, *args):
+        gae_values.append((values.clone(), mask.clone()))
+        return gae(rewards, values, mask, *args)
+
+    monkeypatch.setattr(ppo.PolicyAndCritic, "values", spy_values)
+    monkeypatch.setattr(losses, "gae", spy_gae)
+    config = tiny_config(tmp_path, tiny_model_dir, reward_model=tiny_reward_dir, reward_fn="", steps=1, batch_size=4,
+                         mini_batch_size=4, gradient_accumulation_steps=2, ppo_epochs=1, stop_at_eos=False)
+    ppo.run(config)
+    rollout = [(ids, v) for grad, ids, v in calls if not grad]
+    train = [(ids, v) for grad, ids, v in calls if grad]
+    assert [ids.shape[0] for ids, _ in rollout] == [2] and [ids.shape[0] for ids, _ in train] == [2, 2]
+    # The second micro-batch's rows were valued by the rollout too, on the same weights: the same values.
+    rollout_ids, rollout_values = rollout[0]
+    for ids, v in zip(*train[1]):
+        match = [j for j in range(2) if torch.equal(rollout_ids[j, -ids.shape[0] :], ids)]
+        assert len(match) == 1 and torch.allclose(rollout_values[match[0]], v, atol=1e-5)
+    (used, mask), = gae_values
+    assert ((used * mask) != 0).any(1).all()  # every row valued, the first micro-batch's included
+
+
+def test_ppo_in_bf16_updates_the_policy_and_the_critic(tmp_path, tiny_model_dir, tiny_reward_dir):
+    """The low-precision path (training forwards switch to eager attention): gradients must reach every trained
+    weight."""
+    from safetensors.torch import load_file
+
+    config = tiny_config(tmp_path, tiny_model_dir, reward_model=tiny_reward_dir, reward_fn="", precision="bf16",
+                         steps=2, save_steps=1, batch_size=4, mini_batch_size=4, gradient_accumulation_steps=2)
+    result = ppo.run(config)
+    assert result["precision"] == "bf16"
+    assert all(h["loss/policy_avg"] == h["loss/policy_avg"] for h in result["history"])  # finite, not NaN
+    state = load_file(str(Path(config.output_dir) / "checkpoint-1" / "model.safetensors"))
+    start_policy, start_critic = weights(tiny_model_dir), weights(tiny_reward_dir)
+    assert all(not torch.equal(state[f"policy.{k}"], v) for k, v in start_policy.items() if "norm" not in k)
+    assert all(not torch.equal(state[f"critic.{k}"], v) for k, v in start_critic.items() if "norm" not in k)
 
 
 @pytest.mark.slow
