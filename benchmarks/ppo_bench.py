@@ -1,6 +1,6 @@
 """Our PPO (rlhf.ppo) against TRL 1.12's `trl.experimental.ppo.PPOTrainer` (the last TRL with PPO), side by side.
 
-    python benchmarks/ppo_bench.py                         # tiny model, then SmolLM2-135M-Instruct (CPU: ~15 min)
+    python benchmarks/ppo_bench.py                         # tiny model, then SmolLM2-135M-Instruct (CPU: ~20 min)
     python benchmarks/ppo_bench.py --models tiny --steps 6 --batch 16 --repeats 5
     python benchmarks/ppo_bench.py --trl-gradient-checkpointing true     # TRL with checkpointing really on
 
@@ -201,7 +201,7 @@ def run_worker(python: str, side: str, job: dict, workdir: Path, threads: int | 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["tiny", "smollm2"], choices=["tiny", "smollm2"])
-    ap.add_argument("--steps", type=int, default=0, help="PPO steps per side (default: tiny 8, smollm2 3)")
+    ap.add_argument("--steps", type=int, default=0, help="PPO steps per side (default: tiny 8, smollm2 4)")
     ap.add_argument("--batch", type=int, default=0, help="rollouts per step (default: tiny 16, smollm2 8)")
     ap.add_argument("--micro", type=int, default=0, help="micro-batch size (default: batch / 2)")
     ap.add_argument("--new-tokens", type=int, default=0, help="response length (default: tiny 32, smollm2 24)")
@@ -243,7 +243,7 @@ def main() -> None:
     # The tiny model is all per-op overhead: a second thread only adds synchronisation (the test suite pins one
     # too), and on a shared machine a preempted second thread stalls every op, both sides alike.
     defaults = {"tiny": dict(steps=8, batch=16, new_tokens=32, epochs=4, lr=1e-4, repeats=3, threads=1),
-                "smollm2": dict(steps=3, batch=8, new_tokens=24, epochs=1, lr=1e-6, repeats=2, threads=0)}
+                "smollm2": dict(steps=4, batch=8, new_tokens=24, epochs=1, lr=1e-6, repeats=2, threads=0)}
     trl_gc = {"default": None, "true": True, "false": False}[args.trl_gradient_checkpointing]
     # (label, python, extra environment) per side
     sides = [("ours", sys.executable, {})]

@@ -226,11 +226,12 @@ class PolicyAndCritic(torch.nn.Module):
                     self.values(input_ids, attention_mask, position_ids, width))
 
 
-# PyTorch's CPU flash attention (sdpa) is slow to train through in bf16 (torch 2.13, AVX512-BF16): SmolLM2-135M's
-# forward + backward on 4 x 72 tokens took 1.83 s with it and 1.49 s with transformers' eager attention (1.56x
-# faster backward; the tiny test model's micro-batch 40 vs 22 ms), and eager still led at 400 tokens. Sampling
-# stays on sdpa (6% faster there). Eager keeps each layer's (B, heads, L, L) probabilities for the backward, so
-# only sequences up to this length switch.
+# PyTorch's CPU flash attention (sdpa) is slow to train through in bf16 (torch 2.13, AVX512-BF16): per layer its
+# backward took 3-8x the plain kernels' time on sequences under ~200 tokens. With transformers' eager attention,
+# SmolLM2-135M's forward + backward on 4 x 72 tokens took 1.49 s instead of 1.83 s (the tiny test model's
+# micro-batch 22 ms instead of 40), and eager still led at 400 tokens. Sampling stays on sdpa (6% faster there).
+# Eager keeps each layer's (B, heads, L, L) probabilities for the backward, so only sequences up to this length
+# switch.
 EAGER_ATTENTION_MAX_TOKENS = 256
 
 
@@ -314,8 +315,9 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 # Sequence widths are rounded up to a multiple of this. oneDNN and PyTorch's CPU bf16 kernels are compiled and
-# cached per tensor shape, never evicted: with a width that changed every micro-batch, compiling took most of a
-# tiny model's step and its memory grew ~30 MB a step. A few extra padded (masked) columns cost less.
+# cached per tensor shape, never evicted: with widths that changed every micro-batch the tiny model's resident
+# memory grew ~30 MB a step (625 MB after 10 steps; 456 MB with multiples of 8), and every new shape costs a
+# compile. A few extra padded (masked) columns cost less.
 SHAPE_MULTIPLE = 8
 
 
