@@ -28,7 +28,7 @@ import gradio as gr
 
 from rlhf.config import UserError, field
 from rlhf.evaluate import arena_name
-from rlhf.store import AlreadyVoted, Store, StoreError, TaskFull
+from rlhf.store import LABELED, AlreadyVoted, Store, StoreError, TaskFull
 
 MAX_SHOWN_CHARS = 20_000
 MAX_RANK = 9
@@ -347,21 +347,16 @@ def leaderboard(store: Store, arena: Arena) -> str:
     """Bradley-Terry ratings of every contestant voted on, with 95 % bootstrap intervals, as a Markdown table."""
     from rlhf.evaluate import arena_figures
 
-    tasks = store.tasks(kind="arena")
     names = [c["name"] for c in arena.contestants]
-    figures = arena_figures(tasks, base=names[0] if names else "", aligned=names[1:], resamples=200)
+    figures = arena_figures(store.tasks(kind="arena"), base=names[0] if names else "", aligned=names[1:], resamples=200)
     if not figures["ratings"]:
         return "*No arena votes yet.*"
-    games: dict = {}
-    for t in tasks:
-        for r in t["responses"][:2]:
-            games[r["model"]] = games.get(r["model"], 0) + len(t["votes"])
     rows = ["| # | model | rating | 95 % interval | votes |", "|---:|---|---:|---|---:|"]
     ranked = sorted(figures["ratings"].items(), key=lambda kv: -kv[1]["rating"])
     for i, (name, r) in enumerate(ranked, 1):
         label = arena.by_name[name]["label"] if name in arena.by_name else name
         rows.append(f"| {i} | {html.escape(label)} | {r['rating']:.0f} | {r['ci'][0]:.0f} – {r['ci'][1]:.0f} | "
-                    f"{games.get(name, 0)} |")
+                    f"{r['votes']} |")
     note = f"\n\n{figures['votes']} votes; Bradley-Terry on the Elo scale (mean 1000), ties count half."
     if arena.contestants and figures["win_rate_human"]:
         base = html.escape(arena.contestants[0]["label"])
@@ -396,7 +391,7 @@ def admin_overview(store: Store, user: str) -> str:
         secs = "—" if row["mean_seconds"] is None else f"{row['mean_seconds']:.1f}"
         lines.append(f"| {html.escape(row['annotator'])} | {row['round']} | {row['done']} | {row['skipped']} | {secs} | "
                      f"{(row['last_vote'] or '—')[:19]} |")
-    stats = format_stats(quality_stats(store.tasks() + store.tasks(kind="rank")))
+    stats = format_stats(quality_stats(store.tasks(kind=LABELED)))
     lines += ["", "**Agreement and bias** (left: position bias, 50 % is none; repeat ok: the same choice on a swapped "
               "repeat)", "", f"```\n{stats}\n```"]
     return "\n".join(lines)

@@ -598,9 +598,11 @@ def run_import(config: ImportConfig) -> dict:
 
 
 def run_export(config: ExportConfig) -> dict:
+    from rlhf.store import LABELED
+
     store = _store(config.db)
     round_ = None if config.round < 0 else config.round
-    tasks = sorted(store.tasks(round=round_) + store.tasks(round=round_, kind="rank"), key=lambda t: t["task_id"])
+    tasks = store.tasks(round=round_, kind=LABELED)
     data = export_preferences(tasks, config.aggregate, tuple(config.margins), config.test_size, config.seed)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -625,8 +627,10 @@ def run_export(config: ExportConfig) -> dict:
 
 
 def run_stats(config: StatsConfig) -> dict:
+    from rlhf.store import LABELED
+
     store = _store(config.db)
     round_ = None if config.round < 0 else config.round
-    stats = quality_stats(store.tasks(round=round_) + store.tasks(round=round_, kind="rank"))
+    stats = quality_stats(store.tasks(round=round_, kind=LABELED))
     print(json.dumps(stats, indent=2) if config.json else format_stats(stats))
     return stats

@@ -165,7 +165,8 @@ def arena_figures(tasks: list[dict], base: str, aligned: list[str], resamples: i
         for model, rating in point.items():
             values = [d[model] for d in draws if model in d]
             lo, hi = np.quantile(values, [0.025, 0.975])
-            figures["ratings"][model] = {"rating": rating, "ci": [float(lo), float(hi)]}
+            figures["ratings"][model] = {"rating": rating, "ci": [float(lo), float(hi)],
+                                         "votes": sum(model in (a, b) for a, b, _ in outcomes)}
     return figures
 
 

@@ -80,7 +80,8 @@ MIGRATIONS = {1: ["ALTER TABLE votes ADD COLUMN margin FLOAT",
               2: _migrate_2_to_3}
 CHOICES = ("A", "B", "tie", "both_bad")
 RANK_CHOICES = ("ranked", "both_bad")  # a ranking task: an order, or "all of them are bad"
-REVIEWS = ("queued", "kept", "rejected")  # a vote the reward model strongly disagreed with, and an admin's decision
+REVIEWS = ("queued", "kept", "rejected")
+LABELED = ("pair", "rank")  # task kinds that become training data (arena votes are evaluation)  # a vote the reward model strongly disagreed with, and an admin's decision
 NAME_MAX = 128
 SOURCE_MAX = 256
 
@@ -718,9 +719,9 @@ class Store:
             rows: dict[tuple[str, int], dict] = {}
             votes = (select(Annotator.name, Task.round, func.count(), func.avg(Vote.seconds), func.max(Vote.created_at))
                      .join(Vote, Vote.annotator_id == Annotator.id).join(Task, Task.id == Vote.task_id)
-                     .where(Task.kind.in_(("pair", "rank"))).group_by(Annotator.name, Task.round))
+                     .where(Task.kind.in_(LABELED)).group_by(Annotator.name, Task.round))
             skips = (select(Annotator.name, Task.round, func.count()).join(Skip, Skip.annotator_id == Annotator.id)
-                     .join(Task, Task.id == Skip.task_id).where(Task.kind.in_(("pair", "rank"))).group_by(Annotator.name, Task.round))
+                     .join(Task, Task.id == Skip.task_id).where(Task.kind.in_(LABELED)).group_by(Annotator.name, Task.round))
             if round is not None:
                 votes, skips = votes.where(Task.round == round), skips.where(Task.round == round)
             for name, rd, n, mean_s, last in s.execute(votes):
@@ -751,15 +752,16 @@ class Store:
                              "responses": [i.response.text for i in task.items]})
             return rows
 
-    def tasks(self, round: int | None = None, kind: str | None = "pair") -> list[dict]:
+    def tasks(self, round: int | None = None, kind: str | tuple[str, ...] | None = "pair") -> list[dict]:
         """Every task with its prompt, responses (id, text, model, parameters), votes and skips, in id order.
 
-        Also the task rows of the lossless dump (`dump`). `kind=None` returns tasks of every kind.
+        Also the task rows of the lossless dump (`dump`). `kind` is one kind, several (LABELED: what people label
+        and trainers read), or None for every kind.
         """
         with self.session(write=False) as s:
             query = select(Task).order_by(Task.id)
             if kind is not None:
-                query = query.where(Task.kind == kind)
+                query = query.where(Task.kind.in_((kind,) if isinstance(kind, str) else kind))
             if round is not None:
                 query = query.where(Task.round == round)
             tasks = list(s.scalars(query))

@@ -184,6 +184,7 @@ def test_arena_human_win_rate_and_ratings_from_the_store(tmp_path):
     assert ratings["aligned"]["rating"] > 1000 > ratings["base"]["rating"]
     lo, hi = ratings["aligned"]["ci"]
     assert lo <= ratings["aligned"]["rating"] <= hi
+    assert ratings["aligned"]["votes"] == ratings["base"]["votes"] == 6  # the same-model task counts for no one
 
 
 def test_evaluate_reads_arena_votes_into_the_report(tmp_path, tiny_model_dir):

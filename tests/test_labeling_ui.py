@@ -210,7 +210,8 @@ def running_app(store, tiny_model_dir, tiny_reward_dir):
     port = _free_port()
     arena = Arena(parse_contestants([f"base={tiny_model_dir}", f"prompted={tiny_model_dir}|Be positive."]),
                   precision="fp32", max_new_tokens=6)
-    app = build_app(LabelConfig(db=store.url, port=port), store,
+    # No swapped repeats here: one (5 % of draws) would not count as "done" and the page checks below count votes.
+    app = build_app(LabelConfig(db=store.url, port=port, repeat_share=0.0), store,
                     scorer=RewardModel.load(tiny_reward_dir, precision="fp32"), arena=arena)
     app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, css=CSS, head=KEYS_JS,
                footer_links=[],
