@@ -28,6 +28,12 @@ side really ran (read back from the trainer, not from its arguments):
     call) turns it on under transformers 5, so TRL runs without it. `--trl-gradient-checkpointing true` enables it on
     the policy, as TRL did under transformers 4.
 
+Ours changes the allocator in-process on a CPU (huge pages for PyTorch's large tensors, set on importing rlhf;
+glibc keeping freed memory during the PPO loop): a training step maps and frees the same large tensors every
+micro-batch, and on a VM every fresh page costs a fault. TRL as shipped does neither; the bench also runs it
+with the same settings given through the environment (`TRL +env +alloc`, `--no-trl-allocator` to leave it out),
+so the table shows how much of the difference is the allocator. The verdict is against TRL as it runs by default.
+
 The sides run alternately, `--repeats` times (the order rotating), so load from other processes hits all alike.
 Per run: the median step time (first step dropped as warm-up) and the process's peak resident memory; per side the
 median over runs (the range of the run medians beside it). The verdict compares ours with the faster TRL variant
@@ -48,6 +54,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TRL_PINS = ["torch==2.13.0", "trl==1.12.0"]
+# What rlhf does to the allocator in-process (rlhf/__init__.py: huge pages for PyTorch's large CPU tensors;
+# rlhf.models.reuse_freed_memory: glibc keeps freed memory), given to TRL through the environment: glibc reads
+# MALLOC_* at start-up, PyTorch THP_MEM_ALLOC_ENABLE at import.
+ALLOCATOR_ENV = {"THP_MEM_ALLOC_ENABLE": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
 
 
 # ---------------------------------------------------------------- workers (each runs in its own process)
@@ -187,8 +197,9 @@ def run_worker(python: str, side: str, job: dict, workdir: Path, threads: int | 
     job_file.write_text(json.dumps(job))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "TRL_EXPERIMENTAL_SILENCE": "1", **extra_env}
-    if "ACCELERATE_MIXED_PRECISION" not in extra_env:  # each side runs as its own configuration says
-        env.pop("ACCELERATE_MIXED_PRECISION", None)
+    for name in ("ACCELERATE_MIXED_PRECISION", *ALLOCATOR_ENV):  # each side runs as its own configuration says
+        if name not in extra_env:
+            env.pop(name, None)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     proc = subprocess.run([python, __file__, "--worker", side, str(job_file), str(out_file)], env=env,
@@ -217,6 +228,10 @@ def main() -> None:
     ap.add_argument("--trl-amp", default="both", choices=["both", "configured", "env"],
                     help="with a low precision, run TRL as configured (bf16=True, effectively fp32), with "
                          "ACCELERATE_MIXED_PRECISION set (really autocast), or both")
+    ap.add_argument("--trl-allocator", action=argparse.BooleanOptionalAction, default=True,
+                    help="on a CPU, also run TRL (autocast where it applies) with the allocator settings rlhf makes "
+                         "in-process (huge pages, glibc keeping freed memory), so the table shows how much of the "
+                         "difference they are; the verdict is against TRL as it runs by default")
     ap.add_argument("--ours-gradient-checkpointing", action="store_true")
     ap.add_argument("--trl-venv", default="", help="TRL 1.12 environment (default $RLHF_HOME/venvs/trl112)")
     ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
@@ -251,6 +266,9 @@ def main() -> None:
         sides.append(("TRL 1.12", python_trl, {}))
     if precision != "fp32" and args.trl_amp in ("both", "env"):
         sides.append(("TRL 1.12 +env", python_trl, {"ACCELERATE_MIXED_PRECISION": precision}))
+    if args.trl_allocator and device.type == "cpu":
+        amp = {"ACCELERATE_MIXED_PRECISION": precision} if precision != "fp32" and args.trl_amp != "configured" else {}
+        sides.append(("TRL 1.12 +alloc" if not amp else "TRL +env +alloc", python_trl, {**amp, **ALLOCATOR_ENV}))
     rows = []
     for which in args.models:
         d = defaults[which]
@@ -284,14 +302,14 @@ def main() -> None:
                     times = result["step_seconds"][1:] or result["step_seconds"]
                     result["median_step"] = statistics.median(times)
                     results[label].append(result)
-                    print(f"  {which} run {r + 1}/{repeats} {label:<14} median step {result['median_step']:.3f} s, "
+                    print(f"  {which} run {r + 1}/{repeats} {label:<16} median step {result['median_step']:.3f} s, "
                           f"peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)
         rows.append((which, job, repeats, threads or torch.get_num_threads(), results))
 
     print(f"\nPPO step time and peak memory, ours (rlhf.ppo) vs TRL 1.12 PPOTrainer, on {device} (precision "
           f"{precision}); per side the median over runs of each run's median step after a warm-up step [range of "
           f"the run medians]")
-    header = (f"{'model':<8} {'batch x tokens':>14} {'epochs':>6} {'threads':>7} {'side':<14} {'ran as':<22} "
+    header = (f"{'model':<8} {'batch x tokens':>14} {'epochs':>6} {'threads':>7} {'side':<16} {'ran as':<22} "
               f"{'ckpt':<4} {'step s':>7} {'[range]':>13} {'peak RSS MB':>12}")
     print(header + ("   peak GPU MB" if device.type == "cuda" else ""))
     verdicts = []
@@ -305,18 +323,22 @@ def main() -> None:
             gc = "on" if runs[0]["gradient_checkpointing"] else "off"
             gpu = f" {statistics.median(r['peak_gpu_mb'] for r in runs):13.0f}" if "peak_gpu_mb" in runs[0] else ""
             spread = f"[{min(steps_):.2f}-{max(steps_):.2f}]"
-            print(f"{which:<8} {shape:>14} {job['epochs']:>6} {threads:>7} {label:<14} {runs[0]['precision']:<22} "
+            print(f"{which:<8} {shape:>14} {job['epochs']:>6} {threads:>7} {label:<16} {runs[0]['precision']:<22} "
                   f"{gc:<4} {med[label]:7.2f} {spread:>13} {rss[label]:12.0f}{gpu}")
         trl_labels = [label for label in results if label != "ours"]
         for label in trl_labels:
-            print(f"{'':<8} {'':>14} {'':>6} {'':>7} {label + ' / ours':<37} {med[label] / med['ours']:8.2f}x "
+            print(f"{'':<8} {'':>14} {'':>6} {'':>7} {label + ' / ours':<39} {med[label] / med['ours']:8.2f}x "
                   f"{'':>13} {rss[label] / rss['ours']:11.2f}x")
-        fastest = min(trl_labels, key=lambda label: med[label])
-        leanest = min(trl_labels, key=lambda label: rss[label])
+        shipped = [label for label in trl_labels if "alloc" not in label]
+        fastest = min(shipped, key=lambda label: med[label])
+        leanest = min(shipped, key=lambda label: rss[label])
         speedup, memory = med[fastest] / med["ours"], rss[leanest] / rss["ours"]
         verdicts.append(f"{which}: {speedup:.2f}x faster than the faster TRL ({fastest}), memory ratio {memory:.2f} "
                         f"against the smaller TRL peak ({leanest}): "
                         f"{'met' if speedup >= 1.5 and memory >= 1 else 'not met'}")
+        for label in (label for label in trl_labels if "alloc" in label):
+            verdicts.append(f"{which}: with rlhf's allocator settings TRL too ({label}): "
+                            f"{med[label] / med['ours']:.2f}x, memory ratio {rss[label] / rss['ours']:.2f}")
     print("(speed-up = TRL step / ours; memory ratio = TRL peak RSS / ours, >= 1 means ours uses no more)")
     for line in verdicts:
         print(line)

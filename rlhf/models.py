@@ -15,9 +15,12 @@ A spec is one of:
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import importlib.util
 import json
 import os
+import platform
 import shutil
 import sys
 import time
@@ -104,6 +107,46 @@ def launcher_precision(flags: dict[str, bool]):
 
     return patch.dict(os.environ, ACCELERATE_MIXED_PRECISION="bf16" if flags["bf16"] else "fp16" if flags["fp16"]
                       else "no")
+
+
+# glibc's malloc hands every block over its mmap threshold (32 MB at most) back to the kernel when it is freed and
+# trims the heap's free top. A CPU training step allocates and frees the same large tensors every micro-batch (bf16
+# copies of the weights under autocast, gradients, SmolLM2's 113 MB embedding gradient), and every fresh mapping is
+# paid again in page faults on first touch. SmolLM2-135M policy + critic, 2 micro-batches of 4 x 72 tokens, forward
+# and backward under bf16 autocast: 4.5 s with glibc's defaults, 3.3 s with freed memory kept for reuse, the same
+# peak RSS (6.35 GB). Intel's PyTorch CPU tuning guide gets this from jemalloc or tcmalloc via LD_PRELOAD; mallopt
+# gets it in-process. Only where glibc is the C library; elsewhere nothing changes.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
+_allocator_users = 0
+
+
+@contextlib.contextmanager
+def reuse_freed_memory(enabled: bool = True):
+    """Within this context glibc keeps freed memory for reuse (no mmap for large blocks, no trimming); on leaving,
+    its defaults come back and the free memory is returned to the system. Nested uses keep it until the outermost
+    ends."""
+    global _allocator_users
+    libc = None
+    if enabled and sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        libc = ctypes.CDLL(None)
+        if not hasattr(libc, "mallopt"):
+            libc = None
+    if libc is None:
+        yield
+        return
+    if _allocator_users == 0:
+        libc.mallopt(_M_MMAP_MAX, 0)
+        libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    _allocator_users += 1
+    try:
+        yield
+    finally:
+        _allocator_users -= 1
+        if _allocator_users == 0:
+            for param, value in _GLIBC_DEFAULTS.items():
+                libc.mallopt(param, value)
+            libc.malloc_trim(0)
 
 
 # ---------------------------------------------------------------- the embedded default

@@ -451,7 +451,7 @@ def run(config: PPOConfig, reward_fn: Callable | None = None) -> dict:
     from tqdm.auto import tqdm
     from transformers import LogitsProcessorList
 
-    from rlhf.models import load, pick_device, pick_dtype
+    from rlhf.models import load, pick_device, pick_dtype, reuse_freed_memory
     from rlhf.sample import render_prompt
 
     start = time.perf_counter()
@@ -562,8 +562,9 @@ def run(config: PPOConfig, reward_fn: Callable | None = None) -> dict:
     # With sharded weights every process must run the same number of decoding steps (each step gathers them).
     sharded = accelerator.distributed_type == DistributedType.FSDP
     T = config.temperature
-    bar = tqdm(total=config.steps, initial=start_step, desc="PPO", disable=not accelerator.is_local_main_process)
-    try:
+    # On a CPU the step's large tensors are reused rather than mapped afresh (see reuse_freed_memory).
+    with (reuse_freed_memory(device.type == "cpu"),
+          tqdm(total=config.steps, initial=start_step, desc="PPO", disable=not accelerator.is_local_main_process) as bar):
         for step in range(start_step, config.steps):
             step_start = time.perf_counter()
             # Seeded by step (and process), so an interrupted run resumed from a checkpoint samples the same.
@@ -719,8 +720,6 @@ def run(config: PPOConfig, reward_fn: Callable | None = None) -> dict:
             bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
             if config.save_steps and (step + 1) % config.save_steps == 0 and step + 1 < config.steps:
                 _save_checkpoint(accelerator, out, step + 1, kl_coef)
-    finally:
-        bar.close()
 
     # The policy as a full model directory (a LoRA adapter merged) that the next stage loads by path.
     accelerator.wait_for_everyone()

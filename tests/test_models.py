@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
+import platform
 
 import pytest
 import torch
@@ -117,3 +119,33 @@ def test_converted_weights_match_the_gguf(default_model_home, monkeypatch):
     ids = converted.tokenizer("The film was", return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(converted.model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_reuse_freed_memory_keeps_large_blocks_in_the_heap_and_restores_glibc():
+    from rlhf.models import reuse_freed_memory
+
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = _MallInfo2
+    size = 64 * 2**20  # over glibc's largest mmap threshold (32 MB): always a fresh mapping by default
+
+    def mapped() -> int:  # bytes in blocks malloc got from mmap
+        return libc.mallinfo2().hblkhd
+
+    before = mapped()
+    with reuse_freed_memory():
+        block = torch.ones(size, dtype=torch.uint8)
+        assert mapped() == before  # from the heap
+        del block
+        assert libc.mallinfo2().fordblks >= size  # freed, kept for the next step's tensors
+        again = torch.ones(size, dtype=torch.uint8)
+        assert mapped() == before
+        del again
+    outside = torch.ones(size, dtype=torch.uint8)
+    assert mapped() >= before + size  # glibc's defaults are back
+    del outside
