@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Literal
 
 from rlhf.config import UserError, field, resume_checkpoint
-from rlhf.models import DEFAULT_MODEL, launcher_precision, save_model_dir
+from rlhf.models import DEFAULT_MODEL, launcher_precision, reuse_freed_memory, save_model_dir
 
 # TRL 1.16's DPOConfig.loss_type values (tests/test_dpo.py checks this list against the installed TRL).
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -231,7 +231,8 @@ def run(config: DPOConfig) -> dict:
     trainer, data = build_trainer(config)
     tokenizer, args = trainer.processing_class, trainer.args
     has_test = "test" in data and len(data["test"]) > 0
-    result = trainer.train(resume_from_checkpoint=resume_checkpoint(config.output_dir, config.resume))
+    with reuse_freed_memory(args.device.type == "cpu"):  # large tensors reused, not mapped afresh
+        result = trainer.train(resume_from_checkpoint=resume_checkpoint(config.output_dir, config.resume))
     eval_metrics = trainer.evaluate() if has_test else {}
 
     out = Path(config.output_dir)

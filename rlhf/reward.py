@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from rlhf.config import UserError, field, resume_checkpoint
-from rlhf.models import DEFAULT_MODEL, launcher_precision, save_model_dir
+from rlhf.models import DEFAULT_MODEL, launcher_precision, reuse_freed_memory, save_model_dir
 
 # Encoders ship no chat template: a turn is "role: content" between BERT's [CLS]/[SEP] markers, so the pooled
 # [CLS] token sees the whole exchange. A causal LM without one gets one turn per line (no EOS at the end: its pad
@@ -395,7 +395,8 @@ def run(config: RewardConfig) -> dict:
         raise UserError(f"every training pair is longer than max_length={config.max_length} tokens")
     counter = ThisRun()
     trainer.add_callback(counter)
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    with reuse_freed_memory(trainer.args.device.type == "cpu"):  # large tensors reused, not mapped afresh
+        result = trainer.train(resume_from_checkpoint=resume_from)
 
     out = Path(config.output_dir)
     # Under `accelerate launch` every process holds the same trained model and computes the figures below; only

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rlhf.config import UserError, field, resume_checkpoint
-from rlhf.models import DEFAULT_MODEL, launcher_precision, save_model_dir
+from rlhf.models import DEFAULT_MODEL, launcher_precision, reuse_freed_memory, save_model_dir
 
 SHIPPED_DEMOS = Path(__file__).parent / "data" / "sft_demos.jsonl"
 _SPLITS = ("train", "test", "validation")
@@ -194,7 +194,8 @@ def run(config: SFTConfig) -> dict:
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data["train"],
                              eval_dataset=data["test"] if has_test else None, processing_class=tokenizer,
                              peft_config=peft_config)
-    result = trainer.train(resume_from_checkpoint=resume_checkpoint(config.output_dir, config.resume))
+    with reuse_freed_memory(args.device.type == "cpu"):  # large tensors reused, not mapped afresh
+        result = trainer.train(resume_from_checkpoint=resume_checkpoint(config.output_dir, config.resume))
     eval_metrics = trainer.evaluate() if has_test else {}
 
     out = Path(config.output_dir)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
+import os
 import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,31 +124,36 @@ def test_converted_weights_match_the_gguf(default_model_home, monkeypatch):
         torch.testing.assert_close(converted.model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_reuse_freed_memory_keeps_large_blocks_in_the_heap_and_restores_glibc():
-    from rlhf.models import reuse_freed_memory
+    # In a fresh process: after other tests, the heap can hold a free chunk big enough that glibc serves the block
+    # from it whatever its settings.
+    script = """
+import ctypes
+import torch
+from rlhf.models import reuse_freed_memory
 
-    libc = ctypes.CDLL(None)
-    libc.mallinfo2.restype = _MallInfo2
-    size = 64 * 2**20  # over glibc's largest mmap threshold (32 MB): always a fresh mapping by default
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                               "uordblks", "fordblks", "keepcost")]
 
-    def mapped() -> int:  # bytes in blocks malloc got from mmap
-        return libc.mallinfo2().hblkhd
-
-    before = mapped()
-    with reuse_freed_memory():
-        block = torch.ones(size, dtype=torch.uint8)
-        assert mapped() == before  # from the heap
-        del block
-        assert libc.mallinfo2().fordblks >= size  # freed, kept for the next step's tensors
-        again = torch.ones(size, dtype=torch.uint8)
-        assert mapped() == before
-        del again
-    outside = torch.ones(size, dtype=torch.uint8)
-    assert mapped() >= before + size  # glibc's defaults are back
-    del outside
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+size = 64 * 2**20  # over glibc's largest mmap threshold (32 MB): a fresh mapping by default
+mapped = lambda: libc.mallinfo2().hblkhd  # bytes in blocks malloc got from mmap
+before = mapped()
+with reuse_freed_memory():
+    block = torch.ones(size, dtype=torch.uint8)
+    assert mapped() == before, "inside: mapped"  # from the heap
+    del block
+    assert libc.mallinfo2().fordblks >= size, "inside: not kept"  # freed, kept for the next step's tensors
+    again = torch.ones(size, dtype=torch.uint8)
+    assert mapped() == before, "inside: mapped again"
+    del again
+outside = torch.ones(size, dtype=torch.uint8)
+assert mapped() >= before + size, "outside: glibc's defaults are not back"
+print("ok")
+"""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
