@@ -38,7 +38,8 @@ def test_batched_greedy_equals_one_at_a_time_on_gpu_fp32(tiny_model_dir):
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_ppo_with_a_reward_model_on_gpu(tmp_path, tiny_model_dir, tiny_reward_dir, lora):
     """Our PPO (rlhf/ppo.py) on one GPU at `auto` precision: sampling, the frozen bf16 reference and reward model,
-    the fp32 policy and critic under autocast, the update and the saved (for LoRA: merged) policy."""
+    the fp32 policy and critic (for LoRA: fp32 adapters on a bf16 base) under autocast, the update and the
+    saved (for LoRA: merged into the fp32 base) policy."""
     from safetensors.torch import load_file
 
     config = ppo.PPOConfig(model=tiny_model_dir, reward_model=tiny_reward_dir, reward_fn="", device="cuda",

@@ -315,6 +315,23 @@ def test_lora_policy_and_critic_save_a_merged_model(tmp_path, tiny_model_dir, ti
     assert any(not torch.allclose(trained[k], start[k]) for k in start)
 
 
+def test_lora_at_bf16_trains_adapters_on_a_bf16_base_and_merges_into_the_fp32_base(tmp_path, tiny_model_dir,
+                                                                                    tiny_reward_dir):
+    config = tiny_config(tmp_path, tiny_model_dir, reward_model=tiny_reward_dir, reward_fn="", lora=True, lora_r=4,
+                         lora_alpha=8, learning_rate=1e-2, steps=2, precision="bf16")
+    result = ppo.run(config)
+    assert result["precision"] == "bf16"
+    assert abs(result["history"][0]["objective/kl"]) < 0.05  # the reference is the base: only bf16 rounding left
+    trained, start = weights(config.output_dir), weights(tiny_model_dir)
+    assert set(trained) == set(start) and all(v.dtype == torch.float32 for v in trained.values())
+    # Weights without an adapter come back bit for bit (the merge went into the fp32 base, not the bf16 copy) ...
+    untouched = [k for k in start if "proj" not in k]
+    assert untouched and all(torch.equal(trained[k], start[k]) for k in untouched)
+    # ... and the adapted ones moved by more than bf16 rounding of the base would.
+    moved = [k for k in start if "proj" in k and not torch.allclose(trained[k], start[k])]
+    assert moved
+
+
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes(tmp_path, tiny_model_dir):
     script = tmp_path / "ddp_run.py"
