@@ -24,7 +24,9 @@ tokenizer and chat template (same formatting as `RewardModel.score`, without a d
 first training micro-batch's critic forward (on the rollout's weights) gives its rows' rollout values, so the
 rollout's critic pass covers only the other rows. For speed on a CPU: training forwards under bf16 autocast use
 eager attention (torch's CPU flash-attention backward is slow in bf16), sequence widths are rounded up to multiples
-of 8 (CPU kernels are compiled and cached per shape), and AdamW is the fused one.
+of 8 (CPU kernels are compiled and cached per shape), AdamW is the fused one, and glibc keeps freed memory for
+the next micro-batch's tensors (`rlhf.models.reuse_freed_memory`). With LoRA the frozen base is held in the compute
+precision.
 
 Runs under accelerate (`accelerate launch --config_file configs/accelerate/ddp.yaml -m rlhf.cli ppo ...`):
 one CPU, one GPU, DDP; configs for DeepSpeed ZeRO-2 and FSDP are in configs/accelerate/.
