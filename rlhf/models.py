@@ -113,9 +113,10 @@ def launcher_precision(flags: dict[str, bool]):
 # trims the heap's free top. A CPU training step allocates and frees the same large tensors every micro-batch (bf16
 # copies of the weights under autocast, gradients, SmolLM2's 113 MB embedding gradient), and every fresh mapping is
 # paid again in page faults on first touch. SmolLM2-135M policy + critic, 2 micro-batches of 4 x 72 tokens, forward
-# and backward under bf16 autocast: 4.5 s with glibc's defaults, 3.3 s with freed memory kept for reuse, the same
-# peak RSS (6.35 GB). Intel's PyTorch CPU tuning guide gets this from jemalloc or tcmalloc via LD_PRELOAD; mallopt
-# gets it in-process. Only where glibc is the C library; elsewhere nothing changes.
+# and backward under bf16 autocast (medians of 3 alternating runs): 5.1 s with glibc's defaults, 4.3 s with freed
+# memory kept for reuse, 3.55 s adding huge pages (rlhf/__init__.py), the same peak RSS (6.2-6.4 GB). Intel's
+# PyTorch CPU tuning guide gets this from jemalloc or tcmalloc via LD_PRELOAD; mallopt gets it in-process. Only where
+# glibc is the C library; elsewhere nothing changes.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
 _allocator_users = 0

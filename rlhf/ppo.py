@@ -261,9 +261,10 @@ def _base(model):
 
 
 def build_critic(spec: str, rm, policy_path: str, tokenizer, device, precision: str = "fp32") -> torch.nn.Module:
-    """The value model, in `precision` (fp32 when all its weights train): `spec` if given; else a copy of the reward model when it is a decoder on the
-    policy's tokenizer (its score head applied at every position values each prefix; an encoder would see the
-    future, so it cannot be a critic); else the policy's backbone with a zero value head."""
+    """The value model, in `precision` (fp32 when all its weights train): `spec` if given; else a copy of the reward
+    model when it is a decoder on the policy's tokenizer (its score head applied at every position values each
+    prefix; an encoder would see the future, so it cannot be a critic); else the policy's backbone with a zero value
+    head."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -578,7 +579,8 @@ def run(config: PPOConfig, reward_fn: Callable | None = None) -> dict:
     T = config.temperature
     # On a CPU the step's large tensors are reused rather than mapped afresh (see reuse_freed_memory).
     with (reuse_freed_memory(device.type == "cpu"),
-          tqdm(total=config.steps, initial=start_step, desc="PPO", disable=not accelerator.is_local_main_process) as bar):
+          tqdm(total=config.steps, initial=start_step, desc="PPO",
+               disable=not accelerator.is_local_main_process) as bar):
         for step in range(start_step, config.steps):
             step_start = time.perf_counter()
             # Seeded by step (and process), so an interrupted run resumed from a checkpoint samples the same.
