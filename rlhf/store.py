@@ -80,8 +80,8 @@ MIGRATIONS = {1: ["ALTER TABLE votes ADD COLUMN margin FLOAT",
               2: _migrate_2_to_3}
 CHOICES = ("A", "B", "tie", "both_bad")
 RANK_CHOICES = ("ranked", "both_bad")  # a ranking task: an order, or "all of them are bad"
-REVIEWS = ("queued", "kept", "rejected")
-LABELED = ("pair", "rank")  # task kinds that become training data (arena votes are evaluation)  # a vote the reward model strongly disagreed with, and an admin's decision
+REVIEWS = ("queued", "kept", "rejected")  # a vote the reward model strongly disagreed with, and an admin's decision
+LABELED = ("pair", "rank")  # task kinds that become training data (arena votes are evaluation)
 NAME_MAX = 128
 SOURCE_MAX = 256
 
@@ -721,7 +721,8 @@ class Store:
                      .join(Vote, Vote.annotator_id == Annotator.id).join(Task, Task.id == Vote.task_id)
                      .where(Task.kind.in_(LABELED)).group_by(Annotator.name, Task.round))
             skips = (select(Annotator.name, Task.round, func.count()).join(Skip, Skip.annotator_id == Annotator.id)
-                     .join(Task, Task.id == Skip.task_id).where(Task.kind.in_(LABELED)).group_by(Annotator.name, Task.round))
+                     .join(Task, Task.id == Skip.task_id).where(Task.kind.in_(LABELED))
+                     .group_by(Annotator.name, Task.round))
             if round is not None:
                 votes, skips = votes.where(Task.round == round), skips.where(Task.round == round)
             for name, rd, n, mean_s, last in s.execute(votes):
