@@ -471,6 +471,24 @@ class Store:
             s.add_all(TaskItem(task_id=task.id, position=i, response_id=r) for i, r in enumerate(response_ids))
             return task.id
 
+    def add_arena_task(self, messages: list[dict], answers: list[tuple[str, str, dict]], round: int = 0) -> int:
+        """An arena task in one transaction: the prompt (source and split "arena"; an identical prompt is reused),
+        one response per answer (text, model name, generation parameters) at positions 0 (A) and 1 (B), and the
+        task (kind and how "arena", overlap 1). Returns the task id; on any failure nothing is stored."""
+        if len(answers) != 2:
+            raise StoreError(f"an arena task compares two answers, not {len(answers)}")
+        with self.session() as s:
+            prompt = _get_or_add_prompt(s, _as_messages(messages), "arena", "arena")
+            rows = [Response(prompt_id=prompt.id, text=text_, model=model, model_revision="", params=params or {})
+                    for text_, model, params in answers]
+            s.add_all(rows)
+            s.flush()
+            task = Task(prompt_id=prompt.id, round=round, how="arena", overlap=1, kind="arena", repeat_of=None)
+            s.add(task)
+            s.flush()
+            s.add_all(TaskItem(task_id=task.id, position=i, response_id=r.id) for i, r in enumerate(rows))
+            return task.id
+
     def task(self, task_id: int) -> TaskView:
         with self.session(write=False) as s:
             task = s.get(Task, task_id)

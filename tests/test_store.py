@@ -6,9 +6,10 @@ import threading
 from collections import Counter
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.exc import StatementError
 
-from rlhf.store import AlreadyVoted, Store, StoreError, TaskFull
+from rlhf.store import AlreadyVoted, Store, StoreError, Task, TaskFull
 
 
 def _pairs(store: Store, n: int, overlap: int = 1, round: int = 0) -> list[int]:
@@ -268,3 +269,69 @@ def test_a_version_2_store_is_upgraded_in_place(store_url):
     with pytest.raises(StoreError):
         upgraded.submit("old", task_id, "ranked")  # the check still guards pair choices
     assert Store(url).votes(kind="rank")[0]["ranking"] == [[1], [0, 2]]
+
+
+def _row_counts(url: str) -> dict:
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        counts = {t: conn.execute(text(f"SELECT count(*) FROM {t}")).scalar()
+                  for t in ("prompts", "responses", "tasks", "task_items")}
+    engine.dispose()
+    return counts
+
+
+def test_add_arena_task_stores_what_the_four_separate_calls_did(store_url, tmp_path):
+    messages = [{"role": "user", "content": "Write a film review."}]
+    answers = [("A fine film.", "base", {"label": "Base", "system": "", "temperature": 0.7, "seed": 5}),
+               ("A superb film!", "dpo", {"label": "DPO", "system": "Be kind.", "temperature": 0.7, "seed": 5})]
+    store = Store(store_url)
+    task_id = store.add_arena_task(messages, answers)
+    # The same rows as labeling_ui's arena_ask wrote before, in four transactions.
+    separate = Store(f"sqlite:///{tmp_path / 'separate.db'}")
+    [pid] = separate.add_prompts([messages], source="arena", split="arena")
+    ids = [separate.add_responses(pid, [t], model=m, params=p)[0] for t, m, p in answers]
+    separate.add_task(ids, kind="arena", how="arena", overlap=1)
+
+    def without_times(row: dict) -> dict:
+        row = {k: v for k, v in row.items() if k not in ("created_at", "prompt_created_at")}
+        row["responses"] = [{k: v for k, v in r.items() if k != "created_at"} for r in row["responses"]]
+        return row
+
+    [got] = store.tasks(kind="arena")
+    [want] = separate.tasks(kind="arena")
+    assert got["task_id"] == task_id and without_times(got) == without_times(want)
+    assert (got["kind"], got["how"], got["overlap"], got["round"], got["prompt_source"], got["prompt_split"]) == (
+        "arena", "arena", 1, 0, "arena", "arena")
+    assert [(r["text"], r["model"], r["params"]) for r in got["responses"]] == answers
+    view = store.task(task_id)
+    assert view.prompt == messages and view.models == ["base", "dpo"]
+    # Asking the same prompt again reuses it; the round is the caller's.
+    again = store.add_arena_task(messages, answers, round=2)
+    assert again != task_id and store.prompts_with_tasks(2) == store.prompts_with_tasks(0)
+
+
+def test_add_arena_task_that_fails_halfway_stores_nothing(store_url):
+    store = Store(store_url)
+    _pairs(store, 1)
+    before = _row_counts(store_url)
+    messages = [{"role": "user", "content": "A prompt nobody has asked."}]
+    with pytest.raises(StoreError, match="two answers"):
+        store.add_arena_task(messages, [("only one", "base", {})])
+    with pytest.raises(StoreError):
+        store.add_arena_task([{"role": "user", "content": "  "}], [("a", "x", {}), ("b", "y", {})])
+    # Failures after the prompt was written (parameters that are not JSON), and after the responses were too (a
+    # forced error on inserting the task), in the same transaction.
+    with pytest.raises(StatementError, match="JSON"):
+        store.add_arena_task(messages, [("a", "x", {}), ("b", "y", {"seed": object()})])
+
+    def fail(*_):
+        raise RuntimeError("forced")
+
+    event.listen(Task, "before_insert", fail)
+    try:
+        with pytest.raises(RuntimeError, match="forced"):
+            store.add_arena_task(messages, [("a", "x", {}), ("b", "y", {})])
+    finally:
+        event.remove(Task, "before_insert", fail)
+    assert _row_counts(store_url) == before
+    assert store.random_prompt(split="arena") is None
