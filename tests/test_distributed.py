@@ -168,19 +168,19 @@ def test_sft_two_processes_agree_with_one(tmp_path, tiny_model_dir):
 # ---------------------------------------------------------------- PPO
 
 
-PLAIN_FORWARD = None  # rlhf.ppo.PolicyAndCritic.forward, kept by the worker before it patches the class
+PLAIN_FORWARD = None  # rlhf.rollout.PolicyAndCritic.forward, kept by the worker before it patches the class
 
 
 def sample_rows_alone(self, input_ids, attention_mask, position_ids=None, width: int = 0, mode: str = "train",
                       **kwargs):
-    """rlhf.ppo.PolicyAndCritic.forward, except that sampling draws every row alone, seeded by its prompt.
+    """rlhf.rollout.PolicyAndCritic.forward, except that sampling draws every row alone, seeded by its prompt.
 
     PPO seeds its sampler per process, so a 2-process run draws other responses than a 1-process run, and two
     different draws cannot be compared number for number. Seeded by the prompt, a row gets the same response
     whichever process and batch it lands in; what is left to compare is everything downstream: the prompt split,
     the all-reduced updates, the metrics gathered over processes. EOS is suppressed, so every response has the
     same length and every process's token-mean weighs its tokens as the 1-process mean does."""
-    from rlhf import losses, ppo
+    from rlhf import losses, rollout
 
     if mode != "generate":
         return PLAIN_FORWARD(self, input_ids, attention_mask, position_ids, width, mode, **kwargs)
@@ -193,7 +193,7 @@ def sample_rows_alone(self, input_ids, attention_mask, position_ids=None, width:
         torch.manual_seed(zlib.crc32(str(prompt.tolist()).encode()))
         sequence = self.policy.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **kwargs)
         response = sequence[:, prompt.shape[1]:]  # (1, R)
-        logits = ppo.policy_logits(self.policy, sequence, torch.ones_like(sequence), None, response.shape[1])
+        logits = rollout.policy_logits(self.policy, sequence, torch.ones_like(sequence), None, response.shape[1])
         logprobs.append(losses.logprobs_from_logits(logits.float() / kwargs["temperature"], response))
         responses.append(response)
     recorder.result = lambda _: torch.cat(logprobs)  # (B, R): what PPO's recorder would have given
@@ -202,11 +202,11 @@ def sample_rows_alone(self, input_ids, attention_mask, position_ids=None, width:
 
 def _ppo_worker(config_json: str, result_file: str) -> None:
     """One process of a PPO run with `sample_rows_alone`; the main process writes the history."""
-    from rlhf import ppo
+    from rlhf import ppo, rollout
 
     global PLAIN_FORWARD
-    PLAIN_FORWARD = ppo.PolicyAndCritic.forward
-    ppo.PolicyAndCritic.forward = sample_rows_alone
+    PLAIN_FORWARD = rollout.PolicyAndCritic.forward
+    rollout.PolicyAndCritic.forward = sample_rows_alone
     result = ppo.run(ppo.PPOConfig(**json.loads(config_json)))
     if int(os.environ.get("RANK", "0")) == 0:
         Path(result_file).write_text(json.dumps({"processes": result["processes"], "history": result["history"]}))

@@ -3,6 +3,7 @@ falls with the advantage's sign flipped), resume == uninterrupted, LoRA, DDP on 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -28,8 +29,9 @@ def one_thread():
 
 def tiny_config(tmp_path, model_dir, name="out", **overrides) -> PPOConfig:
     values = dict(model=model_dir, reward_model="", reward_fn="length:8", device="cpu", steps=2, batch_size=4,
-                  mini_batch_size=2, ppo_epochs=2, max_new_tokens=8, learning_rate=1e-3, output_dir=str(tmp_path / name),
-                  precision="fp32")  # exact comparisons below; `auto` is bf16 on CPUs with AVX512-BF16
+                  mini_batch_size=2, ppo_epochs=2, max_new_tokens=8, learning_rate=1e-3,
+                  # exact comparisons below; `auto` is bf16 on CPUs with AVX512-BF16
+                  output_dir=str(tmp_path / name), precision="fp32")
     values.update(overrides)
     return PPOConfig(**values)
 
@@ -46,129 +48,7 @@ def weights(path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(path) / "model.safetensors"))
 
 
-# ---------------------------------------------------------------- pieces
-
-
-def test_response_mask_stops_after_the_first_eos():
-    responses = torch.tensor([[5, 9, 2, 7], [5, 6, 7, 8], [9, 9, 9, 2]])
-    mask, ended = ppo.response_mask(responses, eos_ids=[9])
-    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]  # through the EOS, nothing after
-    assert ended.tolist() == [True, False, True]
-
-
-def test_left_pad_to_a_multiple_keeps_the_positions():
-    rows = [[5, 6, 7], [8]]
-    ids, mask = ppo.left_pad(rows, pad_id=0, multiple=8)
-    assert ids.shape == (2, 8) and ids[0, -3:].tolist() == [5, 6, 7] and ids[1, -1].item() == 8
-    assert mask.sum(1).tolist() == [3, 1]
-    assert ppo.positions(mask)[0, -3:].tolist() == [0, 1, 2] and ppo.positions(mask)[1, -1].item() == 0
-    assert ppo.left_pad(rows, pad_id=0)[0].shape == (2, 3)  # multiple 1: as long as the longest row
-
-
-def test_eager_attention_only_for_cpu_low_precision_training_and_restored(tiny_model_dir, tiny_reward_dir):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
-    critic = AutoModelForSequenceClassification.from_pretrained(tiny_reward_dir, attn_implementation="sdpa")
-    ids = torch.randint(0, 300, (3, 12))
-    attention = torch.ones_like(ids)
-    attention[0, :4] = 0  # left padding
-    args = (ids, attention, ppo.positions(attention), 5)
-    seen = []
-    original = policy.model.forward
-
-    def spy(*a, **k):
-        seen.append(policy.config._attn_implementation)
-        return original(*a, **k)
-
-    policy.model.forward = spy
-    for eager in (False, True):
-        model = ppo.PolicyAndCritic(policy, critic, eager_training=eager)
-        model(*args)  # fp32: never switched
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits, values = model(*args)
-        assert policy.config._attn_implementation == critic.config._attn_implementation == "sdpa"  # restored
-        if eager:
-            assert torch.allclose(logits.float(), reference[0].float(), atol=0.1)
-            assert torch.allclose(values, reference[1], atol=0.05)
-        reference = (logits, values)
-    assert seen == ["sdpa", "sdpa", "sdpa", "eager"]
-
-
-def test_sampled_logprobs_equal_a_forward_pass_with_left_padding(tiny_model_dir):
-    from transformers import LogitsProcessorList
-
-    from rlhf.models import load
-    from rlhf.sample import render_prompt
-
-    loaded = load(tiny_model_dir, device="cpu", precision="fp32")
-    model, tok = loaded.model, loaded.tokenizer
-    prompts = ["Hi", "Write a short review of the film Alien, in some detail please.", "What is the capital of France?"]
-    rows = [tok(render_prompt(tok, p), add_special_tokens=False)["input_ids"] for p in prompts]
-    prompt_ids, prompt_mask = ppo.left_pad(rows, tok.pad_token_id)
-    assert len({len(r) for r in rows}) == 3  # really padded
-    torch.manual_seed(0)
-    recorder = ppo.SampledLogprobs(temperature=0.7)
-    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=10, do_sample=True,
-                         temperature=0.7, top_k=0, top_p=1.0, pad_token_id=tok.pad_token_id,
-                         logits_processor=LogitsProcessorList([recorder]))
-    responses = out[:, prompt_ids.shape[1]:]
-    sampled = recorder.result(responses)
-    mask, _ = ppo.response_mask(responses, [tok.eos_token_id])
-    ids = torch.cat([prompt_ids, responses], 1)
-    attention = torch.cat([prompt_mask, mask], 1)
-    with torch.no_grad():
-        logits = ppo.policy_logits(model, ids, attention, ppo.positions(attention), responses.shape[1])
-    forward = losses.logprobs_from_logits(logits / 0.7, responses)
-    assert torch.allclose(sampled * mask, forward * mask, atol=1e-4)
-    # and each padded row equals the same row alone, unpadded (position ids follow the attention mask)
-    for i, row in enumerate(rows):
-        n = int(mask[i].sum())
-        alone = torch.tensor([row + responses[i, :n].tolist()])
-        with torch.no_grad():
-            logits = ppo.policy_logits(model, alone, torch.ones_like(alone), ppo.positions(torch.ones_like(alone)), n)
-        assert torch.allclose(losses.logprobs_from_logits(logits / 0.7, responses[i : i + 1, :n]), forward[i, :n],
-                              atol=1e-4)
-
-
-def test_reward_from_token_ids_equals_reward_model_score(tiny_reward_dir, tiny_tokenizer):
-    from rlhf.reward import RewardModel
-    from rlhf.sample import render_prompt
-
-    rm = RewardModel.load(tiny_reward_dir, device="cpu", precision="fp32")
-    rm.mean, rm.std = 0.3, 2.0
-    prompts = ["Write a short review of the film Alien.", [{"role": "user", "content": "What is the capital of France?"}],
-               [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Explain photosynthesis."}]]
-    texts = ["The film was wonderful, moving and funny.", "The capital of France is Paris.", "Plants use sunlight."]
-    prompt_ids = [tiny_tokenizer(render_prompt(tiny_tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
-    response_ids = [tiny_tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    for normalize in (False, True):
-        scorer = ppo.RewardScorer(rm, None, tiny_tokenizer, normalize=normalize)
-        assert scorer.suffix is not None  # same tokenizer and template: the token-id path is taken
-        expected = rm.score(prompts, texts, normalize=normalize)
-        assert torch.allclose(scorer(prompts, prompt_ids, response_ids, texts), expected, atol=1e-5)
-    # a policy tokenizer with another chat template falls back to scoring the text
-    other = tiny_tokenizer.__class__.from_pretrained(tiny_reward_dir)
-    other.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
-    scorer = ppo.RewardScorer(rm, None, other, normalize=False)
-    assert scorer.suffix is None
-    assert torch.allclose(scorer(prompts, prompt_ids, response_ids, texts), rm.score(prompts, texts), atol=1e-6)
-
-
-def test_critic_starts_as_the_reward_model(tiny_reward_dir, tiny_tokenizer):
-    from rlhf.reward import RewardModel
-
-    rm = RewardModel.load(tiny_reward_dir, device="cpu", precision="fp32")
-    critic = ppo.build_critic("", rm, tiny_reward_dir, tiny_tokenizer, "cpu")
-    assert critic is not rm.model
-    ids = torch.tensor([rm.encode("Write a short review of the film Alien.", "It was great.")])
-    ones = torch.ones_like(ids)
-    with torch.no_grad():
-        values = ppo.PolicyAndCritic(None, critic).values(ids, ones, ppo.positions(ones), width=ids.shape[1] - 1)
-    # the value of the prefix before the last token equals the reward model's score of that prefix
-    prefix = ids[:, :-1]
-    with torch.no_grad():
-        assert torch.allclose(values[0, -1], rm.model(input_ids=prefix).logits[0, 0], atol=1e-5)
+# ---------------------------------------------------------------- config
 
 
 def test_config_checks():
@@ -207,37 +87,50 @@ def test_ppo_with_a_reward_model_trains_and_saves_a_model(tmp_path, tiny_model_d
     AutoModelForCausalLM.from_pretrained(out)  # a full model directory the next stage loads by path
 
 
-def test_the_first_micro_batch_values_its_rows_for_the_rollout(tmp_path, tiny_model_dir, tiny_reward_dir,
-                                                                monkeypatch):
+def test_the_first_micro_batch_values_its_rows_for_the_rollout(tmp_path, tiny_model_dir, tiny_reward_dir):
     """The rollout runs the critic only on the rows outside the first training micro-batch, whose forward (same
-    weights) gives the rest: a training forward values a row as the rollout's no-grad forward does."""
-    calls, gae_values = [], []
-    values, gae = ppo.PolicyAndCritic.values, losses.gae
-
-    def spy_values(self, input_ids, *args):
-        out = values(self, input_ids, *args)
-        calls.append((torch.is_grad_enabled(), input_ids.clone(), out.detach().clone()))
-        return out
-
-    def spy_gae(rewards, values, mask, *args):
-        gae_values.append((values.clone(), mask.clone()))
-        return gae(rewards, values, mask, *args)
-
-    monkeypatch.setattr(ppo.PolicyAndCritic, "values", spy_values)
-    monkeypatch.setattr(losses, "gae", spy_gae)
+    weights) values them: a training forward values a row as the rollout's no-grad forward does, and advantages
+    are estimated once every row has its values."""
     config = tiny_config(tmp_path, tiny_model_dir, reward_model=tiny_reward_dir, reward_fn="", steps=1, batch_size=4,
                          mini_batch_size=4, gradient_accumulation_steps=2, ppo_epochs=1, stop_at_eos=False)
-    ppo.run(config)
-    rollout = [(ids, v) for grad, ids, v in calls if not grad]
-    train = [(ids, v) for grad, ids, v in calls if grad]
-    assert [ids.shape[0] for ids, _ in rollout] == [2] and [ids.shape[0] for ids, _ in train] == [2, 2]
-    # The second micro-batch's rows were valued by the rollout too, on the same weights: the same values.
-    rollout_ids, rollout_values = rollout[0]
-    for ids, v in zip(*train[1]):
-        match = [j for j in range(2) if torch.equal(rollout_ids[j, -ids.shape[0] :], ids)]
-        assert len(match) == 1 and torch.allclose(rollout_values[match[0]], v, atol=1e-5)
-    (used, mask), = gae_values
-    assert ((used * mask) != 0).any(1).all()  # every row valued, the first micro-batch's included
+    run = ppo.prepare(config)
+    batch = ppo.sample_rollout(run, step=0)
+    orders = ppo.minibatch_orders(config, 0, len(batch.indices))
+    first = orders[0][: run.micro_batch_size]
+    assert len(first) == 2
+    every_row = copy.copy(batch)
+    ppo.rollout_forward(run, every_row, valued_later=torch.tensor([], dtype=torch.long))  # values all rows
+    ppo.rollout_forward(run, batch, valued_later=first)
+    later = torch.ones(4, dtype=torch.bool)
+    later[first] = False
+    assert (batch.values[first] == 0).all() and torch.equal(batch.values[later], every_row.values[later])
+    assert torch.equal(batch.ref_logprobs, every_row.ref_logprobs)
+    ppo.shape_rewards(config, batch, ppo.score(run, batch), run.kl_coef)
+    stats = ppo.update(run, batch, orders, lr=config.learning_rate)
+    # The values advantages were estimated from: the first micro-batch's rows now hold its training forward's.
+    mask = batch.mask.bool()
+    assert torch.allclose(batch.values[mask], every_row.values[mask], atol=1e-5)
+    assert set(stats) == set(ppo.STAT_KEYS) and all(v == v for v in stats.values())
+
+
+def test_phases_shape_rewards_and_estimate_advantages_by_hand():
+    """Reward shaping puts the score (less the EOS penalty) on the last response token and -beta * KL on every
+    token; GAE with gamma 1, lambda 1 and zero values gives the reward-to-go."""
+    config = PPOConfig(reward_model="", reward_fn="length:8", missing_eos_penalty=1.0, kl_coef=0.5,
+                       whiten_advantages=False, lam=1.0)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    logprobs = torch.tensor([[-1.0, -1.0, -1.0], [-2.0, -2.0, -2.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5], [-2.0, -1.0, -2.0]])
+    batch = ppo.Rollout(indices=[0, 1], prompt_ids=None, prompt_mask=None, responses=None, logprobs=logprobs,
+                        mask=mask, ended=torch.tensor([False, True]), input_ids=None, attention_mask=None,
+                        position_ids=None, ref_logprobs=ref, values=torch.zeros(2, 3))
+    ppo.shape_rewards(config, batch, torch.tensor([2.0, 3.0]), kl_coef=config.kl_coef)
+    assert batch.scores.tolist() == [1.0, 3.0]  # the first never ended: penalised
+    assert batch.kl.tolist() == [[0.5, 0.0, -0.5], [0.0, -1.0, 0.0]]
+    assert batch.rewards.tolist() == [[-0.25, 0.0, 0.25 + 1.0], [0.0, 0.5 + 3.0, 0.0]]
+    advantages, returns = ppo.estimate_advantages(config, batch)
+    assert advantages.tolist() == [[1.0, 1.25, 1.25], [3.5, 3.5, 0.0]]
+    assert torch.equal(returns, advantages)  # zero values
 
 
 def test_ppo_in_bf16_updates_the_policy_and_the_critic(tmp_path, tiny_model_dir, tiny_reward_dir):
@@ -262,7 +155,8 @@ def test_rule_reward_rises_with_bounded_kl_and_falls_when_the_advantage_is_flipp
                                                                                     monkeypatch, sign):
     if sign < 0:
         policy_loss = losses.policy_loss
-        monkeypatch.setattr(losses, "policy_loss", lambda lp, old, adv, mask, clip: policy_loss(lp, old, -adv, mask, clip))
+        monkeypatch.setattr(losses, "policy_loss",
+                            lambda lp, old, adv, mask, clip: policy_loss(lp, old, -adv, mask, clip))
     config = tiny_config(tmp_path, tiny_model_dir, steps=30, batch_size=16, mini_batch_size=8, max_new_tokens=16,
                          adaptive_kl=True, kl_coef=0.1, kl_target=4.0, kl_horizon=400)
     history = ppo.run(config, reward_fn=count_a)["history"]
