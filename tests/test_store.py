@@ -235,7 +235,8 @@ def test_model_verdict_and_the_review_queue(store_url):
 
 
 def test_a_version_2_store_is_upgraded_in_place(store_url):
-    """A store written by schema version 2 (the votes table as it was) opens with its votes intact and takes rankings."""
+    """A store written by schema version 2 (the votes table as it was) opens with its votes intact and takes
+    rankings."""
     url = store_url
     sqlite = url.startswith("sqlite")
     datetime_type, id_type = ("DATETIME", "INTEGER") if sqlite else ("TIMESTAMP WITHOUT TIME ZONE", "SERIAL")
@@ -248,22 +249,25 @@ def test_a_version_2_store_is_upgraded_in_place(store_url):
     with engine.begin() as conn:
         conn.execute(text("DROP TABLE votes"))
         conn.execute(text(f"""CREATE TABLE votes (id {id_type} NOT NULL, task_id INTEGER NOT NULL,
-            annotator_id INTEGER NOT NULL, choice VARCHAR(16) NOT NULL, strength INTEGER NOT NULL, rationale TEXT NOT NULL,
-            "left" VARCHAR(1) NOT NULL, guideline_version VARCHAR(64) NOT NULL, seconds FLOAT, created_at {datetime_type} NOT NULL,
-            margin FLOAT, PRIMARY KEY (id), CONSTRAINT uq_one_vote_per_annotator UNIQUE (task_id, annotator_id),
+            annotator_id INTEGER NOT NULL, choice VARCHAR(16) NOT NULL, strength INTEGER NOT NULL,
+            rationale TEXT NOT NULL, "left" VARCHAR(1) NOT NULL, guideline_version VARCHAR(64) NOT NULL, seconds FLOAT,
+            created_at {datetime_type} NOT NULL, margin FLOAT, PRIMARY KEY (id),
+            CONSTRAINT uq_one_vote_per_annotator UNIQUE (task_id, annotator_id),
             CONSTRAINT ck_vote_choice CHECK (choice in ('A', 'B', 'tie', 'both_bad')),
-            CONSTRAINT ck_vote_strength CHECK (strength between 1 and 3), CONSTRAINT ck_vote_left CHECK ("left" in ('A', 'B')),
+            CONSTRAINT ck_vote_strength CHECK (strength between 1 and 3),
+            CONSTRAINT ck_vote_left CHECK ("left" in ('A', 'B')),
             FOREIGN KEY(task_id) REFERENCES tasks (id), FOREIGN KEY(annotator_id) REFERENCES annotators (id))"""))
         conn.execute(text("CREATE INDEX ix_votes_task_id ON votes (task_id)"))
         conn.execute(text("CREATE INDEX ix_votes_annotator_id ON votes (annotator_id)"))
-        conn.execute(text("INSERT INTO votes VALUES (7, :t, 1, 'B', 3, 'why', 'A', 'v1', 2.5, '2026-01-01 00:00:00', 0.5)"),
-                     {"t": task_id})
+        conn.execute(text("INSERT INTO votes VALUES "
+                          "(7, :t, 1, 'B', 3, 'why', 'A', 'v1', 2.5, '2026-01-01 00:00:00', 0.5)"), {"t": task_id})
         conn.execute(text("UPDATE tasks SET vote_count = 1 WHERE id = :t"), {"t": task_id})
         conn.execute(text("UPDATE meta SET value = '2' WHERE key = 'schema_version'"))
     engine.dispose()
     upgraded = Store(url)
     [vote] = upgraded.votes()
-    assert (vote["vote_id"], vote["choice"], vote["strength"], vote["margin"], vote["rationale"]) == (7, "B", 3, 0.5, "why")
+    assert (vote["vote_id"], vote["choice"], vote["strength"], vote["margin"], vote["rationale"]) == (
+        7, "B", 3, 0.5, "why")
     assert vote["ranking"] is None and vote["review"] is None
     upgraded.submit_ranking("old", rank_id, [[1], [0, 2]], shown=[2, 0, 1])
     with pytest.raises(StoreError):
