@@ -32,10 +32,12 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhf.annotators import load_gold
+from rlhf.arena import arena_figures, arena_name, arena_outcomes, bootstrap_ci, bradley_terry  # noqa: F401
 from rlhf.config import field
 from rlhf.data import read_prompts
 from rlhf.models import DEFAULT_MODEL, load
 from rlhf.sample import generate_batch, render_prompt
+
 
 @dataclass
 class EvaluateConfig:
@@ -76,98 +78,14 @@ class EvaluateConfig:
 
 
 # ---------------------------------------------------------------- statistics (pure)
+# bootstrap_ci and the arena's statistics live in rlhf.arena, which the labeling app imports without torch;
+# arena_outcomes and bradley_terry are imported above so that they stay importable from here.
 
 
 def win_rate(aligned_scores, base_scores) -> np.ndarray:
     """Per prompt: 1 if aligned scored higher, 0.5 on a tie, 0 otherwise."""
     a, b = np.asarray(aligned_scores, dtype=float), np.asarray(base_scores, dtype=float)
     return np.where(a > b, 1.0, np.where(a == b, 0.5, 0.0))
-
-
-def bootstrap_ci(values, resamples: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
-    """Mean and percentile-bootstrap interval of the mean, resampling the values (prompts) with replacement."""
-    values = np.asarray(values, dtype=float)
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(values.mean()), float(lo), float(hi)
-
-
-def arena_outcomes(tasks: list[dict]) -> list[tuple[str, str, float]]:
-    """(model of A, model of B, score of A) per arena vote: 1 A won, 0 B won, 0.5 a tie or both bad (counted as a
-    tie, as Chatbot Arena does). Votes on two responses of the same model say nothing about models: left out."""
-    outcomes = []
-    for task in tasks:
-        a, b = (r["model"] for r in task["responses"][:2])
-        if a == b:
-            continue
-        for v in task["votes"]:
-            outcomes.append((a, b, {"A": 1.0, "B": 0.0}.get(v["choice"], 0.5)))
-    return outcomes
-
-
-def bradley_terry(outcomes: list[tuple[str, str, float]], prior: float = 0.5, iterations: int = 300) -> dict[str, float]:
-    """Bradley-Terry ratings on the Elo scale (400 * log10 strength, mean 1000), fitted by minorization-maximization
-    (Hunter 2004, eq. 3: p_i <- W_i / sum_j n_ij / (p_i + p_j)); a tie counts as half a win for each side. A model
-    that never won (or never lost) has no finite maximum-likelihood rating, so `prior` games against a virtual
-    opponent of strength 1, half won and half lost, keep every rating finite (0: the plain maximum likelihood)."""
-    models = sorted({m for a, b, _ in outcomes for m in (a, b)})
-    index = {m: i for i, m in enumerate(models)}
-    k = len(models)
-    wins, games = np.full(k, prior / 2), np.zeros((k, k))
-    for a, b, score in outcomes:
-        i, j = index[a], index[b]
-        wins[i] += score
-        wins[j] += 1 - score
-        games[i, j] += 1
-        games[j, i] += 1
-    strength = np.ones(k)
-    for _ in range(iterations):
-        strength = wins / ((games / (strength[:, None] + strength[None, :])).sum(1) + prior / (strength + 1.0))
-        if not prior:  # without the virtual opponent the likelihood ignores the scale: pin it
-            strength /= np.exp(np.log(strength).mean())
-    ratings = 400 * np.log10(strength)
-    return {m: float(1000 + r - ratings.mean()) for m, r in zip(models, ratings)}
-
-
-def arena_name(spec: str, system: str = "") -> str:
-    """The model name the arena stores for a contestant: its spec, and its system prompt for a prompt baseline."""
-    return f"{spec} | system: {system}" if system else spec
-
-
-def arena_figures(tasks: list[dict], base: str, aligned: list[str], resamples: int = 1000,
-                  seed: int = 0, baselines: list[str] = ()) -> dict:
-    """Human win-rate of each aligned model and prompt baseline over base, and of each aligned model over each
-    prompt baseline (`win_rate_human_vs`; votes between those two only), and every voted model's Bradley-Terry
-    rating, with 95 % percentile-bootstrap intervals over votes."""
-    outcomes = arena_outcomes(tasks)
-    figures: dict = {"votes": len(outcomes), "win_rate_human": {}, "win_rate_human_vs": {}, "ratings": {}}
-
-    def win_rate(model: str, opponent: str) -> dict | None:
-        scores = [s if a == model else 1 - s for a, b, s in outcomes if {a, b} == {model, opponent}]
-        if not scores:
-            return None
-        mean, lo, hi = bootstrap_ci(scores, resamples, seed)
-        return {"mean": mean, "ci": [lo, hi], "votes": len(scores)}
-
-    for model in [*aligned, *baselines]:
-        if (figure := win_rate(model, base)) is not None:
-            figures["win_rate_human"][model] = figure
-    for model in aligned:
-        for baseline in baselines:
-            if (figure := win_rate(model, baseline)) is not None:
-                figures["win_rate_human_vs"].setdefault(model, {})[baseline] = figure
-    if outcomes:
-        point = bradley_terry(outcomes)
-        rng = np.random.default_rng(seed)
-        draws = [bradley_terry([outcomes[i] for i in rng.integers(0, len(outcomes), len(outcomes))], iterations=100)
-                 for _ in range(min(resamples, 200))]  # 200 refits: intervals to a rating point or so
-        for model, rating in point.items():
-            values = [d[model] for d in draws if model in d]
-            lo, hi = np.quantile(values, [0.025, 0.975])
-            figures["ratings"][model] = {"rating": rating, "ci": [float(lo), float(hi)],
-                                         "votes": sum(model in (a, b) for a, b, _ in outcomes)}
-    return figures
 
 
 def distinct_n(texts: list[str], n: int) -> float:
@@ -197,7 +115,8 @@ def response_logprobs(model, prompt_ids: list[list[int]], response_ids: list[lis
         logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
         logp = torch.log_softmax(logits[:, :-1] / temp, dim=-1)  # (B, T-1, V): predicts token t+1
         token_logp = logp.gather(-1, ids[:, 1:].to(model.device).unsqueeze(-1)).squeeze(-1).cpu()  # (B, T-1)
-        for i, (p, r) in enumerate(zip(prompt_ids[start : start + batch_size], response_ids[start : start + batch_size])):
+        batch = zip(prompt_ids[start : start + batch_size], response_ids[start : start + batch_size])
+        for i, (p, r) in enumerate(batch):
             totals.append(float(token_logp[i, len(p) - 1 : len(p) - 1 + len(r)].sum()))
     return totals
 
@@ -373,9 +292,9 @@ def _plots(metrics: dict) -> list[tuple[str, str]]:
 def render_report(metrics: dict, prompts: list, samples: dict[str, list[str]], config: EvaluateConfig) -> str:
     """A self-contained HTML page: the metrics table, plots, and samples; every model output is escaped."""
     e = html.escape
-    cols = ["label", "model", "system", "mean_gold", "mean_reward", "win_rate_gold", "win_rate_reward", "win_rate_human",
-            "win_rate_gold_vs_prompt", "win_rate_reward_vs_prompt", "win_rate_human_vs_prompt", "kl_vs_base", "mean_tokens", "distinct_1",
-            "distinct_2"]
+    cols = ["label", "model", "system", "mean_gold", "mean_reward", "win_rate_gold", "win_rate_reward",
+            "win_rate_human", "win_rate_gold_vs_prompt", "win_rate_reward_vs_prompt", "win_rate_human_vs_prompt",
+            "kl_vs_base", "mean_tokens", "distinct_1", "distinct_2"]
     cols = [c for c in cols if any(m.get(c) not in (None, "") for m in metrics["models"])]
 
     def cell(m: dict, c: str) -> str:
@@ -391,7 +310,8 @@ def render_report(metrics: dict, prompts: list, samples: dict[str, list[str]], c
             return text
         return f"<small>{e(str(v))}</small>" if c in ("model", "system") else f"<b>{e(str(v))}</b>"
 
-    table = "<tr>" + "".join(f"<th>{e(c.replace('_', ' ').replace('label', ''))}</th>" for c in cols) + "</tr>" + "".join(
+    header = "<tr>" + "".join(f"<th>{e(c.replace('_', ' ').replace('label', ''))}</th>" for c in cols) + "</tr>"
+    table = header + "".join(
         "<tr>" + "".join(f"<td>{cell(m, c)}</td>" for c in cols) + "</tr>" for m in metrics["models"])
     plots = "".join(f"<figure><img alt='{e(t)}' src='{src}'><figcaption>{e(t)}</figcaption></figure>"
                     for t, src in _plots(metrics))
@@ -435,7 +355,8 @@ def _arena_section(arena: dict | None) -> str:
     if not arena["ratings"]:
         return "<h2>Arena</h2><p>No arena votes in the store yet.</p>"
     e = html.escape
-    rows = "".join(f"<tr><td>{e(m)}</td><td>{r['rating']:.0f} <small>[{r['ci'][0]:.0f}, {r['ci'][1]:.0f}]</small></td></tr>"
+    rows = "".join(f"<tr><td>{e(m)}</td><td>{r['rating']:.0f} "
+                   f"<small>[{r['ci'][0]:.0f}, {r['ci'][1]:.0f}]</small></td></tr>"
                    for m, r in sorted(arena["ratings"].items(), key=lambda kv: -kv[1]["rating"]))
     return (f"<h2>Arena</h2><p>{arena['votes']} human votes between two models' answers; Bradley-Terry ratings on "
             f"the Elo scale (mean 1000), 95 % bootstrap intervals over votes.</p>"

@@ -1,0 +1,263 @@
+"""The rules of annotation, as plain functions on a Store: the labeling app's buttons call them, and so do the tests.
+
+  next_pair, vote      which pair to serve next (now and then a swapped repeat: the position-bias audit), in which
+                       order, and the vote on it: its checks and the mapping from the sides shown to responses A/B
+  model_verdict        after a vote, the reward model's probability that the left response is better; a strong vote
+                       it gives less than `disagree_below` goes on the review queue
+  next_ranking, ...    K-response tasks: a random order shown, the typed order read and mapped back to positions
+  undo, skip           the annotator's last vote taken back, a task put aside
+  require_admin, ...   the admin's functions, each checking the role first
+
+What the functions return is text for the page (messages, the task's prompt and responses as stored); turning it
+into Markdown or HTML, and escaping what people or models wrote, is the app's part.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import time
+
+from rlhf.data import ExportConfig, format_stats, quality_stats, run_export
+from rlhf.store import LABELED, AlreadyVoted, Store, TaskFull
+
+CHOICE_TO_LABEL = {"left": "Left is better", "right": "Right is better", "tie": "Tie", "both_bad": "Both bad"}
+STRENGTHS = {"slight": 1, "clear": 2, "strong": 3}
+
+# ---------------------------------------------------------------- pairs
+
+
+def next_pair(store: Store, user: str, round_: int | None, rng: random.Random, repeat_share: float = 0.0) -> dict:
+    """The next pair for `user`: task_id (None when there is nothing left), the prompt's messages, responses `a` and
+    `b`, which one is on the left (`left_is_a`), when it was shown, and a status line. A `repeat_share` of the time
+    it is a pair they judged before, with the sides swapped (the bias audit)."""
+    task, left = None, None
+    if repeat_share and rng.random() < repeat_share:
+        repeat = store.repeat_task(user, round=round_)
+        if repeat is not None:
+            task, left = repeat
+    if task is None:
+        task = store.next_task(user, round=round_)
+    progress = store.progress(annotator=user, round=round_)
+    status = (f"{progress['done']} done by you · {progress['open']} left for you · "
+              f"{progress['votes']}/{progress['slots']} votes on {progress['tasks']} pairs")
+    if task is None:
+        return {"task_id": None, "status": status + " · nothing left to label — thank you!"}
+    left_is_a = (left == "A") if left else rng.random() < 0.5  # the order is random per task and stored with the vote
+    return {"task_id": task.id, "left_is_a": left_is_a, "shown_at": time.time(), "status": status,
+            "messages": task.prompt, "a": task.responses[0], "b": task.responses[1]}
+
+
+def sides(pair: dict) -> tuple[str, str]:
+    """The (left, right) responses of a pair from next_pair, as shown."""
+    return (pair["a"], pair["b"]) if pair["left_is_a"] else (pair["b"], pair["a"])
+
+
+def stored_choice(choice: str, left_is_a: bool) -> str:
+    """A choice as the annotator saw it (left, right, tie, both_bad) as the store records it (A, B, tie, both_bad)."""
+    return {"left": "A" if left_is_a else "B", "right": "B" if left_is_a else "A"}.get(choice, choice)
+
+
+def vote(store: Store, user: str, current: dict, choice: str, strength: str, rationale: str,
+         guideline_version: str) -> tuple[str, int | None]:
+    """Store the vote for the pair on screen; returns a one-line message for the page and the vote's id."""
+    if not current or current.get("task_id") is None:
+        return "No task on screen.", None
+    if choice not in CHOICE_TO_LABEL:
+        return "Choose first: left, right, tie or both bad (keys 1-4).", None
+    if strength not in STRENGTHS:
+        return "Choose how sure you are: slight, clear or strong.", None
+    left_is_a = bool(current["left_is_a"])
+    shown_at = current.get("shown_at")
+    try:
+        vote_id = store.submit(user, int(current["task_id"]), stored_choice(choice, left_is_a),
+                               strength=STRENGTHS[strength], rationale=(rationale or "").strip(),
+                               left="A" if left_is_a else "B", guideline_version=guideline_version,
+                               seconds=round(time.time() - shown_at, 2) if shown_at else None)
+    except AlreadyVoted:
+        return "You had already voted on that one.", None
+    except TaskFull:
+        return "That task got all its votes meanwhile; here is another.", None
+    return f"Saved: {CHOICE_TO_LABEL[choice].lower()} ({strength}).", vote_id
+
+
+def model_verdict(store: Store, scorer, current: dict, vote_id: int, choice: str, strength: str,
+                  disagree_below: float) -> str:
+    """After a vote: the reward model's probability that the left response is better (Bradley-Terry, sigmoid of the
+    reward difference); a strong A/B vote the model gives less than `disagree_below` goes on the review queue."""
+    r_a, r_b = scorer.score([current["messages"]] * 2, [current["a"], current["b"]]).tolist()
+    p_a = 1.0 / (1.0 + math.exp(r_b - r_a))
+    p_left = p_a if current["left_is_a"] else 1.0 - p_a
+    chosen_p = {"left": p_left, "right": 1.0 - p_left}.get(choice)
+    queue = chosen_p is not None and strength == "strong" and chosen_p < disagree_below
+    store.set_model_verdict(vote_id, p_a, queue=queue)
+    verdict = f"The reward model gives the left response {100 * p_left:.0f} %"
+    if chosen_p is None:
+        return verdict + "."
+    agrees = "agrees" if chosen_p >= 0.5 else "disagrees"
+    return verdict + f": it {agrees} with you" + (" — queued for review." if queue else ".")
+
+
+def undo(store: Store, user: str, window_s: float) -> str:
+    task_id = store.undo_last(user, window_s=window_s)
+    return "Your last vote was undone; it is back in your queue." if task_id else "Nothing to undo."
+
+
+def skip(store: Store, user: str, current: dict) -> None:
+    """Put the task on screen (pair or ranking) aside for this annotator."""
+    if current and current.get("task_id") is not None:
+        store.skip(user, current["task_id"])
+
+
+# ---------------------------------------------------------------- rankings of K responses
+
+
+def next_ranking(store: Store, user: str, round_: int | None, rng: random.Random) -> dict:
+    """The next K-response task for `user`: its responses in a random order (`shown[i]` is the task position shown
+    as number i + 1, `responses` are in that order), the prompt's messages and a status line."""
+    task = store.next_task(user, round=round_, kind="rank")
+    progress = store.progress(annotator=user, round=round_, kind="rank")
+    status = (f"{progress['done']} ranked by you · {progress['open']} left for you · "
+              f"{progress['votes']}/{progress['slots']} rankings on {progress['tasks']} tasks")
+    if task is None:
+        return {"task_id": None, "status": status + " · nothing left to rank — thank you!"}
+    shown = list(range(len(task.responses)))
+    rng.shuffle(shown)
+    return {"task_id": task.id, "shown": shown, "shown_at": time.time(), "status": status,
+            "messages": task.prompt, "responses": [task.responses[p] for p in shown]}
+
+
+def parse_order(text: str, k: int) -> list[list[int]]:
+    """'3 1 = 4 2' (numbers as shown, best first; '=' ties a number with the one before) as groups of numbers,
+    [[3], [1, 4], [2]]. Every number 1..k exactly once, else a ValueError that says what is wrong."""
+    tokens = re.findall(r"\d+|=|>|,|\S", text or "")
+    groups: list[list[int]] = []
+    tie = False
+    for t in tokens:
+        if t == "=":
+            if not groups:
+                raise ValueError("'=' ties a response with the one before it; start with a number")
+            tie = True
+        elif t in (">", ","):
+            tie = False
+        elif t.isdigit():
+            n = int(t)
+            if not 1 <= n <= k:
+                raise ValueError(f"there are responses 1 to {k}, not {n}")
+            if tie:
+                groups[-1].append(n)
+            else:
+                groups.append([n])
+            tie = False
+        else:
+            raise ValueError(f"unexpected {t!r}: use the numbers 1-{k}, '=' for a tie")
+    seen = [n for g in groups for n in g]
+    if len(set(seen)) != len(seen):
+        raise ValueError("each response may appear only once")
+    missing = sorted(set(range(1, k + 1)) - set(seen))
+    if missing:
+        raise ValueError(f"still to place: {', '.join(map(str, missing))}")
+    return groups
+
+
+def read_order(groups: list[list[int]]) -> str:
+    """A parsed order read out: [[3], [1, 4], [2]] is '#3 > #1 = #4 > #2'."""
+    return " > ".join(" = ".join(f"#{n}" for n in g) for g in groups)
+
+
+def placed_first(text: str, k: int) -> list[int]:
+    """The numbers 1..k, those an order being typed has placed so far first (in its order), then the others."""
+    try:
+        groups = parse_order(text, k) if (text or "").strip() else []
+    except ValueError:
+        groups = []
+    placed = list(dict.fromkeys([n for g in groups for n in g] or
+                                [int(n) for n in re.findall(r"\d+", text or "") if 1 <= int(n) <= k]))
+    return placed + [n for n in range(1, k + 1) if n not in placed]
+
+
+def submit_ranking(store: Store, user: str, current: dict, order: str, all_bad: bool, rationale: str,
+                   guideline_version: str) -> tuple[str, int | None]:
+    """Store the ranking of the task on screen (numbers as shown, mapped back to task positions)."""
+    if not current or current.get("task_id") is None:
+        return "No task on screen.", None
+    shown = current["shown"]
+    ranking = None
+    if not all_bad:
+        try:
+            groups = parse_order(order, len(shown))
+        except ValueError as e:
+            return f"Not yet: {e}.", None
+        ranking = [[shown[n - 1] for n in g] for g in groups]
+    shown_at = current.get("shown_at")
+    try:
+        vote_id = store.submit_ranking(user, int(current["task_id"]), ranking, shown=shown,
+                                       rationale=(rationale or "").strip(), guideline_version=guideline_version,
+                                       seconds=round(time.time() - shown_at, 2) if shown_at else None)
+    except AlreadyVoted:
+        return "You had already ranked that one.", None
+    except TaskFull:
+        return "That task got all its rankings meanwhile; here is another.", None
+    return ("Saved: all of them bad." if all_bad else "Saved your ranking."), vote_id
+
+
+# ---------------------------------------------------------------- admin (every function checks the role first)
+
+
+def is_admin(store: Store, user: str) -> bool:
+    return store.annotator(user).role == "admin"
+
+
+def require_admin(store: Store, user: str) -> None:
+    if not is_admin(store, user):
+        raise PermissionError(f"{user} is not an admin")
+
+
+def overview(store: Store, user: str) -> dict:
+    """Progress of pairs and rankings, the review queue's length, progress per annotator and round, and the
+    agreement and bias figures (as text)."""
+    require_admin(store, user)
+    return {"pairs": store.progress(), "rankings": store.progress(kind="rank"),
+            "awaiting_review": len(store.review_queue()), "annotators": store.progress_by_annotator(),
+            "stats": format_stats(quality_stats(store.tasks(kind=LABELED)))}
+
+
+def review_queue(store: Store, user: str) -> list[dict]:
+    """The votes the reward model strongly disagreed with, oldest first, each with `p_chosen`: the model's
+    probability for the response the annotator chose."""
+    require_admin(store, user)
+    rows = store.review_queue()
+    for row in rows:
+        row["p_chosen"] = row["model_p_a"] if row["choice"] == "A" else 1 - row["model_p_a"]
+    return rows
+
+
+def review(store: Store, user: str, vote_id, decision: str) -> None:
+    """Keep or reject a queued vote; a vote number that is not one raises TypeError or ValueError."""
+    require_admin(store, user)
+    store.review(int(vote_id), decision)
+
+
+def add_prompts(store: Store, user: str, text: str, split: str) -> list[int]:
+    """One prompt per non-empty line into the store, with the admin as their source; [] when there is none."""
+    require_admin(store, user)
+    prompts = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    if not prompts:
+        return []
+    return store.add_prompts(prompts, source=f"app:{user}", split=split or "train")
+
+
+def add_annotator(store: Store, user: str, name: str, admin: bool) -> str | None:
+    """A new account; returns its credential (to be shown this once), None without a name."""
+    require_admin(store, user)
+    name = (name or "").strip()
+    if not name:
+        return None
+    return store.add_annotator(name, role="admin" if admin else "annotator")
+
+
+def export(store: Store, user: str, out: str) -> dict:
+    """The preference data as `rlhf data export` writes it; returns its counts."""
+    require_admin(store, user)
+    return run_export(ExportConfig(db=store.url, out=out))

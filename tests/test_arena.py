@@ -1,0 +1,63 @@
+"""The arena's rules (rlhf.arena) on a store, without the app; its statistics are tested in test_evaluate.py."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from rlhf.arena import Arena, arena_name, ask_both, draw_prompt, parse_contestants, record_vote, standings
+from rlhf.config import UserError
+from rlhf.store import Store
+
+
+@pytest.fixture
+def store(tmp_path) -> Store:
+    return Store(f"sqlite:///{tmp_path / 'arena.db'}")
+
+
+def test_contestants_are_named_as_the_store_records_them():
+    base, prompted = parse_contestants(["base = smollm2", "prompted=smollm2 | Be kind."])
+    assert (base["label"], base["model"], base["system"], base["name"]) == ("base", "smollm2", "", "smollm2")
+    assert prompted["name"] == arena_name("smollm2", "Be kind.") == "smollm2 | system: Be kind."
+    for entries in (["no-equals-sign"], ["=smollm2"], ["a="], ["a=m", "a=n"], ["a=m", "b=m"]):
+        with pytest.raises(ValueError):
+            parse_contestants(entries)
+
+
+def test_a_vote_is_checked_saved_once_and_counted_in_the_standings(store):
+    arena = Arena(parse_contestants(["base=m0", "aligned=m1"]))
+    store.add_annotator("fan")
+    messages = [{"role": "user", "content": "Review Alien."}]
+    task_id = store.add_arena_task(messages, [("answer 0", "m0", {}), ("answer 1", "m1", {})])
+    current = {"task_id": task_id, "labels": ["base", "aligned"], "shown_at": 0.0}
+    assert record_vote(store, "fan", {"task_id": None}, "A") == ("Ask both models first.", False)
+    assert record_vote(store, "fan", current, "left") == ("Choose A, B, tie or both bad.", False)
+    assert record_vote(store, "fan", current, "B") == ("Saved: B is better.", True)
+    assert record_vote(store, "fan", current, "A") == ("This one has its vote already; ask again.", False)
+    figures = standings(store, arena)
+    assert figures["votes"] == 1 and figures["win_rate_human"]["m1"]["mean"] == 1.0
+    assert figures["ratings"]["m1"]["rating"] > figures["ratings"]["m0"]["rating"]
+
+
+def test_an_empty_or_long_prompt_is_refused_before_any_model_runs(store):
+    arena = Arena(parse_contestants(["a=missing-a", "b=missing-b"]))  # would fail to load if asked
+    assert ask_both(store, arena, "   ", random.Random(0)) == {"task_id": None,
+                                                              "message": "Type a prompt or draw one first."}
+    assert "too long" in ask_both(store, arena, "x" * 4001, random.Random(0))["message"]
+    assert store.tasks(kind="arena") == []
+
+
+def test_an_arena_model_that_cannot_load_is_a_clear_error(store, tmp_path):
+    arena = Arena(parse_contestants([f"a={tmp_path / 'missing-a'}", f"b={tmp_path / 'missing-b'}"]), max_new_tokens=4)
+    with pytest.raises(UserError):  # the page shows its one line and stays usable
+        ask_both(store, arena, "Review a film.", random.Random(0))
+    assert store.tasks(kind="arena") == []  # nothing half-stored
+
+
+def test_a_drawn_prompt_is_a_held_out_one_when_there_is_one(store):
+    assert draw_prompt(store) == "Write a short review of your favourite film."
+    store.add_prompts(["Train prompt."])
+    assert draw_prompt(store) == "Train prompt."
+    store.add_prompts(["Test prompt."], split="test")
+    assert {draw_prompt(store) for _ in range(5)} == {"Test prompt."}
