@@ -2,15 +2,21 @@
 
 A stage is a dataclass `<Stage>Config` (each field's `help` metadata is its `--help` text) and `run(config)`.
 `configs/<stage>.yaml` holds exactly the dataclass fields, flat. On the command line, `--config x.yaml` sets the
-values and any `--field value` given on the command line overrides them: the same precedence as TRL's TrlParser. We build the
-argparse options ourselves (`add_arguments`) rather than through HfArgumentParser so that `rlhf --help` and the
-quick commands do not import transformers and torch (~2 s).
+values and any `--field value` given on the command line overrides them: the same precedence as TRL's TrlParser.
+We build the argparse options ourselves (`add_arguments`) rather than through HfArgumentParser so that
+`rlhf --help` and the quick commands do not import transformers and torch.
+
+A config that runs other stages (the loop) holds one *section* per stage (`section(...)`): a mapping of that
+stage's own options, merged over the stage's defaults. In YAML it is a nested mapping whose keys are checked
+against the stage's dataclass; on the command line it is `--<section>.<option> value` (e.g. `--ppo.learning_rate
+1e-5`). Options the running config sets itself (a stage's model, data and output paths) are not in a section.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import os
 import types
 import typing
@@ -52,6 +58,53 @@ def field(default: Any, help: str, **kwargs: Any) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, **kwargs})
 
 
+def section(stage: str, help: str, defaults: dict[str, Any], fixed: tuple[str, ...],
+            check_with: dict[str, Any] | None = None) -> Any:
+    """A field holding another stage's options: `stage` is "module:ConfigClass", `defaults` the values this config
+    gives that stage (merged over the stage's own defaults), `fixed` the options this config sets itself, and
+    `check_with` stand-ins for those of them the stage cannot be checked without (the section is checked early,
+    before the values it will run with exist)."""
+    return field(defaults, help, section=stage, fixed=tuple(fixed), check_with=dict(check_with or {}))
+
+
+def section_fields(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if "section" in f.metadata]
+
+
+def section_class(f: dataclasses.Field) -> type:
+    module, name = f.metadata["section"].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def section_options(f: dataclasses.Field) -> list[dataclasses.Field]:
+    """The stage's fields that a section may set: all but the ones the running config sets itself."""
+    return [g for g in dataclasses.fields(section_class(f)) if g.name not in f.metadata["fixed"]]
+
+
+def _section_problem(f: dataclasses.Field, values: Any, owner: str) -> str | None:
+    if not isinstance(values, dict):
+        return f"{f.name}: expected a mapping of {section_class(f).__name__} options, got {type(values).__name__}"
+    fixed = sorted(set(values) & set(f.metadata["fixed"]))
+    if fixed:
+        return f"{f.name}: {', '.join(fixed)} is set by {owner} itself, not in the {f.name} section"
+    unknown = sorted(set(values) - {g.name for g in section_options(f)})
+    if unknown:
+        return f"{f.name}: unknown option(s) {', '.join(unknown)} for {section_class(f).__name__}"
+    try:  # the stage's own checks, before a long run reaches that stage
+        section_class(f)(**{**values, **f.metadata["check_with"]})
+    except (ValueError, TypeError) as e:
+        return f"{f.name}: {e}"
+    return None
+
+
+def check_sections(config: Any) -> None:
+    """Every section of `config` names only options of its stage (ValueError otherwise, as __post_init__ raises)."""
+    for f in section_fields(type(config)):
+        problem = _section_problem(f, getattr(config, f.name), type(config).__name__)
+        if problem:
+            raise ValueError(problem)
+
+
 def read_yaml(path: str | Path, cls: type) -> dict[str, Any]:
     """Read a flat YAML config and check its keys against `cls`; an unknown key is a UserError naming it."""
     path = Path(path)
@@ -66,7 +119,12 @@ def read_yaml(path: str | Path, cls: type) -> dict[str, Any]:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise UserError(f"{path}: unknown key(s) {', '.join(unknown)} for {cls.__name__} (known: {', '.join(sorted(known))})")
+        raise UserError(f"{path}: unknown key(s) {', '.join(unknown)} for {cls.__name__} "
+                        f"(known: {', '.join(sorted(known))})")
+    for f in section_fields(cls):
+        problem = _section_problem(f, values[f.name], cls.__name__) if f.name in values else None
+        if problem:
+            raise UserError(f"{path}: {problem}")
     return values
 
 
@@ -78,7 +136,12 @@ def load_config(cls: type[T], path: str | Path | None = None, **overrides: Any) 
 
 
 def make_config(cls: type[T], values: dict[str, Any]) -> T:
-    """Instantiate a config; a failed cross-field check (ValueError in __post_init__) becomes a UserError."""
+    """Instantiate a config; a failed cross-field check (ValueError in __post_init__) becomes a UserError. A
+    section's values are merged over the section's defaults, key by key."""
+    values = dict(values)
+    for f in section_fields(cls):
+        if isinstance(values.get(f.name), dict):
+            values[f.name] = {**f.default_factory(), **values[f.name]}  # type: ignore[misc]
     try:
         return cls(**values)
     except (ValueError, TypeError) as e:
@@ -94,38 +157,60 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _add_option(parser, f: dataclasses.Field, kind: Any, name: str, default: Any) -> None:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        kind = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(kind), typing.get_args(kind)
+    help_text = f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%")  # argparse formats %
+    opts: dict[str, Any] = {"help": help_text, "default": None}
+    if kind is bool:
+        opts.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
+    elif origin is typing.Literal:
+        opts.update(type=type(args[0]), choices=list(args))
+    elif origin is list:
+        opts.update(type=args[0] if args else str, nargs="+")
+    else:
+        opts.update(type=kind)
+    flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+    parser.add_argument(*flags, dest=name, **opts)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One `--name` option per dataclass field, typed from its annotation, with its help metadata.
+    """One `--name` option per dataclass field, typed from its annotation, with its help metadata; a section adds
+    `--section.option` for each option of its stage, in a group of its own.
 
     Supported annotations: str, int, float, bool (`--flag` or `--flag false`), `X | None`, Literal[...] (choices),
     list[X] (one or more values). Defaults are left to the dataclass: an option not given is None here.
     """
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        kind = hints[f.name]
-        origin, args = typing.get_origin(kind), typing.get_args(kind)
-        if origin in (typing.Union, types.UnionType) and type(None) in args:
-            kind = next(a for a in args if a is not type(None))
-            origin, args = typing.get_origin(kind), typing.get_args(kind)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_text = f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%")  # argparse formats %
-        opts: dict[str, Any] = {"help": help_text, "default": None}
-        if kind is bool:
-            opts.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
-        elif origin is typing.Literal:
-            opts.update(type=type(args[0]), choices=list(args))
-        elif origin is list:
-            opts.update(type=args[0] if args else str, nargs="+")
-        else:
-            opts.update(type=kind)
-        flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        parser.add_argument(*flags, dest=f.name, **opts)
+        if "section" in f.metadata:
+            continue
+        _add_option(parser, f, hints[f.name], f.name, _default(f))
+    for f in section_fields(cls):
+        stage = section_class(f)
+        fixed = ", ".join(f.metadata["fixed"])
+        group = parser.add_argument_group(f"{f.name} options",
+                                          f"{f.metadata['help']} Not here, since {cls.__name__} sets them: {fixed}.")
+        stage_hints, given = typing.get_type_hints(stage), _default(f)
+        for g in section_options(f):
+            _add_option(group, g, stage_hints[g.name], f"{f.name}.{g.name}", given.get(g.name, _default(g)))
 
 
 def from_args(cls: type[T], args: argparse.Namespace, config_path: str | None = None) -> T:
     """The config: dataclass defaults, then the YAML file's values, then the options given on the command line."""
     values = read_yaml(config_path, cls) if config_path else {}
     for f in dataclasses.fields(cls):
-        if getattr(args, f.name, None) is not None:
+        if "section" in f.metadata:
+            given = {g.name: getattr(args, f"{f.name}.{g.name}") for g in section_options(f)
+                     if getattr(args, f"{f.name}.{g.name}", None) is not None}
+            if given or f.name in values:
+                values[f.name] = {**(values.get(f.name) or {}), **given}
+        elif getattr(args, f.name, None) is not None:
             values[f.name] = getattr(args, f.name)
     return make_config(cls, values)

@@ -24,68 +24,76 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from rlhf.config import UserError, field, load_config
+from rlhf.config import UserError, check_sections, field, load_config, section
 from rlhf.models import DEFAULT_MODEL
 
 
 @dataclass
 class LoopConfig:
+    """The loop's own options, and one section per stage holding that stage's options (its `rlhf <stage> --help`),
+    merged over the stage's defaults: `dpo: {beta: 0.2}` in YAML, `--dpo.beta 0.2` on the command line. The loop
+    sets in every stage what it must share across them: the store, the models and data each round hands on, the
+    device, the precision, the seed, the prompts and the gold function."""
+
     # Run
     name: str = field("demo", "Run name: everything goes under runs/<name>/ (running again resumes).")
     runs_dir: str = field("runs", "Parent directory of runs.")
     rounds: int = field(1, "Rounds of generate -> label -> align -> evaluate.")
     db: str = field("", "Database URL ('' = runs/<name>/store.db, a store of the run's own).")
-    # Model
+    # Shared by every stage
     base_model: str = field(DEFAULT_MODEL, "The starting policy (spec or directory).")
     device: str = field("auto", "auto, cpu, cuda.")
     precision: str = field("auto", "auto, fp32, bf16 or fp16.")
-    # Data and generation
     prompts: str = field("sentiment", "Prompts: 'sentiment' (shipped, with a held-out test split) or a file.")
-    prompts_per_round: int = field(128, "Training prompts labeled per round.")
-    n: int = field(2, "Responses sampled per prompt (paired into one task).")
-    max_new_tokens: int = field(48, "Maximum new tokens per response (generation and evaluation).")
-    temperature: float = field(0.8, "Sampling temperature for candidates.")
-    batch_size: int = field(32, "Sequences per generation batch.")
-    # Labeling
-    labeler: str = field("simulated", "simulated (gold + Bradley-Terry noise) or human (wait for the app's votes).")
     gold: str = field("sentiment", "Gold function of the simulated annotator and of evaluation.")
-    tau: float = field(0.05, "Simulated annotator's Bradley-Terry temperature.")
-    overlap: int = field(1, "Votes per task.")
+    seed: int = field(0, "Random seed (round k generates and labels with seed + k).")
+    # Labeling and alignment
+    labeler: str = field("simulated", "simulated (gold + Bradley-Terry noise) or human (wait for the app's votes).")
     poll_seconds: float = field(10.0, "With labeler=human: seconds between progress checks.")
-    # Alignment
     align: str = field("both", "dpo, ppo (reward model, then PPO against it) or both (compared in the report).")
-    dpo_learning_rate: float = field(5e-5, "DPO learning rate.")
-    dpo_beta: float = field(0.1, "DPO beta.")
-    dpo_epochs: float = field(1.0, "DPO epochs over the round's pairs.")
-    dpo_batch_size: int = field(8, "DPO pairs per step.")
-    dpo_lora: bool = field(False, "DPO with a LoRA adapter (merged on save).")
-    max_length: int = field(160, "Truncate prompt + response to this many tokens in training.")
-    # Reward model and PPO (align: ppo or both)
-    reward_backbone: str = field("minilm-l6", "Reward model backbone: a spec (minilm-l6: the 22M MiniLM encoder, "
-                                 "5x cheaper than SmolLM2 and closer to the gold labels on the demo's 128 pairs) or "
-                                 "'' for the round's policy (then the critic starts from the reward model).")
-    reward_learning_rate: float = field(1e-4, "Reward model learning rate.")
-    reward_epochs: float = field(4.0, "Reward model epochs over the labeled pairs.")
-    reward_batch_size: int = field(8, "Reward model pairs per step.")
-    ppo_steps: int = field(12, "PPO steps (each: ppo_batch_size rollouts, then ppo_epochs of updates).")
-    ppo_batch_size: int = field(16, "PPO rollouts per step.")
-    ppo_mini_batch_size: int = field(8, "PPO rollouts per optimizer update.")
-    ppo_epochs: int = field(1, "PPO passes over each rollout batch.")
-    ppo_learning_rate: float = field(6e-5, "PPO learning rate (policy and critic).")
-    ppo_kl_coef: float = field(0.05, "PPO's KL penalty beta.")
-    # Evaluation
-    eval_prompts: int = field(64, "Held-out prompts in each round's evaluation.")
-    prompt_baselines: list[str] = field(["Always write warm, enthusiastic, positive movie reviews."],
-                                        "System prompts steering the base model: the cheap alternative to beat.")
-    seed: int = field(0, "Random seed.")
+    # The stages, each with its own options
+    generate: dict = section(
+        "rlhf.generate:GenerateConfig", "Candidates for labeling (`rlhf generate`); `limit` = prompts per round.",
+        {"limit": 128, "n": 2, "max_new_tokens": 48, "temperature": 0.8, "batch_size": 32, "overlap": 1},
+        fixed=("model", "db", "prompts", "split", "round", "seed", "device", "precision", "skip_existing"))
+    label_sim: dict = section(
+        "rlhf.annotators:LabelSimConfig", "The simulated annotator (`rlhf label-sim`), with labeler=simulated.",
+        {"tau": 0.05}, fixed=("db", "annotator", "gold", "round", "seed"))
+    export: dict = section(
+        "rlhf.data:ExportConfig", "Training data from every vote so far (`rlhf data export`).", {},
+        fixed=("db", "out", "seed"))
+    dpo: dict = section(
+        "rlhf.dpo:DPOConfig", "DPO on the exported pairs (`rlhf dpo`), with align dpo or both.",
+        {"learning_rate": 5e-5, "beta": 0.1, "epochs": 1.0, "batch_size": 8, "lora": False, "max_length": 160,
+         "logging_steps": 4},
+        fixed=("model", "data", "output_dir", "device", "precision", "seed"))
+    reward: dict = section(
+        "rlhf.reward:RewardConfig", "The reward model on the exported pairs (`rlhf reward`), with align ppo or both; "
+        "model '' = the round's policy (the critic then starts from the reward model; with another backbone, from "
+        "the policy with a zero value head).",
+        {"model": "minilm-l6", "learning_rate": 1e-4, "epochs": 4.0, "batch_size": 8, "max_length": 160},
+        fixed=("data", "output_dir", "device", "precision", "seed"))
+    ppo: dict = section(
+        "rlhf.ppo:PPOConfig", "PPO against the round's reward model (`rlhf ppo`), with align ppo or both.",
+        {"prompt_split": "train", "max_new_tokens": 48, "steps": 12, "batch_size": 16, "mini_batch_size": 8,
+         "ppo_epochs": 1, "learning_rate": 6e-5, "kl_coef": 0.05},
+        fixed=("model", "reward_model", "prompts", "output_dir", "device", "precision", "seed"))
+    evaluate: dict = section(
+        "rlhf.evaluate:EvaluateConfig", "Aligned vs base and the prompt baselines (`rlhf evaluate`); `limit` = "
+        "held-out prompts.",
+        {"split": "test", "limit": 64, "max_new_tokens": 48,
+         "prompt_baselines": ["Always write warm, enthusiastic, positive movie reviews."]},
+        fixed=("base", "aligned", "reward", "gold", "prompts", "output_dir", "device", "precision", "seed"),
+        check_with={"aligned": ["the round's aligned models"]})
 
     def __post_init__(self):
         if self.labeler not in ("simulated", "human"):
             raise ValueError("labeler must be simulated or human")
         if self.align not in ("dpo", "ppo", "both"):
             raise ValueError("align must be dpo, ppo or both")
-        if min(self.rounds, self.prompts_per_round, self.eval_prompts, self.overlap) < 1 or self.n < 2:
-            raise ValueError("rounds, prompts_per_round, eval_prompts and overlap must be >= 1; n >= 2")
+        if self.rounds < 1:
+            raise ValueError("rounds must be >= 1")
+        check_sections(self)
 
 
 def _step(path: Path, name: str, timings: dict, fn):
@@ -117,7 +125,14 @@ def _wait_for_votes(store, round_: int, poll: float) -> dict:
         time.sleep(poll)
 
 
-def run(config: LoopConfig) -> dict:
+def stage_config(config: LoopConfig, stage: str, cls: type, **fixed):
+    """A stage's config: its defaults, then the loop's section for it, then what the loop sets (`fixed`)."""
+    return load_config(cls, **{**getattr(config, stage), **fixed})
+
+
+def _round(config: LoopConfig, k: int, policy: str, db: str, store, rd: Path, timings: dict) -> tuple[dict, list]:
+    """One round in `rd`: generate -> label -> export -> align -> evaluate. Returns the evaluation and the round's
+    aligned models, the candidates for the next policy."""
     from rlhf.annotators import LabelSimConfig, label_sim
     from rlhf.data import ExportConfig, run_export
     from rlhf.dpo import DPOConfig
@@ -130,6 +145,46 @@ def run(config: LoopConfig) -> dict:
     from rlhf.ppo import run as run_ppo
     from rlhf.reward import RewardConfig
     from rlhf.reward import run as run_reward
+
+    shared = {"device": config.device, "precision": config.precision}
+    _step(rd, "generate", timings, lambda: run_generate(stage_config(
+        config, "generate", GenerateConfig, model=policy, db=db, prompts=config.prompts, split="train", round=k,
+        seed=config.seed + k, skip_existing=True, **shared)))
+    if config.labeler == "simulated":
+        _step(rd, "label", timings, lambda: label_sim(stage_config(
+            config, "label_sim", LabelSimConfig, db=db, annotator=f"sim-{config.gold.split(':')[0]}",
+            gold=config.gold, round=k, seed=config.seed + k)))
+    else:
+        _step(rd, "label", timings, lambda: _wait_for_votes(store, k, config.poll_seconds))
+    # Every round trains on all pairs labeled so far.
+    _step(rd, "export", timings, lambda: run_export(stage_config(
+        config, "export", ExportConfig, db=db, out=str(rd / "export"), seed=config.seed)))
+    aligned = []
+    if config.align in ("dpo", "both"):
+        _step(rd, "dpo", timings, lambda: run_dpo(stage_config(
+            config, "dpo", DPOConfig, model=policy, data=str(rd / "export"), output_dir=str(rd / "dpo"),
+            seed=config.seed, **shared)))
+        aligned.append(str(rd / "dpo"))
+    if config.align in ("ppo", "both"):
+        _step(rd, "reward", timings, lambda: run_reward(stage_config(
+            config, "reward", RewardConfig, model=config.reward.get("model") or policy, data=str(rd / "export"),
+            output_dir=str(rd / "reward"), seed=config.seed, **shared)))
+        _step(rd, "ppo", timings, lambda: run_ppo(stage_config(
+            config, "ppo", PPOConfig, model=policy, reward_model=str(rd / "reward"), prompts=config.prompts,
+            output_dir=str(rd / "ppo"), seed=config.seed, **shared)))
+        aligned.append(str(rd / "ppo"))
+    candidates = list(aligned)
+    if policy != config.base_model:
+        aligned.append(policy)  # last round's policy, to see this round's gain
+    # With a reward model, the report shows its win-rates beside the gold's: a gap between them is reward hacking.
+    evaluation = _step(rd, "evaluate", timings, lambda: run_evaluate(stage_config(
+        config, "evaluate", EvaluateConfig, base=config.base_model, aligned=aligned, gold=config.gold,
+        prompts=config.prompts, reward=str(rd / "reward") if config.align != "dpo" else "",
+        output_dir=str(rd / "eval"), seed=config.seed, **shared)))
+    return evaluation, candidates
+
+
+def run(config: LoopConfig) -> dict:
     from rlhf.store import Store
 
     root = Path(config.runs_dir) / config.name
@@ -143,53 +198,7 @@ def run(config: LoopConfig) -> dict:
     for k in range(1, config.rounds + 1):
         rd = root / f"round-{k}"
         rd.mkdir(exist_ok=True)
-        _step(rd, "generate", timings, lambda: run_generate(load_config(
-            GenerateConfig, model=policy, db=db, prompts=config.prompts, split="train", limit=config.prompts_per_round,
-            n=config.n, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-            batch_size=config.batch_size, seed=config.seed + k, overlap=config.overlap, round=k,
-            device=config.device, precision=config.precision, skip_existing=True)))
-        if config.labeler == "simulated":
-            _step(rd, "label", timings, lambda: label_sim(load_config(
-                LabelSimConfig, db=db, annotator=f"sim-{config.gold.split(':')[0]}", gold=config.gold,
-                tau=config.tau, round=k, seed=config.seed + k)))
-        else:
-            _step(rd, "label", timings, lambda: _wait_for_votes(store, k, config.poll_seconds))
-        # Every round trains on all pairs labeled so far.
-        _step(rd, "export", timings, lambda: run_export(load_config(
-            ExportConfig, db=db, out=str(rd / "export"), seed=config.seed)))
-        aligned = []
-        if config.align in ("dpo", "both"):
-            _step(rd, "dpo", timings, lambda: run_dpo(load_config(
-                DPOConfig, model=policy, data=str(rd / "export"), output_dir=str(rd / "dpo"),
-                learning_rate=config.dpo_learning_rate, beta=config.dpo_beta, epochs=config.dpo_epochs,
-                batch_size=config.dpo_batch_size, lora=config.dpo_lora, max_length=config.max_length,
-                device=config.device, precision=config.precision, seed=config.seed, logging_steps=4)))
-            aligned.append(str(rd / "dpo"))
-        if config.align in ("ppo", "both"):
-            # With the policy as backbone the critic starts from the reward model (same tokenizer); with another
-            # backbone PPO starts the critic from the policy with a zero value head.
-            _step(rd, "reward", timings, lambda: run_reward(load_config(
-                RewardConfig, model=config.reward_backbone or policy, data=str(rd / "export"),
-                output_dir=str(rd / "reward"), learning_rate=config.reward_learning_rate, epochs=config.reward_epochs,
-                batch_size=config.reward_batch_size, max_length=config.max_length, device=config.device,
-                precision=config.precision, seed=config.seed)))
-            _step(rd, "ppo", timings, lambda: run_ppo(load_config(
-                PPOConfig, model=policy, reward_model=str(rd / "reward"), prompts=config.prompts,
-                prompt_split="train", max_new_tokens=config.max_new_tokens, steps=config.ppo_steps,
-                batch_size=config.ppo_batch_size, mini_batch_size=config.ppo_mini_batch_size,
-                ppo_epochs=config.ppo_epochs, learning_rate=config.ppo_learning_rate, kl_coef=config.ppo_kl_coef,
-                output_dir=str(rd / "ppo"), device=config.device, precision=config.precision, seed=config.seed)))
-            aligned.append(str(rd / "ppo"))
-        if policy != config.base_model:
-            aligned.append(policy)  # last round's policy, to see this round's gain
-        # With a reward model, the report shows its win-rates beside the gold's: a gap between them is reward hacking.
-        evaluation = _step(rd, "evaluate", timings, lambda: run_evaluate(load_config(
-            EvaluateConfig, base=config.base_model, aligned=aligned, gold=config.gold, prompts=config.prompts,
-            reward=str(rd / "reward") if config.align != "dpo" else "",
-            split="test", limit=config.eval_prompts, max_new_tokens=config.max_new_tokens,
-            prompt_baselines=config.prompt_baselines, output_dir=str(rd / "eval"), device=config.device,
-            precision=config.precision, seed=config.seed)))
-        candidates = aligned[: 2 if config.align == "both" else 1]
+        evaluation, candidates = _round(config, k, policy, db, store, rd, timings)
         policy = _next_policy(evaluation, candidates)
 
     total = time.perf_counter() - start

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import typing
 from pathlib import Path
 
 import pytest
@@ -77,11 +78,8 @@ def test_bool_and_literal_flags():
     @dataclasses.dataclass
     class Demo:
         flag: bool = dataclasses.field(default=False, metadata={"help": "a flag"})
-        mode: "typing.Literal['a', 'b']" = dataclasses.field(default="a", metadata={"help": "a mode"})  # noqa: F821
+        mode: typing.Literal["a", "b"] = dataclasses.field(default="a", metadata={"help": "a mode"})
 
-    import typing  # noqa: F401  (resolves the string annotation above)
-
-    Demo.__annotations__["mode"] = typing.Literal["a", "b"]
     parser = argparse.ArgumentParser()
     add_arguments(parser, Demo)
     assert parser.parse_args(["--flag"]).flag is True
@@ -91,3 +89,90 @@ def test_bool_and_literal_flags():
         parser.parse_args(["--mode", "c"])
     with pytest.raises(SystemExit):
         parser.parse_args(["--flag", "maybe"])
+
+
+# ---------------------------------------------------------------- sections: a config holding other stages' options
+
+
+def test_every_section_of_every_yaml_matches_its_stage():
+    from rlhf.config import section_class, section_fields, section_options
+
+    checked = 0
+    for path in CONFIGS:
+        cls = config_class_for(path.stem)
+        values = yaml.safe_load(path.read_text())
+        for f in section_fields(cls):
+            allowed = {g.name for g in section_options(f)}
+            assert set(values[f.name]) <= allowed, (path.name, f.name, set(values[f.name]) - allowed)
+            assert dataclasses.is_dataclass(section_class(f))
+            checked += 1
+    assert checked >= 7  # the loop's generate, label_sim, export, dpo, reward, ppo, evaluate
+
+
+def test_loop_yaml_is_the_demo_defaults():
+    from rlhf.loop import LoopConfig
+
+    assert load_config(LoopConfig, Path(__file__).parent.parent / "configs" / "loop.yaml") == LoopConfig()
+
+
+def test_the_loop_declares_no_stage_option_of_its_own():
+    """The loop's fields are its own options and the few it sets in every stage that has them (so each stage's
+    section cannot set those): no stage option is copied under the loop's name."""
+    from rlhf.config import section_class, section_fields
+    from rlhf.loop import LoopConfig
+
+    # evaluate's db is a store of arena votes to report, which the loop leaves to the user (the loop's own store
+    # holds labeling tasks): the same name, not the same option.
+    not_shared = {("evaluate", "db")}
+    sections = section_fields(LoopConfig)
+    own = {f.name for f in dataclasses.fields(LoopConfig)} - {f.name for f in sections}
+    for f in sections:
+        stage_fields = {g.name for g in dataclasses.fields(section_class(f))}
+        shared = {name for name in own & stage_fields if (f.name, name) not in not_shared}
+        assert shared <= set(f.metadata["fixed"]), (f.name, shared - set(f.metadata["fixed"]))
+    assert not any(name.startswith(("dpo_", "ppo_", "reward_", "eval_", "generate_")) for name in own)
+
+
+def test_sections_merge_over_defaults_from_yaml_and_flags(tmp_path):
+    from rlhf.loop import LoopConfig
+
+    cfg = tmp_path / "loop.yaml"
+    cfg.write_text("rounds: 2\nppo:\n  steps: 3\n  cliprange: 0.1\n")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, LoopConfig)
+    args = parser.parse_args(["--ppo.learning_rate", "1e-5", "--dpo.beta", "0.3", "--ppo.steps", "4"])
+    config = from_args(LoopConfig, args, str(cfg))
+    defaults = LoopConfig()
+    assert config.rounds == 2
+    assert config.ppo == {**defaults.ppo, "steps": 4, "cliprange": 0.1, "learning_rate": 1e-5}  # flag beats YAML
+    assert config.dpo == {**defaults.dpo, "beta": 0.3}
+    assert config.reward == defaults.reward
+    assert isinstance(config.ppo["learning_rate"], float)  # typed from PPOConfig's annotation
+
+
+def test_a_bad_section_is_a_clear_error(tmp_path):
+    from rlhf.loop import LoopConfig
+
+    (tmp_path / "unknown.yaml").write_text("ppo:\n  learning_rat: 1.0e-5\n")
+    with pytest.raises(UserError, match=r"unknown.yaml: ppo: unknown option\(s\) learning_rat for PPOConfig"):
+        read_yaml(tmp_path / "unknown.yaml", LoopConfig)
+    (tmp_path / "fixed.yaml").write_text("dpo:\n  output_dir: elsewhere\n")
+    with pytest.raises(UserError, match="dpo: output_dir is set by LoopConfig itself"):
+        read_yaml(tmp_path / "fixed.yaml", LoopConfig)
+    (tmp_path / "flat.yaml").write_text("ppo: 3\n")
+    with pytest.raises(UserError, match="ppo: expected a mapping of PPOConfig options"):
+        read_yaml(tmp_path / "flat.yaml", LoopConfig)
+    with pytest.raises(UserError, match="LoopConfig: ppo: batch_size must be a multiple of mini_batch_size"):
+        load_config(LoopConfig, ppo={"batch_size": 6})  # the stage's own check, before the loop starts
+
+
+def test_loop_help_lists_each_stage_option_with_the_loop_default(capsys):
+    from rlhf.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["loop", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "ppo options" in out and "--ppo.learning_rate PPO.LEARNING_RATE" in out
+    assert "AdamW learning rate (policy and critic). (default: 6e-05)" in out  # the loop's value, not PPOConfig's
+    assert "--dpo.beta" in out and "--evaluate.prompt_baselines" in out
+    assert "--ppo.output_dir" not in out and "--dpo.model" not in out  # the loop sets those

@@ -16,10 +16,11 @@ from rlhf.store import Store
 @pytest.mark.slow
 def test_two_rounds_end_to_end_then_resume(tmp_path, tiny_model_dir, capsys):
     config = load_config(LoopConfig, name="ci", runs_dir=str(tmp_path), rounds=2, base_model=tiny_model_dir,
-                         device="cpu", prompts_per_round=8, max_new_tokens=6, batch_size=8, dpo_epochs=1.0,
-                         dpo_batch_size=4, max_length=64, eval_prompts=6, align="both", reward_batch_size=4,
-                         reward_backbone="",
-                         ppo_steps=2, ppo_batch_size=4, ppo_mini_batch_size=2, ppo_epochs=1)
+                         device="cpu", align="both", generate={"limit": 8, "max_new_tokens": 6, "batch_size": 8},
+                         dpo={"epochs": 1.0, "batch_size": 4, "max_length": 64},
+                         reward={"model": "", "batch_size": 4, "max_length": 64},
+                         ppo={"steps": 2, "batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1, "max_new_tokens": 6},
+                         evaluate={"limit": 6, "max_new_tokens": 6})
     result = run(config)
     root = tmp_path / "ci"
     for k in (1, 2):
@@ -66,22 +67,40 @@ def test_loop_options_are_checked():
         load_config(LoopConfig, align="rlaif")
     with pytest.raises(UserError):
         load_config(LoopConfig, labeler="crowd")
-    with pytest.raises(UserError):
-        load_config(LoopConfig, n=1)
+    with pytest.raises(UserError, match="generate: "):
+        load_config(LoopConfig, generate={"n": 1})  # the stage's own check, when the loop's config is read
+    with pytest.raises(UserError, match="unknown option"):
+        load_config(LoopConfig, dpo={"learning_rat": 1e-5})
+
+
+def test_a_stage_option_set_on_the_command_line_reaches_the_stage(tmp_path, monkeypatch):
+    """`rlhf loop --ppo.cliprange 0.1`: any PPOConfig option, not only those the loop names, reaches PPO."""
+    from rlhf import loop
+
+    seen = {}
+    monkeypatch.setattr(loop, "run", lambda config: seen.setdefault("config", config))
+    assert main(["loop", "--runs_dir", str(tmp_path), "--ppo.cliprange", "0.1", "--ppo.steps", "3"]) == 0
+    from rlhf.ppo import PPOConfig
+
+    ppo = loop.stage_config(seen["config"], "ppo", PPOConfig, model="m", output_dir=str(tmp_path / "ppo"))
+    assert (ppo.cliprange, ppo.steps, ppo.learning_rate, ppo.model) == (0.1, 3, 6e-5, "m")
 
 
 def test_demo_help_lists_its_options(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
-    assert "--prompts_per_round" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--generate.limit" in out and "--ppo.steps" in out
 
 
 @pytest.mark.parametrize("store_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
 def test_a_round_on_postgresql(tmp_path, tiny_model_dir, store_url):
     """The loop keeps its tasks and votes in PostgreSQL when given a URL (as a team sharing one store would)."""
     config = load_config(LoopConfig, name="pg", runs_dir=str(tmp_path), rounds=1, base_model=tiny_model_dir,
-                         device="cpu", prompts_per_round=6, max_new_tokens=6, batch_size=6, dpo_epochs=1.0,
-                         dpo_batch_size=3, max_length=64, eval_prompts=4, align="dpo", db=store_url)
+                         device="cpu", align="dpo", db=store_url,
+                         generate={"limit": 6, "max_new_tokens": 6, "batch_size": 6},
+                         dpo={"epochs": 1.0, "batch_size": 3, "max_length": 64},
+                         evaluate={"limit": 4, "max_new_tokens": 6})
     run(config)
     store = Store(store_url)
     assert len(store.tasks(round=1)) == 6 and len(store.votes(round=1)) == 6
