@@ -6,9 +6,9 @@ more (`loss_type`). The reference is a frozen copy of the starting policy, or, w
 adapter switched off (no second copy in memory). `precompute_ref_log_probs` runs the reference once over the data
 before training, which saves a forward pass per step and keeps no reference model in memory.
 
-Where this departs from TRL's defaults: precision follows the device (TRL's bf16=True made a step on a 2-core AVX2
-CPU take minutes), gradient checkpointing is off unless asked for, and the result is always a full model directory
-(a LoRA adapter is merged) that the next stage loads by path.
+Where this departs from TRL's defaults: precision follows the device (TRL's bf16=True is emulated, and slow, on
+CPUs without native bf16), gradient checkpointing is off unless asked for, and the result is always a full model
+directory (a LoRA adapter is merged) that the next stage loads by path.
 
 The vote-strength `margin` column: TRL 1.16's DPO losses have no margin term. With `margin_scale > 0` and the
 sigmoid loss, this stage adds one the way ODPO does (Amini et al. 2024, "Direct Preference Optimization with an
@@ -24,7 +24,6 @@ Why "rewards/chosen" may fall while training goes well: docs/dpo.md.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -32,7 +31,15 @@ from pathlib import Path
 from typing import Literal
 
 from rlhf.config import UserError, field, resume_checkpoint
-from rlhf.models import DEFAULT_MODEL, launcher_precision, reuse_freed_memory, save_model_dir
+from rlhf.trl_stage import (
+    TRLStageConfig,
+    lora_config,
+    mixed_precision,
+    pick,
+    train_and_save,
+    training_args,
+    write_metrics,
+)
 
 # TRL 1.16's DPOConfig.loss_type values (tests/test_dpo.py checks this list against the installed TRL).
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -40,19 +47,14 @@ LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_
 LossType = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
 REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
+_LOGGED = ("loss",) + REWARD_KEYS + ("rewards/offset", "logps/chosen", "logps/rejected")  # kept in metrics.json
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(TRLStageConfig):
+    # The options every TRL-backed stage shares (model, device, LoRA, steps, batch, seed...): TRLStageConfig
     # Model
-    model: str = field(DEFAULT_MODEL, "The policy to align (spec or directory).")
     ref_model: str = field("", "Reference model; '' = a frozen copy of `model` (with LoRA: the base, adapter off).")
-    device: str = field("auto", "auto (GPU if present) or cpu.")
-    precision: str = field("auto", "auto (bf16 where the hardware has it, else fp32), fp32, bf16 or fp16.")
-    lora: bool = field(False, "Train a LoRA adapter instead of all weights (merged into the saved model).")
-    lora_r: int = field(16, "LoRA rank.")
-    lora_alpha: int = field(32, "LoRA alpha.")
-    gradient_checkpointing: bool = field(False, "Trade compute for memory (TRL turns it on by default; we don't).")
     # Data
     data: str = field("runs/export", "Preference data: an export directory, a .jsonl/.parquet file, or a Hub id.")
     max_length: int = field(256, "Truncate prompt + response to this many tokens.")
@@ -64,22 +66,14 @@ class DPOConfig:
     label_smoothing: float = field(0.0, "robust: assumed share of flipped labels, in [0, 0.5); exo_pair: its "
                                         "epsilon (> 0, e.g. 0.001); ignored by the other losses.")
     learning_rate: float = field(5e-6, "Peak learning rate.")
-    epochs: float = field(1.0, "Passes over the training pairs (ignored when max_steps > 0).")
-    max_steps: int = field(-1, "Stop after this many optimizer steps (-1: run the epochs).")
-    batch_size: int = field(8, "Pairs per device per step.")
-    gradient_accumulation_steps: int = field(1, "Steps accumulated per optimizer update.")
     warmup_ratio: float = field(0.0, "Share of steps spent warming the learning rate up (0 to 1).")
     precompute_ref_log_probs: bool = field(True, "Run the reference once over the data before training (saves a "
                                                  "forward pass per step).")
-    seed: int = field(0, "Random seed.")
     # Output
     output_dir: str = field("runs/dpo", "Where the aligned model, metrics.json and checkpoints go.")
-    save_steps: int = field(0, "Save a checkpoint every this many steps (0: only the final model).")
     save_total_limit: int = field(2, "Keep at most this many checkpoints (0: keep all).")
-    resume: str = field("", "Resume: '' (no), 'latest' (newest checkpoint in output_dir) or a checkpoint path.")
     logging_steps: int = field(1, "Log every this many steps.")
     eval_steps: int = field(0, "Evaluate on the test split every this many steps (0: once, at the end).")
-    report_to: str = field("none", "none, tensorboard, wandb, ... (as in transformers).")
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
@@ -88,8 +82,6 @@ class DPOConfig:
             raise ValueError("beta and learning_rate must be > 0, batch_size >= 1, max_length >= 16")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError("warmup_ratio must be in [0, 1)")
-        if self.max_steps == 0 or (self.max_steps < 0 and self.epochs <= 0):
-            raise ValueError("give max_steps > 0, or max_steps = -1 with epochs > 0")
         if self.loss_type == "robust" and not 0 <= self.label_smoothing < 0.5:
             raise ValueError("the robust loss needs label_smoothing in [0, 0.5)")
         if self.loss_type == "exo_pair" and not 0 < self.label_smoothing < 1:
@@ -98,8 +90,7 @@ class DPOConfig:
             raise ValueError("margin_scale must be >= 0")
         if min(self.save_steps, self.save_total_limit, self.eval_steps) < 0 or self.logging_steps < 1:
             raise ValueError("save_steps, save_total_limit and eval_steps must be >= 0, logging_steps >= 1")
-        if self.lora and (self.lora_r < 1 or self.lora_alpha < 1):
-            raise ValueError("lora_r and lora_alpha must be >= 1")
+        super().__post_init__()
 
 
 def odpo_shift_reference(ref_chosen_logps, offsets, beta: float):
@@ -151,18 +142,12 @@ def _offset_trainer(trl, margin_scale: float):
     return OffsetDPOTrainer, MarginCollator
 
 
-
-def _picked(entry: dict, prefix: str = "") -> dict:
-    keys = ("loss",) + REWARD_KEYS + ("rewards/offset", "logps/chosen", "logps/rejected")
-    return {k: entry[prefix + k] for k in keys if prefix + k in entry}
-
-
 def build_trainer(config: DPOConfig):
     """The configured DPOTrainer and its DatasetDict: what `run` trains (and benchmarks/dpo_bench.py times)."""
     import trl
 
     from rlhf.data import load_preference_dataset
-    from rlhf.models import load, pick_device, precision_flags
+    from rlhf.models import load, pick_device
 
     data = load_preference_dataset(config.data, seed=config.seed)
     if len(data["train"]) == 0:
@@ -181,8 +166,7 @@ def build_trainer(config: DPOConfig):
     has_test = "test" in data and len(data["test"]) > 0
 
     device = pick_device(config.device)
-    flags = precision_flags(device, config.precision)
-    # fp32 master weights; bf16/fp16 come from autocast (the flags), as mixed-precision training expects.
+    # fp32 master weights; bf16/fp16 come from autocast (the precision flags), as mixed-precision training expects.
     policy = load(config.model, device=str(device), precision="fp32")
     model, tokenizer = policy.model, policy.tokenizer
     # The reference is only run forward, so it may sit in the compute dtype. None lets TRL use the policy itself
@@ -192,30 +176,11 @@ def build_trainer(config: DPOConfig):
         ref_model = load(config.ref_model, device=str(device), precision=config.precision).model
     elif not config.lora and not config.precompute_ref_log_probs:
         ref_model = load(config.model, device=str(device), precision=config.precision).model
-    peft_config = None
-    if config.lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules="all-linear",
-                                 task_type="CAUSAL_LM", lora_dropout=0.0)
-
-    # transformers 5 takes a warmup ratio as a float in [0, 1) through warmup_steps.
-    with launcher_precision(flags):
-        args = trl.DPOConfig(
-            output_dir=config.output_dir, per_device_train_batch_size=config.batch_size,
-            per_device_eval_batch_size=config.batch_size,
-            gradient_accumulation_steps=config.gradient_accumulation_steps,
-            learning_rate=config.learning_rate, num_train_epochs=config.epochs, max_steps=config.max_steps,
-            warmup_steps=config.warmup_ratio, beta=config.beta, loss_type=[config.loss_type],
-            label_smoothing=config.label_smoothing, max_length=config.max_length,
-            precompute_ref_log_probs=config.precompute_ref_log_probs,
-            gradient_checkpointing=config.gradient_checkpointing, use_cpu=device.type == "cpu", **flags,
-            seed=config.seed, logging_steps=config.logging_steps,
-            save_strategy="steps" if config.save_steps else "no", save_steps=config.save_steps or 500,
-            save_total_limit=config.save_total_limit or None, report_to=config.report_to,
-            eval_strategy="steps" if config.eval_steps and has_test else "no", eval_steps=config.eval_steps or None,
-            dataloader_num_workers=0,
-        )
+    peft_config = lora_config(config.lora_r, config.lora_alpha, "CAUSAL_LM") if config.lora else None
+    args = training_args(trl.DPOConfig, config, device, eval_steps=config.eval_steps, has_test=has_test,
+                         save_total_limit=config.save_total_limit, beta=config.beta, loss_type=[config.loss_type],
+                         label_smoothing=config.label_smoothing,
+                         precompute_ref_log_probs=config.precompute_ref_log_probs)
     trainer_cls, collator = trl.DPOTrainer, None
     if use_margin:
         trainer_cls, collator_cls = _offset_trainer(trl, config.margin_scale)
@@ -229,47 +194,37 @@ def build_trainer(config: DPOConfig):
 def run(config: DPOConfig) -> dict:
     start = time.perf_counter()
     trainer, data = build_trainer(config)
-    tokenizer, args = trainer.processing_class, trainer.args
+    args = trainer.args
     has_test = "test" in data and len(data["test"]) > 0
-    with reuse_freed_memory(args.device.type == "cpu"):  # large tensors reused, not mapped afresh
-        result = trainer.train(resume_from_checkpoint=resume_checkpoint(config.output_dir, config.resume))
-    eval_metrics = trainer.evaluate() if has_test else {}
-
-    out = Path(config.output_dir)
-    # Under `accelerate launch` only the main process writes (processes writing one file at once can corrupt it).
-    main = trainer.is_world_process_zero()
-    if main:
-        save_model_dir(trainer.model, tokenizer, out)
-
-    logs = [h for h in trainer.state.log_history if "loss" in h and "train_loss" not in h]
-    final = _picked(logs[-1]) if logs else {}
+    trained = train_and_save(trainer, config, resume_checkpoint(config.output_dir, config.resume), evaluate=has_test)
+    eval_metrics, summary = trained.eval_metrics, trained.first_and_final(_LOGGED)
+    final = summary["final"]
     metrics = {
-        "train_loss": result.training_loss, "eval_loss": eval_metrics.get("eval_loss"),
+        "train_loss": trained.result.training_loss, "eval_loss": eval_metrics.get("eval_loss"),
         "steps": trainer.state.global_step, "train_pairs": len(data["train"]),
         "test_pairs": len(data["test"]) if has_test else 0,
-        "first": _picked(logs[0]) if logs else {}, "final": final, "eval": _picked(eval_metrics, "eval_"),
+        **summary, "eval": pick(eval_metrics, _LOGGED, "eval_"),
         "log_history": trainer.state.log_history, "seconds": round(time.perf_counter() - start, 1),
-        "device": str(args.device), "mixed_precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
-        "margin_offset": "margin" in data["train"].column_names, "output_dir": str(out), "config": asdict(config),
+        "device": str(args.device), "mixed_precision": mixed_precision(args),
+        "margin_offset": "margin" in data["train"].column_names, "output_dir": str(Path(config.output_dir)),
+        "config": asdict(config),
     }
-    if main:
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
-    trainer.accelerator.wait_for_everyone()  # no process goes on to load the model before it is written
-    if not main:
+    if not write_metrics(trainer, config, metrics):
         return metrics
 
     nan = float("nan")
     line = (f"DPO ({config.loss_type}, beta {config.beta}): {metrics['steps']} steps on {metrics['train_pairs']} pairs "
-            f"in {metrics['seconds']:.0f} s; loss {metrics['first'].get('loss', nan):.3f} -> {final.get('loss', nan):.3f}"
-            f"; reward accuracy {final.get('rewards/accuracies', nan):.2f}, margin {final.get('rewards/margins', nan):.3f}"
-            f" (chosen {final.get('rewards/chosen', nan):+.3f}, rejected {final.get('rewards/rejected', nan):+.3f})")
+            f"in {metrics['seconds']:.0f} s; loss {metrics['first'].get('loss', nan):.3f} -> "
+            f"{final.get('loss', nan):.3f}; reward accuracy {final.get('rewards/accuracies', nan):.2f}, "
+            f"margin {final.get('rewards/margins', nan):.3f} (chosen {final.get('rewards/chosen', nan):+.3f}, "
+            f"rejected {final.get('rewards/rejected', nan):+.3f})")
     if metrics["eval"]:
         line += (f"; held-out accuracy {metrics['eval'].get('rewards/accuracies', nan):.2f}, "
                  f"loss {metrics['eval'].get('loss', nan):.3f}")
     print(line)
     if final.get("rewards/chosen", 0.0) < 0 < final.get("rewards/margins", 0.0):
         print("  (a falling chosen reward with a growing margin is expected: docs/dpo.md)")
-    print(f"  model and metrics.json -> {out}")
+    print(f"  model and metrics.json -> {Path(config.output_dir)}")
     if not all(math.isfinite(v) for v in final.values()):
         print("  warning: non-finite metrics; lower the learning rate or check the data")
     return metrics

@@ -95,20 +95,6 @@ def precision_flags(device: torch.device | str, precision: str = "auto") -> dict
     return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
 
 
-def launcher_precision(flags: dict[str, bool]):
-    """A context in which TrainingArguments take the stage's precision (`precision_flags`) over the launcher's.
-
-    Under `accelerate launch`, TrainingArguments read the launcher's mixed precision (ACCELERATE_MIXED_PRECISION,
-    bf16 in configs/accelerate/ddp.yaml) whenever bf16 and fp16 are both off, so `precision: fp32` became bf16.
-    The variable is set only while the arguments are built.
-    """
-    import os
-    from unittest.mock import patch
-
-    return patch.dict(os.environ, ACCELERATE_MIXED_PRECISION="bf16" if flags["bf16"] else "fp16" if flags["fp16"]
-                      else "no")
-
-
 # glibc's malloc hands every block over its mmap threshold (32 MB at most) back to the kernel when it is freed and
 # trims the heap's free top. A CPU training step allocates and frees the same large tensors every micro-batch (bf16
 # copies of the weights under autocast, gradients, SmolLM2's 113 MB embedding gradient), and every fresh mapping is

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from rlhf.config import UserError, field, resume_checkpoint
-from rlhf.models import DEFAULT_MODEL, launcher_precision, reuse_freed_memory, save_model_dir
+from rlhf.trl_stage import TRLStageConfig, lora_config, train_and_save, training_args, write_metrics
 
 # Encoders ship no chat template: a turn is "role: content" between BERT's [CLS]/[SEP] markers, so the pooled
 # [CLS] token sees the whole exchange. A causal LM without one gets one turn per line (no EOS at the end: its pad
@@ -51,16 +51,8 @@ PLAIN_CHAT_TEMPLATE = (
 
 
 @dataclass
-class RewardConfig:
-    # Model
-    model: str = field(DEFAULT_MODEL, "Backbone given a scalar head: a causal LM or encoder spec (the embedded "
-                       "default, minilm-l6, a directory, a Hub id).")
-    device: str = field("auto", "auto (GPU if present) or cpu.")
-    precision: str = field("auto", "auto (bf16 where the hardware has it, else fp32), fp32, bf16 or fp16.")
-    lora: bool = field(False, "Train a LoRA adapter (and the head) instead of all weights; merged on save.")
-    lora_r: int = field(16, "LoRA rank.")
-    lora_alpha: int = field(32, "LoRA alpha.")
-    gradient_checkpointing: bool = field(False, "Trade compute for memory (TRL turns it on by default; we don't).")
+class RewardConfig(TRLStageConfig):
+    # The options every TRL-backed stage shares (model, device, LoRA, steps, batch, seed...): TRLStageConfig
     # Data
     data: str = field("runs/export", "Preference data: an export directory, a .jsonl/.parquet file, or a Hub id.")
     test_size: float = field(0.1, "Share of prompts held out as the test split when the data has none.")
@@ -68,15 +60,10 @@ class RewardConfig:
     use_margin: bool = field(True, "Use the data's `margin` column when present: -log sigmoid(r_c - r_r - margin).")
     # Optimization
     learning_rate: float = field(2e-5, "Peak learning rate.")
-    epochs: float = field(1.0, "Passes over the training pairs (ignored when max_steps > 0).")
-    max_steps: int = field(-1, "Stop after this many optimizer steps (-1: run the epochs).")
-    batch_size: int = field(8, "Pairs per device per step.")
-    gradient_accumulation_steps: int = field(1, "Steps accumulated per optimizer update.")
     warmup_ratio: float = field(0.0, "Share of steps spent warming the learning rate up (0 to 1).")
     weight_decay: float = field(0.0, "AdamW weight decay.")
     center_rewards_coefficient: float = field(0.0, "Weight of the mean-zero penalty on rewards (0: off; 0.01 is "
                                               "the paper's value).")
-    seed: int = field(0, "Random seed (the fresh head's initialisation, data order, sampling).")
     # Evaluation
     eval_steps: int = field(0, "Also evaluate the test split every this many steps (0: only at the end).")
     ece_bins: int = field(10, "Bins for the expected calibration error, equal widths over confidence [0.5, 1].")
@@ -90,11 +77,7 @@ class RewardConfig:
     norm_temperature: float = field(0.7, "Sampling temperature for the reference-policy samples.")
     # Output
     output_dir: str = field("runs/reward", "Where the reward model, metrics.json and checkpoints go.")
-    save_steps: int = field(0, "Save a checkpoint every this many steps (0: only the final model).")
-    resume: str = field("", "Resume: '' (no), 'latest' or 'true' (newest checkpoint in output_dir), or a "
-                        "checkpoint path.")
     logging_steps: int = field(10, "Log every this many steps.")
-    report_to: str = field("none", "none, tensorboard, wandb, ... (as in transformers).")
 
     def __post_init__(self):
         if self.learning_rate <= 0 or self.batch_size < 1 or self.gradient_accumulation_steps < 1:
@@ -103,14 +86,11 @@ class RewardConfig:
             raise ValueError("max_length must be at least 8")
         if not 0 <= self.test_size < 1 or not 0 <= self.warmup_ratio < 1:
             raise ValueError("test_size and warmup_ratio must be in [0, 1)")
-        if self.max_steps == 0 or (self.max_steps < 0 and self.epochs <= 0):
-            raise ValueError("give max_steps > 0, or max_steps = -1 with epochs > 0")
         if self.ece_bins < 1 or self.center_rewards_coefficient < 0 or self.eval_steps < 0 or self.save_steps < 0:
             raise ValueError("ece_bins must be >= 1; center_rewards_coefficient, eval_steps, save_steps >= 0")
         if self.norm_samples < 2 or self.norm_max_new_tokens < 1 or self.norm_temperature < 0:
             raise ValueError("norm_samples must be >= 2, norm_max_new_tokens >= 1, norm_temperature >= 0")
-        if self.lora and (self.lora_r < 1 or self.lora_alpha < 1):
-            raise ValueError("lora_r and lora_alpha must be >= 1")
+        super().__post_init__()
 
 
 # ---------------------------------------------------------------- held-out figures: pure functions of rewards
@@ -178,7 +158,7 @@ class RewardModel:
         self._warned = False
 
     @classmethod
-    def load(cls, path: str, device: str = "auto", precision: str = "auto") -> "RewardModel":
+    def load(cls, path: str, device: str = "auto", precision: str = "auto") -> RewardModel:
         """Load a reward model directory (any `rlhf reward` output) with its normalisation statistics."""
         from rlhf.models import load
 
@@ -306,13 +286,13 @@ def _normalization(config: RewardConfig, scorer: RewardModel, data, device) -> d
 
 
 def build_trainer(config: RewardConfig):
-    """The data (DatasetDict with train/test in TRL's conversational format) and a ready RewardTrainer."""
+    """A ready RewardTrainer and the data (DatasetDict with train/test in TRL's conversational format)."""
     import trl
     from transformers import set_seed
     from transformers.utils import logging as hf_logging
 
     from rlhf.data import load_preference_dataset
-    from rlhf.models import load, pick_device, precision_flags
+    from rlhf.models import load, pick_device
 
     data = load_preference_dataset(config.data, test_size=config.test_size, seed=config.seed)
     keep = ["prompt", "chosen", "rejected"] + (["margin"] if config.use_margin else [])
@@ -335,37 +315,20 @@ def build_trainer(config: RewardConfig):
     model, tokenizer = backbone.model, backbone.tokenizer
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = ENCODER_CHAT_TEMPLATE if tokenizer.cls_token else PLAIN_CHAT_TEMPLATE
-    peft_config = None
-    if config.lora:
-        from peft import LoraConfig
-
-        # SEQ_CLS makes PEFT train the fresh head (score / classifier) in full beside the adapter.
-        peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules="all-linear",
-                                 task_type="SEQ_CLS", lora_dropout=0.0)
+    # SEQ_CLS: PEFT trains the fresh head (score / classifier) in full beside the adapter.
+    peft_config = lora_config(config.lora_r, config.lora_alpha, "SEQ_CLS") if config.lora else None
     has_test = len(data.get("test", [])) > 0
     if "test" not in data:
         data["test"] = data["train"].select([])
-    flags = precision_flags(device, config.precision)
-    # transformers 5 takes a warmup ratio as a float in [0, 1) through warmup_steps.
-    with launcher_precision(flags):
-        args = trl.RewardConfig(
-            output_dir=config.output_dir, per_device_train_batch_size=config.batch_size,
-            per_device_eval_batch_size=config.batch_size,
-            gradient_accumulation_steps=config.gradient_accumulation_steps,
-            learning_rate=config.learning_rate, num_train_epochs=config.epochs, max_steps=config.max_steps,
-            warmup_steps=config.warmup_ratio, weight_decay=config.weight_decay, max_length=config.max_length,
-            center_rewards_coefficient=config.center_rewards_coefficient or None,
-            activation_checkpointing=config.gradient_checkpointing, use_cpu=device.type == "cpu",
-            **flags, seed=config.seed, logging_steps=config.logging_steps,
-            save_strategy="steps" if config.save_steps else "no", save_steps=config.save_steps or 500,
-            eval_strategy="steps" if config.eval_steps and has_test else "no", eval_steps=config.eval_steps or None,
-            report_to=config.report_to, dataloader_num_workers=0, include_num_input_tokens_seen="non_padding",
-        )
+    args = training_args(trl.RewardConfig, config, device, eval_steps=config.eval_steps, has_test=has_test,
+                         weight_decay=config.weight_decay,
+                         center_rewards_coefficient=config.center_rewards_coefficient or None,
+                         include_num_input_tokens_seen="non_padding")
     model.train()
     trainer = trl.RewardTrainer(model=model, args=args, train_dataset=data["train"],
                                 eval_dataset=data["test"] if has_test else None, processing_class=tokenizer,
                                 peft_config=peft_config)
-    return data, trainer
+    return trainer, data
 
 
 def run(config: RewardConfig) -> dict:
@@ -386,7 +349,7 @@ def run(config: RewardConfig) -> dict:
 
     start = time.perf_counter()
     resume_from = resume_checkpoint(config.output_dir, config.resume)
-    data, trainer = build_trainer(config)
+    trainer, data = build_trainer(config)
     device = pick_device(config.device)
     tokenizer = trainer.processing_class
     n_train = len(data["train"])
@@ -395,21 +358,18 @@ def run(config: RewardConfig) -> dict:
         raise UserError(f"every training pair is longer than max_length={config.max_length} tokens")
     counter = ThisRun()
     trainer.add_callback(counter)
-    with reuse_freed_memory(trainer.args.device.type == "cpu"):  # large tensors reused, not mapped afresh
-        result = trainer.train(resume_from_checkpoint=resume_from)
-
+    trained = train_and_save(trainer, config, resume_from, padding_side="right")
     out = Path(config.output_dir)
     # Under `accelerate launch` every process holds the same trained model and computes the figures below; only
-    # the main one writes (processes writing one file at once can leave it corrupt).
-    main = trainer.is_world_process_zero()
-    if main:
-        trained = save_model_dir(trainer.model, tokenizer, out, padding_side="right").eval()
+    # the main one has written it.
+    if trained.main:
+        model = trained.model.eval()
     else:
         merge = getattr(trainer.model, "merge_and_unload", None)
-        trained = (merge() if merge else trainer.model).eval()
+        model = (merge() if merge else trainer.model).eval()
 
     # Held-out figures through the scoring path itself, so they describe the model that PPO and the app will use.
-    scorer = RewardModel(trained, tokenizer, str(out))
+    scorer = RewardModel(model, tokenizer, str(out))
     test = data["test"]
     held_out: dict = {"test_pairs": len(test)}
     if len(test):
@@ -421,33 +381,28 @@ def run(config: RewardConfig) -> dict:
                         eval_loss=bradley_terry_loss(chosen, rejected, margin))
     normalization = _normalization(config, scorer, data, device)
 
-    logs = [h for h in trainer.state.log_history if "loss" in h]
     # Non-padding tokens of the chosen and rejected sequences that this call trained on.
-    runtime = result.metrics.get("train_runtime") or 0.0
+    runtime = trained.result.metrics.get("train_runtime") or 0.0
     train_tokens = trainer.state.num_input_tokens_seen - counter.tokens_before
     metrics = {
         **held_out,
-        "train_loss": result.training_loss, "steps": trainer.state.global_step, "steps_run": counter.steps,
+        "train_loss": trained.result.training_loss, "steps": trainer.state.global_step, "steps_run": counter.steps,
         "resumed_from": resume_from, "train_pairs": n_kept,
         "train_pairs_over_max_length": n_train - n_kept, "uses_margin": "margin" in data["train"].column_names,
         "train_tokens": train_tokens, "train_seconds": round(runtime, 2),
         "tokens_per_second": train_tokens / runtime if runtime > 0 else None,
         "eval_log": [h for h in trainer.state.log_history if "eval_loss" in h],
-        "first": {k: v for k, v in (logs[0] if logs else {}).items() if k in ("loss", "accuracy", "margin")},
-        "final": {k: v for k, v in (logs[-1] if logs else {}).items() if k in ("loss", "accuracy", "margin")},
+        **trained.first_and_final(("loss", "accuracy", "margin")),
         "normalization": normalization,
         "seconds": round(time.perf_counter() - start, 1), "config": asdict(config), "device": str(device),
-        "dtype": str(next(trained.parameters()).dtype).replace("torch.", ""),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
     }
-    if main:
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
-    trainer.accelerator.wait_for_everyone()  # no process goes on to load the model before it is written
-    if not main:
+    if not write_metrics(trainer, config, metrics):
         return metrics
     figures = (f"held-out accuracy {held_out['accuracy']:.3f}, margin {held_out['mean_margin']:.3f}, "
                f"ECE {held_out['ece']:.3f} on {len(test)} pairs" if len(test) else "no test pairs")
-    loss = (f"loss {logs[0]['loss']:.3f} -> {logs[-1]['loss']:.3f}" if len(logs) > 1
-            else f"mean loss {result.training_loss:.3f}")
+    loss = (f"loss {metrics['first']['loss']:.3f} -> {metrics['final']['loss']:.3f}" if len(trained.logs) > 1
+            else f"mean loss {trained.result.training_loss:.3f}")
     print(f"Reward model: {metrics['steps']} steps on {n_kept} pairs in {metrics['seconds']:.0f} s "
           f"({metrics['tokens_per_second'] or 0:.0f} tokens/s); {loss}; {figures}; reward mean "
           f"{normalization['mean']:.3f} std {normalization['std']:.3f} ({normalization['source']}) -> {out}")

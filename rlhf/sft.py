@@ -12,36 +12,37 @@ Where this departs from TRL's defaults: precision follows the device (TRL 1.x de
 emulated and very slow on CPUs without native bf16), gradient checkpointing is off unless asked for, and the output
 is always a full model directory (a LoRA adapter is merged) that the next stage loads by path.
 
-    rlhf sft --config configs/sft.yaml                      # SmolLM2-135M on the demos: a few minutes on a CPU
+    rlhf sft --config configs/sft.yaml                      # SmolLM2-135M on the shipped demos
     rlhf sft --config configs/sft.yaml --lora --learning_rate 2e-4 --output_dir runs/sft-lora
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rlhf.config import UserError, field, resume_checkpoint
-from rlhf.models import DEFAULT_MODEL, launcher_precision, reuse_freed_memory, save_model_dir
+from rlhf.trl_stage import (
+    TRLStageConfig,
+    lora_config,
+    mixed_precision,
+    pick,
+    train_and_save,
+    training_args,
+    write_metrics,
+)
 
 SHIPPED_DEMOS = Path(__file__).parent / "data" / "sft_demos.jsonl"
 _SPLITS = ("train", "test", "validation")
 _FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+_LOGGED = ("loss", "mean_token_accuracy", "entropy", "num_tokens")  # what metrics.json keeps of a log entry
 
 
 @dataclass
-class SFTConfig:
-    # Model
-    model: str = field(DEFAULT_MODEL, "The model to fine-tune (spec or directory).")
-    device: str = field("auto", "auto (GPU if present) or cpu.")
-    precision: str = field("auto", "auto (bf16 where the hardware has it, else fp32), fp32, bf16 or fp16.")
-    lora: bool = field(False, "Train a LoRA adapter instead of all weights (merged into the saved model).")
-    lora_r: int = field(16, "LoRA rank.")
-    lora_alpha: int = field(32, "LoRA alpha.")
-    gradient_checkpointing: bool = field(False, "Trade compute for memory (TRL turns it on by default; we don't).")
+class SFTConfig(TRLStageConfig):
+    # The options every TRL-backed stage shares (model, device, LoRA, steps, batch, seed...): TRLStageConfig
     # Data
     data: str = field("demos", "Demonstrations: 'demos' (shipped), a .jsonl/.json/.csv/.parquet file, a directory "
                                "of train/test files, or a Hub id.")
@@ -50,31 +51,20 @@ class SFTConfig:
     completion_only_loss: bool = field(True, "Train on the response tokens only (false: the whole conversation).")
     # Optimization
     learning_rate: float = field(5e-5, "Peak learning rate (LoRA usually wants ~2e-4).")
-    epochs: float = field(1.0, "Passes over the demonstrations (ignored when max_steps > 0).")
-    max_steps: int = field(-1, "Stop after this many optimizer steps (-1: run the epochs).")
-    batch_size: int = field(8, "Sequences per device per step.")
-    gradient_accumulation_steps: int = field(1, "Steps accumulated per optimizer update.")
     warmup_ratio: float = field(0.05, "Share of steps spent warming the learning rate up (0 to 1).")
-    seed: int = field(0, "Random seed.")
     # Output
     output_dir: str = field("runs/sft", "Where the fine-tuned model, metrics.json and checkpoints go.")
-    save_steps: int = field(0, "Save a checkpoint every this many steps (0: only the final model).")
     save_total_limit: int = field(2, "Keep at most this many checkpoints (0: keep all).")
-    resume: str = field("", "Resume: '' (no), 'latest' (newest checkpoint in output_dir) or a checkpoint path.")
     logging_steps: int = field(5, "Log every this many steps.")
-    report_to: str = field("none", "none, tensorboard, wandb, ... (as in transformers).")
 
     def __post_init__(self):
         if self.learning_rate <= 0 or self.batch_size < 1 or self.max_length < 16:
             raise ValueError("learning_rate must be > 0, batch_size >= 1, max_length >= 16")
         if not 0 <= self.test_size < 1 or not 0 <= self.warmup_ratio < 1:
             raise ValueError("test_size and warmup_ratio must be in [0, 1)")
-        if self.max_steps == 0 or (self.max_steps < 0 and self.epochs <= 0):
-            raise ValueError("give max_steps > 0, or max_steps = -1 with epochs > 0")
         if min(self.save_steps, self.save_total_limit) < 0 or self.logging_steps < 1:
             raise ValueError("save_steps and save_total_limit must be >= 0, logging_steps >= 1")
-        if self.lora and (self.lora_r < 1 or self.lora_alpha < 1):
-            raise ValueError("lora_r and lora_alpha must be >= 1")
+        super().__post_init__()
 
 
 def _messages(value, role: str) -> list[dict]:
@@ -149,76 +139,48 @@ def load_sft_dataset(spec: str = "demos", test_size: float = 0.05, seed: int = 0
     return data
 
 
-
-def _picked(entry: dict, prefix: str = "") -> dict:
-    keys = ("loss", "mean_token_accuracy", "entropy", "num_tokens")
-    return {k: entry[prefix + k] for k in keys if prefix + k in entry}
-
-
-def run(config: SFTConfig) -> dict:
+def build_trainer(config: SFTConfig):
+    """The configured SFTTrainer and its DatasetDict (train, and test where there is one): what `run` trains."""
     import trl
 
-    from rlhf.models import load, pick_device, precision_flags
+    from rlhf.models import load, pick_device
 
-    start = time.perf_counter()
     data = load_sft_dataset(config.data, config.test_size, config.seed)
     has_test = "test" in data and len(data["test"]) > 0
     device = pick_device(config.device)
-    flags = precision_flags(device, config.precision)
-    # fp32 master weights; bf16/fp16 come from autocast (the flags), as mixed-precision training expects.
+    # fp32 master weights; bf16/fp16 come from autocast (the precision flags), as mixed-precision training expects.
     loaded = load(config.model, device=str(device), precision="fp32")
     model, tokenizer = loaded.model, loaded.tokenizer
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(f"{config.model}: its tokenizer has no chat template, which conversational SFT needs")
-    peft_config = None
-    if config.lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules="all-linear",
-                                 task_type="CAUSAL_LM", lora_dropout=0.0)
-
-    # transformers 5 takes a warmup ratio as a float in [0, 1) through warmup_steps.
-    with launcher_precision(flags):
-        args = trl.SFTConfig(
-            output_dir=config.output_dir, per_device_train_batch_size=config.batch_size,
-            per_device_eval_batch_size=config.batch_size,
-            gradient_accumulation_steps=config.gradient_accumulation_steps,
-            learning_rate=config.learning_rate, num_train_epochs=config.epochs, max_steps=config.max_steps,
-            warmup_steps=config.warmup_ratio, max_length=config.max_length,
-            completion_only_loss=config.completion_only_loss, gradient_checkpointing=config.gradient_checkpointing,
-            use_cpu=device.type == "cpu", **flags, seed=config.seed, logging_steps=config.logging_steps,
-            save_strategy="steps" if config.save_steps else "no", save_steps=config.save_steps or 500,
-            save_total_limit=config.save_total_limit or None, report_to=config.report_to, eval_strategy="no",
-            dataloader_num_workers=0,
-        )
+    peft_config = lora_config(config.lora_r, config.lora_alpha, "CAUSAL_LM") if config.lora else None
+    args = training_args(trl.SFTConfig, config, device, save_total_limit=config.save_total_limit,
+                         completion_only_loss=config.completion_only_loss)
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data["train"],
                              eval_dataset=data["test"] if has_test else None, processing_class=tokenizer,
                              peft_config=peft_config)
-    with reuse_freed_memory(args.device.type == "cpu"):  # large tensors reused, not mapped afresh
-        result = trainer.train(resume_from_checkpoint=resume_checkpoint(config.output_dir, config.resume))
-    eval_metrics = trainer.evaluate() if has_test else {}
+    return trainer, data
 
-    out = Path(config.output_dir)
-    # Under `accelerate launch` only the main process writes (processes writing one file at once can corrupt it).
-    main = trainer.is_world_process_zero()
-    if main:
-        save_model_dir(trainer.model, tokenizer, out)
 
-    logs = [h for h in trainer.state.log_history if "loss" in h and "train_loss" not in h]
-    final = _picked(logs[-1]) if logs else {}
+def run(config: SFTConfig) -> dict:
+    from rlhf.models import pick_device
+
+    start = time.perf_counter()
+    trainer, data = build_trainer(config)
+    has_test = "test" in data and len(data["test"]) > 0
+    trained = train_and_save(trainer, config, resume_checkpoint(config.output_dir, config.resume), evaluate=has_test)
+    eval_metrics, summary = trained.eval_metrics, trained.first_and_final(_LOGGED)
+    final = summary["final"]
     metrics = {
-        "train_loss": result.training_loss, "eval_loss": eval_metrics.get("eval_loss"),
+        "train_loss": trained.result.training_loss, "eval_loss": eval_metrics.get("eval_loss"),
         "steps": trainer.state.global_step, "train_rows": len(data["train"]),
         "test_rows": len(data["test"]) if has_test else 0,
-        "first": _picked(logs[0]) if logs else {}, "final": final, "eval": _picked(eval_metrics, "eval_"),
+        **summary, "eval": pick(eval_metrics, _LOGGED, "eval_"),
         "log_history": trainer.state.log_history, "seconds": round(time.perf_counter() - start, 1),
-        "device": str(device), "mixed_precision": "bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "fp32",
-        "output_dir": str(out), "config": asdict(config),
+        "device": str(pick_device(config.device)), "mixed_precision": mixed_precision(trainer.args),
+        "output_dir": str(Path(config.output_dir)), "config": asdict(config),
     }
-    if main:
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
-    trainer.accelerator.wait_for_everyone()  # no process goes on to load the model before it is written
-    if not main:
+    if not write_metrics(trainer, config, metrics):
         return metrics
 
     nan = float("nan")
@@ -228,7 +190,7 @@ def run(config: SFTConfig) -> dict:
         line += (f"; held-out loss {metrics['eval'].get('loss', nan):.3f}, token accuracy "
                  f"{metrics['eval'].get('mean_token_accuracy', nan):.2f} on {metrics['test_rows']} rows")
     print(line)
-    print(f"  model and metrics.json -> {out}")
+    print(f"  model and metrics.json -> {Path(config.output_dir)}")
     if not math.isfinite(final.get("loss", 0.0)):
         print("  warning: non-finite loss; lower the learning rate or check the data")
     return metrics

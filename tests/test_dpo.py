@@ -80,7 +80,8 @@ def test_dpo_raises_chosen_and_lowers_rejected_relative_to_the_reference(tmp_pat
     rejected_shift = (_response_logps(out, rejected) - _response_logps(tiny_model_dir, rejected)).mean().item()
     assert chosen_shift > 0 > rejected_shift, (chosen_shift, rejected_shift)
     # A held-out pair of each kind moves the same way: the marker kind up only when the data prefers it.
-    held_out = [("Review film 99", f"The film{MARKER}{MARKER} number 99."), ("Review film 99", f"The film{PLAIN} number 99.")]
+    held_out = [("Review film 99", f"The film{MARKER}{MARKER} number 99."),
+                ("Review film 99", f"The film{PLAIN} number 99.")]
     marker_shift, plain_shift = (_response_logps(out, held_out) - _response_logps(tiny_model_dir, held_out)).tolist()
     assert (marker_shift > 0 > plain_shift) if prefer_marker else (plain_shift > 0 > marker_shift)
 

@@ -24,7 +24,7 @@ from rlhf.reward import (
     score,
 )
 
-WORDS = "film plot actor scene story music camera script light night day city".split()
+WORDS = ["film", "plot", "actor", "scene", "story", "music", "camera", "script", "light", "night", "day", "city"]
 
 
 def _pairs(n: int, seed: int, margin: bool = False) -> list[dict]:
@@ -92,7 +92,7 @@ def test_expected_calibration_error_by_hand():
 
 def test_score_equals_the_trainers_own_forward(tmp_path, tiny_model_dir):
     config = _config(tmp_path, tiny_model_dir)
-    data, trainer = build_trainer(config)
+    trainer, data = build_trainer(config)
     model = trainer.model.eval()
     scorer = RewardModel(model, trainer.processing_class)
     rows = [trainer.train_dataset[i] for i in range(6)]
@@ -124,7 +124,7 @@ def test_score_equals_the_trainers_own_forward(tmp_path, tiny_model_dir):
 @pytest.mark.slow
 def test_marker_is_learned_loss_falls_and_the_model_reloads(tmp_path, tiny_model_dir):
     config = _config(tmp_path, tiny_model_dir)
-    data, trainer = build_trainer(config)
+    trainer, data = build_trainer(config)
     test = data["test"]
     chosen_text = [m[0]["content"] for m in test["chosen"]]
     rejected_text = [m[0]["content"] for m in test["rejected"]]

@@ -13,8 +13,10 @@ from rlhf.config import UserError, load_config
 from rlhf.models import load
 from rlhf.sft import SHIPPED_DEMOS, SFTConfig, load_sft_dataset, run, to_prompt_completion
 
-DEMO = {"messages": [{"role": "user", "content": "Write a short review of the film Alien."},
-                     {"role": "assistant", "content": "The film was wonderful, moving and funny; I loved every minute."}]}
+DEMO = {"messages": [
+    {"role": "user", "content": "Write a short review of the film Alien."},
+    {"role": "assistant", "content": "The film was wonderful, moving and funny; I loved every minute."},
+]}
 
 
 @torch.no_grad()
@@ -39,7 +41,8 @@ def _config(tmp_path, data: str, model: str, name: str = "sft", **kw) -> SFTConf
 
 def test_sft_learns_the_demonstrations_and_saves_a_model_that_reloads(tmp_path, tiny_model_dir, capsys):
     data = tmp_path / "demos.jsonl"
-    rows = [DEMO] + [{"instruction": f"Review film {i}.", "response": f"A wonderful film, number {i}."} for i in range(7)]
+    rows = [DEMO] + [{"instruction": f"Review film {i}.", "response": f"A wonderful film, number {i}."}
+                     for i in range(7)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     metrics = run(_config(tmp_path, str(data), tiny_model_dir, test_size=0.0))
     out = tmp_path / "sft"
@@ -101,7 +104,8 @@ def test_shipped_demos_are_well_formed():
 
 def test_row_formats_and_errors(tmp_path):
     assert to_prompt_completion({"instruction": "Add.", "input": "2 and 3", "response": "5"}) == {
-        "prompt": [{"role": "user", "content": "Add.\n\n2 and 3"}], "completion": [{"role": "assistant", "content": "5"}]}
+        "prompt": [{"role": "user", "content": "Add.\n\n2 and 3"}],
+        "completion": [{"role": "assistant", "content": "5"}]}
     system = to_prompt_completion({"messages": [{"role": "system", "content": "Be brief."}] + DEMO["messages"]})
     assert [m["role"] for m in system["prompt"]] == ["system", "user"]
     bad = tmp_path / "bad.jsonl"

@@ -1,0 +1,146 @@
+"""What the TRL-backed stages (sft, reward, dpo) share: their common options, LoRA, TrainingArguments, the tail.
+
+A TRL-backed stage is a `<Stage>Config(TRLStageConfig)`, a `build_trainer(config) -> (trainer, data)` that loads the
+data and the model and returns the TRL trainer configured by `training_args` (and `lora_config` with LoRA), and a
+`run(config)` that calls `train_and_save`, adds its own figures and ends with `write_metrics`.
+
+Options whose default differs from stage to stage stay in the stage's config; `training_args` and the tail also read
+these, which every stage config declares: data, max_length, learning_rate, warmup_ratio, logging_steps, output_dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from unittest.mock import patch
+
+from rlhf.config import field
+from rlhf.models import DEFAULT_MODEL, precision_flags, reuse_freed_memory, save_model_dir
+
+
+@dataclass
+class TRLStageConfig:
+    """The options every TRL-backed stage has, with the same default and meaning (TRL's configs share a base too)."""
+
+    # Model
+    model: str = field(DEFAULT_MODEL, "The starting model (spec or directory): the policy for sft and dpo; for reward "
+                       "the backbone given a scalar head, a causal LM or an encoder such as minilm-l6.")
+    device: str = field("auto", "auto (GPU if present) or cpu.")
+    precision: str = field("auto", "auto (bf16 where the hardware has it, else fp32), fp32, bf16 or fp16.")
+    lora: bool = field(False, "Train a LoRA adapter instead of all weights (merged into the saved model); a reward "
+                       "model's fresh head trains in full beside it.")
+    lora_r: int = field(16, "LoRA rank.")
+    lora_alpha: int = field(32, "LoRA alpha.")
+    gradient_checkpointing: bool = field(False, "Trade compute for memory (TRL turns it on by default; we don't).")
+    # Optimization
+    epochs: float = field(1.0, "Passes over the training data (ignored when max_steps > 0).")
+    max_steps: int = field(-1, "Stop after this many optimizer steps (-1: run the epochs).")
+    batch_size: int = field(8, "Training examples (sft: sequences, reward and dpo: pairs) per device per step.")
+    gradient_accumulation_steps: int = field(1, "Steps accumulated per optimizer update.")
+    seed: int = field(0, "Random seed (data order; for reward also the fresh head's initialisation and sampling).")
+    # Output
+    save_steps: int = field(0, "Save a checkpoint every this many steps (0: only the final model).")
+    resume: str = field("", "Resume: '' (no), 'latest' or 'true' (newest checkpoint in output_dir), or a "
+                        "checkpoint path.")
+    report_to: str = field("none", "none, tensorboard, wandb, ... (as in transformers).")
+
+    def __post_init__(self):
+        if self.max_steps == 0 or (self.max_steps < 0 and self.epochs <= 0):
+            raise ValueError("give max_steps > 0, or max_steps = -1 with epochs > 0")
+        if self.lora and (self.lora_r < 1 or self.lora_alpha < 1):
+            raise ValueError("lora_r and lora_alpha must be >= 1")
+
+
+def lora_config(r: int, alpha: int, task_type: str = "CAUSAL_LM", **extras):
+    """PEFT's LoraConfig on every linear layer, without dropout; `extras` (e.g. modules_to_save) go to it as given.
+
+    task_type SEQ_CLS makes PEFT train a sequence classifier's fresh head in full beside the adapter.
+    """
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type=task_type,
+                      **extras)
+
+
+def training_args(args_cls, config: TRLStageConfig, device, *, eval_steps: int = 0, has_test: bool = False,
+                  save_total_limit: int = 0, **extras):
+    """`args_cls` (trl.SFTConfig, trl.RewardConfig, trl.DPOConfig, ...) holding the stage's own precision and the
+    options every stage shares; `extras` are the stage's own TRL arguments.
+
+    eval_steps > 0 evaluates every that many steps where there is a test split; save_total_limit 0 keeps every
+    checkpoint.
+    """
+    flags = precision_flags(device, config.precision)
+    # Under `accelerate launch`, TrainingArguments read the launcher's mixed precision (ACCELERATE_MIXED_PRECISION,
+    # bf16 in configs/accelerate/ddp.yaml) whenever bf16 and fp16 are both off, so `precision: fp32` became bf16.
+    # The variable says the stage's precision only while the arguments are built.
+    launcher = "bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "no"
+    with patch.dict(os.environ, ACCELERATE_MIXED_PRECISION=launcher):
+        return args_cls(
+            output_dir=config.output_dir, per_device_train_batch_size=config.batch_size,
+            per_device_eval_batch_size=config.batch_size,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            learning_rate=config.learning_rate, num_train_epochs=config.epochs, max_steps=config.max_steps,
+            # transformers 5 takes a warmup ratio as a float in [0, 1) through warmup_steps.
+            warmup_steps=config.warmup_ratio, max_length=config.max_length,
+            activation_checkpointing=config.gradient_checkpointing, use_cpu=device.type == "cpu", **flags,
+            seed=config.seed, logging_steps=config.logging_steps,
+            save_strategy="steps" if config.save_steps else "no", save_steps=config.save_steps or 500,
+            save_total_limit=save_total_limit or None, report_to=config.report_to,
+            eval_strategy="steps" if eval_steps and has_test else "no", eval_steps=eval_steps or None,
+            dataloader_num_workers=0, **extras,
+        )
+
+
+def mixed_precision(args) -> str:
+    """The precision TrainingArguments train in: bf16, fp16 or fp32."""
+    return "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+
+
+def pick(entry: dict, keys: tuple[str, ...], prefix: str = "") -> dict:
+    """The `keys` of a log entry (`prefix` + key, e.g. eval_loss), under their plain names, in the order of `keys`."""
+    return {k: entry[prefix + k] for k in keys if prefix + k in entry}
+
+
+@dataclass
+class Trained:
+    """What `train_and_save` leaves to the stage's own figures."""
+
+    result: Any  # trainer.train's TrainOutput (training_loss, metrics)
+    eval_metrics: dict  # trainer.evaluate()'s on the test split; {} when not asked for
+    model: Any  # the saved model, a LoRA adapter merged into it, on the main process; None on the others
+    main: bool  # the main process: the one that writes
+    logs: list[dict]  # the per-step training entries of trainer.state.log_history
+
+    def first_and_final(self, keys: tuple[str, ...]) -> dict:
+        """{"first": ..., "final": ...}: the first and last training logs cut to `keys`."""
+        return {"first": pick(self.logs[0], keys) if self.logs else {},
+                "final": pick(self.logs[-1], keys) if self.logs else {}}
+
+
+def train_and_save(trainer, config: TRLStageConfig, resume_from: str | None, *, evaluate: bool = False,
+                   padding_side: str = "left") -> Trained:
+    """Train (on from the checkpoint `resume_from`), evaluate on the test split if asked, and save the model directory
+    (with the tokenizer padding on `padding_side`) into output_dir from the main process only."""
+    with reuse_freed_memory(trainer.args.device.type == "cpu"):  # large tensors reused, not mapped afresh
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    eval_metrics = trainer.evaluate() if evaluate else {}
+    # Under `accelerate launch` only the main process writes (processes writing one file at once can corrupt it).
+    main = trainer.is_world_process_zero()
+    model = None
+    if main:
+        model = save_model_dir(trainer.model, trainer.processing_class, Path(config.output_dir), padding_side)
+    logs = [h for h in trainer.state.log_history if "loss" in h and "train_loss" not in h]
+    return Trained(result, eval_metrics, model, main, logs)
+
+
+def write_metrics(trainer, config: TRLStageConfig, metrics: dict) -> bool:
+    """Write output_dir/metrics.json from the main process, then wait for every process; True on the main one."""
+    main = trainer.is_world_process_zero()
+    if main:
+        (Path(config.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
+    trainer.accelerator.wait_for_everyone()  # no process goes on to load the model before it is written
+    return main
