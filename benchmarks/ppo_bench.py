@@ -287,7 +287,8 @@ def main() -> None:
             prompts = read_prompts("sentiment", split="train")
             prompts_file = workdir / "prompts.jsonl"
             prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-            prompt_ids = [tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+            prompt_ids = [tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"]
+                          for p in prompts]
             job = dict(policy=policy, reward=reward, prompts_file=str(prompts_file), prompt_ids=prompt_ids,
                        steps=steps, batch=batch, micro=micro, new_tokens=args.new_tokens or d["new_tokens"],
                        epochs=args.epochs or d["epochs"], lr=d["lr"], device=device.type, precision=precision,
@@ -313,7 +314,7 @@ def main() -> None:
               f"{'ckpt':<4} {'step s':>7} {'[range]':>13} {'peak RSS MB':>12}")
     print(header + ("   peak GPU MB" if device.type == "cuda" else ""))
     verdicts = []
-    for which, job, repeats, threads, results in rows:
+    for which, job, _repeats, threads, results in rows:
         shape = f"{job['batch']} x {job['new_tokens']}"
         med, rss = {}, {}
         for label, runs in results.items():

@@ -108,7 +108,8 @@ def main() -> None:
         backends["postgresql"] = pg.rsplit("/", 1)[0] + "/" + pg_db
     print(f"{args.annotators} annotator processes x {args.votes} votes, think {args.think} s, overlap {args.overlap}, "
           f"{os.cpu_count()} cores")
-    print(f"{'backend':<12}{'votes':>8}{'votes/s':>9}{'submit p50':>12}{'p95':>8}{'max':>8}{'next p50':>10}{'p95':>8}  checks")
+    print(f"{'backend':<12}{'votes':>8}{'votes/s':>9}{'submit p50':>12}{'p95':>8}{'max':>8}{'next p50':>10}"
+          f"{'p95':>8}  checks")
     for name, url in backends.items():
         r = bench(url, args.annotators, args.votes, args.think, args.overlap)
         ok = r["votes"] == r["expected"] and not r["twice"] and not r["over_overlap"]

@@ -24,9 +24,9 @@ import importlib
 import math
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable
 
 from tqdm.auto import tqdm
 
@@ -53,7 +53,8 @@ def length(prompts: list, responses: list[str], target: int = 40) -> list[float]
     return [-abs(len(r.split()) - target) / target for r in responses]
 
 
-def keyword(prompts: list, responses: list[str], words: tuple[str, ...] = ("wonderful", "great", "love")) -> list[float]:
+def keyword(prompts: list, responses: list[str],
+            words: tuple[str, ...] = ("wonderful", "great", "love")) -> list[float]:
     """How many of `words` occur in the response, as whole words, ignoring case."""
     patterns = [re.compile(rf"\b{re.escape(w)}\b", re.IGNORECASE) for w in words]
     return [float(sum(bool(p.search(r)) for p in patterns)) for r in responses]
@@ -74,7 +75,8 @@ def load_gold(spec: str) -> GoldFn:
         words = tuple(w.strip() for w in arg.split(",") if w.strip()) if arg else ("wonderful", "great", "love")
         return lambda prompts, responses: keyword(prompts, responses, words=words)
     if not arg:
-        raise UserError(f"unknown gold function {spec!r}: use sentiment, length[:N], keyword[:w1,w2] or module:function")
+        raise UserError(f"unknown gold function {spec!r}: use sentiment, length[:N], keyword[:w1,w2] or "
+                        "module:function")
     try:
         fn = getattr(importlib.import_module(name), arg)
     except (ImportError, AttributeError) as e:

@@ -28,7 +28,8 @@ STAGES = [
      "rlhf.annotators", "LabelSimConfig", "label_sim"),
     ("label", "Start the labeling app (Gradio): annotators compare pairs or rank several; an arena; an admin page.",
      "labeling_ui.app", "LabelConfig", "launch"),
-    ("reward", "Train a reward model on preference pairs (TRL's RewardTrainer); writes a model directory + metrics.json.",
+    ("reward", "Train a reward model on preference pairs (TRL's RewardTrainer); writes a model directory + "
+     "metrics.json.",
      "rlhf.reward", "RewardConfig", "run"),
     ("dpo", "Align a policy on preference pairs with DPO (TRL's DPOTrainer); writes a model directory.",
      "rlhf.dpo", "DPOConfig", "run"),

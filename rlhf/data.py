@@ -14,6 +14,7 @@ group) ride along; trainers keep only the columns they use.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -419,7 +420,8 @@ def quality_stats(tasks: list[dict]) -> dict:
         return n / d if d else None
 
     annotators = {name: {"votes": p["votes"], "mean_seconds": share(p["seconds"], p["timed"]),
-                         "left_share": share(p["left"], p["ab"]), "longer_share": share(p["longer"], p["length_decided"]),
+                         "left_share": share(p["left"], p["ab"]),
+                         "longer_share": share(p["longer"], p["length_decided"]),
                          "with_majority": share(p["with_majority"], p["with_majority_n"]),
                          "repeat_consistency": share(p["consistent"], p["repeats"])}
                   for name, p in sorted(per.items())}
@@ -467,10 +469,8 @@ def ranking_agreement(tasks: list[dict]) -> dict:
         n += len(ranks)
         k = len(t["responses"])
         for a, b in combinations(ranks, 2):
-            try:
+            with contextlib.suppress(ValueError):  # one of them tied everything: no order to compare
                 taus.append(kendall_tau([a[p] for p in range(k)], [b[p] for p in range(k)]))
-            except ValueError:  # one of them tied everything: no order to compare
-                pass
         units += [[r[p] for r in ranks] for p in range(k)] if len(ranks) >= 2 else []
     out: dict = {"rankings": n, "tasks": len(ranked), "kendall_tau": sum(taus) / len(taus) if taus else None,
                  "kendall_pairs": len(taus), "krippendorff_alpha_ordinal": None,
@@ -488,10 +488,12 @@ def format_stats(stats: dict) -> str:
         return "—" if v is None else f"{100 * v:5.1f}%" if pct else f"{v:6.1f}"
 
     lines = [f"{stats['tasks_voted']} tasks with votes, {stats['votes']} votes", "",
-             f"{'annotator':<24}{'votes':>7}{'sec/vote':>10}{'left':>8}{'longer':>8}{'w/ majority':>13}{'repeat ok':>11}"]
+             f"{'annotator':<24}{'votes':>7}{'sec/vote':>10}{'left':>8}{'longer':>8}{'w/ majority':>13}"
+             f"{'repeat ok':>11}"]
     for name, a in stats["annotators"].items():
         lines.append(f"{name[:23]:<24}{a['votes']:>7}{f(a['mean_seconds']):>10}{f(a['left_share'], True):>8}"
-                     f"{f(a['longer_share'], True):>8}{f(a['with_majority'], True):>13}{f(a['repeat_consistency'], True):>11}")
+                     f"{f(a['longer_share'], True):>8}{f(a['with_majority'], True):>13}"
+                     f"{f(a['repeat_consistency'], True):>11}")
     lines.append("")
     for key in ("krippendorff_alpha", "fleiss_kappa"):
         if key in stats:

@@ -36,7 +36,8 @@ def closest_pair(ids: list, rewards: list[float]) -> tuple:
     return ids[best[0]], ids[best[1]]
 
 
-def active_or_random_pair(ids: list, rewards: list[float], random_share: float, rng: random.Random) -> tuple[tuple, str]:
+def active_or_random_pair(ids: list, rewards: list[float], random_share: float,
+                          rng: random.Random) -> tuple[tuple, str]:
     """One pair for a prompt, and how it was chosen ('active' or 'random')."""
     if rng.random() < random_share:
         return random_pairs(ids, rng)[0], "random"

@@ -173,7 +173,8 @@ def generate_batch(
         ended = bool(is_eos.any())
         length = int(is_eos.nonzero()[0, 0]) + 1 if ended else int((row != tokenizer.pad_token_id).sum())
         text = tokenizer.decode(row[:length], skip_special_tokens=True).strip()
-        results.append({"text": text, "token_ids": row[:length].tolist(), "new_tokens": length, "ended_with_eos": ended})
+        results.append({"text": text, "token_ids": row[:length].tolist(), "new_tokens": length,
+                        "ended_with_eos": ended})
     return results
 
 

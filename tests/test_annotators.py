@@ -7,8 +7,7 @@ import random
 
 import pytest
 
-from rlhf.annotators import (keyword, length, load_gold, prob_left_wins, sentiment, simulate_ranking,
-                             simulate_vote)
+from rlhf.annotators import keyword, length, load_gold, prob_left_wins, sentiment, simulate_ranking, simulate_vote
 from rlhf.config import UserError
 
 

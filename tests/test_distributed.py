@@ -29,7 +29,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 ACCELERATE = ROOT / "configs" / "accelerate"
-WORDS = "film plot actor scene story music camera script light night day city".split()
+WORDS = ["film", "plot", "actor", "scene", "story", "music", "camera", "script", "light", "night", "day", "city"]
 TRAIN_PAIRS = 48  # 6 optimizer steps at a global batch of 8
 
 

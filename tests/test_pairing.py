@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from rlhf.pairing import active_or_random_pair, across_pairs, closest_pair, random_pairs
+from rlhf.pairing import across_pairs, active_or_random_pair, closest_pair, random_pairs
 
 
 def test_random_pairs_are_disjoint_and_from_the_set():
