@@ -330,14 +330,14 @@ def _load_models(config: PPOConfig, accelerator, reward_fn: Callable | None) -> 
     eos_ids = sorted({tokenizer.eos_token_id} | set([gen_eos] if isinstance(gen_eos, int) else gen_eos or []))
     policy_lora = None
     if config.lora:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        policy_lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
-                                 target_modules="all-linear", task_type="CAUSAL_LM")
+        from rlhf.trl_stage import lora_config
+
+        policy_lora = lora_config(config.lora_r, config.lora_alpha, "CAUSAL_LM")
         policy = get_peft_model(policy, policy_lora)
-        critic = get_peft_model(critic, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
-                                                   target_modules="all-linear", task_type="SEQ_CLS",
-                                                   modules_to_save=["score"]))
+        critic = get_peft_model(critic, lora_config(config.lora_r, config.lora_alpha, "SEQ_CLS",
+                                                    modules_to_save=["score"]))
         for p in [*policy.parameters(), *critic.parameters()]:
             if p.requires_grad:  # trained weights in fp32 (the optimizer's updates would vanish in bf16)
                 p.data = p.data.float()
