@@ -62,7 +62,8 @@ def write_pairs(directory: Path, n: int, words: int) -> str:
     directory.mkdir(parents=True, exist_ok=True)
     with (directory / "train.jsonl").open("w") as f:
         for i in range(n):
-            f.write(json.dumps({"prompt": prompts[i % len(prompts)], "chosen": long(GOOD), "rejected": long(BAD)}) + "\n")
+            row = {"prompt": prompts[i % len(prompts)], "chosen": long(GOOD), "rejected": long(BAD)}
+            f.write(json.dumps(row) + "\n")
     (directory / "test.jsonl").write_text("")
     return str(directory)
 
@@ -120,7 +121,8 @@ def bench_model(name: str, model: str, args, work: Path) -> dict:
         # Only what a run needs: without use_cpu, transformers refuses bf16 on a machine with no GPU.
         config = trl.DPOConfig(output_dir=str(work / f"{name}-trl"), per_device_train_batch_size=args.pairs,
                                max_steps=total_steps, report_to="none", use_cpu=device.type == "cpu")
-        return trl.DPOTrainer(model=path, args=config, train_dataset=pairs.select_columns(["prompt", "chosen", "rejected"]))
+        return trl.DPOTrainer(model=path, args=config,
+                              train_dataset=pairs.select_columns(["prompt", "chosen", "rejected"]))
 
     def ours(precompute: bool):
         config = load_config(DPOConfig, model=model, data=data, output_dir=str(work / f"{name}-ours-{precompute}"),
@@ -168,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
             spec = spec or tiny_model(work / "tiny-model")
             results[name] = bench_model(name, spec, args, work)
 
-    header = f"{'model':<10} {'configuration':<14} {'bf16':>5} {'ckpt':>5} {'s/step':>9} {'one-off':>9} {'vs TRL':>8} {'vs ours':>8}"
+    header = (f"{'model':<10} {'configuration':<14} {'bf16':>5} {'ckpt':>5} {'s/step':>9} {'one-off':>9} "
+              f"{'vs TRL':>8} {'vs ours':>8}")
     print(header)
     print("-" * len(header))
     for name, rows in results.items():

@@ -11,8 +11,17 @@ import torch
 
 from rlhf.config import UserError, load_config
 from rlhf.data import read_prompts
-from rlhf.evaluate import (EvaluateConfig, arena_figures, arena_outcomes, bradley_terry, bootstrap_ci, distinct_n,
-                           response_logprobs, run, win_rate)
+from rlhf.evaluate import (
+    EvaluateConfig,
+    arena_figures,
+    arena_outcomes,
+    bootstrap_ci,
+    bradley_terry,
+    distinct_n,
+    response_logprobs,
+    run,
+    win_rate,
+)
 from rlhf.models import load
 from rlhf.store import Store
 
