@@ -6,6 +6,9 @@ values and any `--field value` given on the command line overrides them: the sam
 We build the argparse options ourselves (`add_arguments`) rather than through HfArgumentParser so that
 `rlhf --help` and the quick commands do not import transformers and torch.
 
+Values from YAML and from `load_config(**overrides)` are typed by the same annotations (`coerce`): a value of the
+wrong type is a one-line UserError naming the file and the key (`ppo.steps` inside a section).
+
 A config that runs other stages (the loop) holds one *section* per stage (`section(...)`): a mapping of that
 stage's own options, merged over the stage's defaults. In YAML it is a nested mapping whose keys are checked
 against the stage's dataclass; on the command line it is `--<section>.<option> value` (e.g. `--ppo.learning_rate
@@ -17,7 +20,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import math
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -67,6 +72,100 @@ def section(stage: str, help: str, defaults: dict[str, Any], fixed: tuple[str, .
     return field(defaults, help, section=stage, fixed=tuple(fixed), check_with=dict(check_with or {}))
 
 
+# ---------------------------------------------------------------- value types, from the dataclass annotations
+# YAML and `load_config(**overrides)` hand over values of any type; argparse types only the command line's.
+
+# PyYAML reads YAML 1.1, where 1e-5 (no dot) is a string, not a float: such a string is taken where a number belongs.
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+_PLURAL = {str: "strings", int: "integers", float: "numbers", bool: "true/false values"}
+
+
+class _WrongType(Exception):
+    """A value that does not fit its annotation; the message is what was expected."""
+
+
+def _expected(kind: Any) -> str:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("empty" if a is type(None) else _expected(a) for a in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(str(a) for a in args)
+    if origin is list:
+        return "a list of " + (_PLURAL.get(args[0], _expected(args[0])) if args else "values")
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            dict: "a mapping"}.get(kind, getattr(kind, "__name__", str(kind)))
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "an empty value"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def coerce(kind: Any, value: Any) -> Any:
+    """`value` as the annotation `kind` (str, int, float, bool, Literal, list[X], X | None, dict) wants it, or
+    _WrongType. An int is taken for a float (and becomes one), a path for a string; a bool is never an int, and a
+    NaN is no number (every range check in __post_init__ passes it)."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return coerce(option, value)
+            except _WrongType:
+                pass
+    elif origin is typing.Literal:
+        if any(value == a and type(value) is type(a) for a in args):
+            return value
+    elif origin is list:
+        if isinstance(value, (list, tuple)):
+            try:
+                return [coerce(args[0], v) for v in value] if args else list(value)
+            except _WrongType:
+                pass
+    elif kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            value = float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value):
+            return float(value)
+    elif kind is str:
+        if isinstance(value, (str, os.PathLike)):
+            return os.fspath(value)
+    elif kind is dict:
+        if isinstance(value, dict):
+            return value
+    else:
+        return value  # an annotation this module does not check
+    raise _WrongType(_expected(kind))
+
+
+def _type_problem(hints: dict[str, Any], key: str, value: Any, name: str) -> str:
+    """The one line for a value of the wrong type: its key as written (`name`), what was expected, what came."""
+    hint = " (quote it in YAML to make it text)" if hints[key] is str and isinstance(value, (bool, int, float)) else ""
+    return f"{name}: expected {_expected(hints[key])}, got {_shown(value)}{hint}"
+
+
+def typed_values(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """`values` (options of `cls`, sections left as they are) typed by the annotations; ValueError on the first
+    one of the wrong type, naming its key."""
+    hints, out = typing.get_type_hints(cls), dict(values)
+    for key, value in values.items():
+        if key in hints and hints[key] is not dict:
+            try:
+                out[key] = coerce(hints[key], value)
+            except _WrongType:
+                raise ValueError(_type_problem(hints, key, value, key)) from None
+    return out
+
+
 def section_fields(cls: type) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if "section" in f.metadata]
 
@@ -87,11 +186,17 @@ def _section_problem(f: dataclasses.Field, values: Any, owner: str) -> str | Non
     fixed = sorted(set(values) & set(f.metadata["fixed"]))
     if fixed:
         return f"{f.name}: {', '.join(fixed)} is set by {owner} itself, not in the {f.name} section"
-    unknown = sorted(set(values) - {g.name for g in section_options(f)})
+    unknown = sorted(map(str, set(values) - {g.name for g in section_options(f)}))
     if unknown:
         return f"{f.name}: unknown option(s) {', '.join(unknown)} for {section_class(f).__name__}"
+    hints, typed = typing.get_type_hints(section_class(f)), {}
+    for key, value in values.items():
+        try:
+            typed[key] = coerce(hints[key], value)
+        except _WrongType:
+            return _type_problem(hints, key, value, f"{f.name}.{key}")
     try:  # the stage's own checks, before a long run reaches that stage
-        section_class(f)(**{**values, **f.metadata["check_with"]})
+        section_class(f)(**{**typed, **f.metadata["check_with"]})
     except (ValueError, TypeError) as e:
         return f"{f.name}: {e}"
     return None
@@ -111,13 +216,17 @@ def read_yaml(path: str | Path, cls: type) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it: {e.strerror or e}") from None
     if not isinstance(values, dict):
         raise UserError(f"{path}: expected a mapping of option: value, got {type(values).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(map(str, set(values) - known))
     if unknown:
         raise UserError(f"{path}: unknown key(s) {', '.join(unknown)} for {cls.__name__} "
                         f"(known: {', '.join(sorted(known))})")
@@ -125,7 +234,10 @@ def read_yaml(path: str | Path, cls: type) -> dict[str, Any]:
         problem = _section_problem(f, values[f.name], cls.__name__) if f.name in values else None
         if problem:
             raise UserError(f"{path}: {problem}")
-    return values
+    try:
+        return typed_values(cls, values)
+    except ValueError as e:
+        raise UserError(f"{path}: {e}") from None
 
 
 def load_config(cls: type[T], path: str | Path | None = None, **overrides: Any) -> T:
@@ -138,12 +250,15 @@ def load_config(cls: type[T], path: str | Path | None = None, **overrides: Any) 
 def make_config(cls: type[T], values: dict[str, Any]) -> T:
     """Instantiate a config; a failed cross-field check (ValueError in __post_init__) becomes a UserError. A
     section's values are merged over the section's defaults, key by key."""
+    unknown = sorted(map(str, set(values) - {f.name for f in dataclasses.fields(cls)}))
+    if unknown:
+        raise UserError(f"{cls.__name__}: unknown option(s) {', '.join(unknown)}")
     values = dict(values)
     for f in section_fields(cls):
         if isinstance(values.get(f.name), dict):
             values[f.name] = {**f.default_factory(), **values[f.name]}  # type: ignore[misc]
     try:
-        return cls(**values)
+        return cls(**typed_values(cls, values))
     except (ValueError, TypeError) as e:
         raise UserError(f"{cls.__name__}: {e}") from None
 

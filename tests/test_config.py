@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import re
 import typing
 from pathlib import Path
 
@@ -176,3 +177,91 @@ def test_loop_help_lists_each_stage_option_with_the_loop_default(capsys):
     assert "AdamW learning rate (policy and critic). (default: 6e-05)" in out  # the loop's value, not PPOConfig's
     assert "--dpo.beta" in out and "--evaluate.prompt_baselines" in out
     assert "--ppo.output_dir" not in out and "--dpo.model" not in out  # the loop sets those
+
+
+# ---------------------------------------------------------------- value types: every key of every config
+
+
+def _wrong_value(kind) -> object:
+    """A value of the wrong type for an annotation: text for a number or a flag, a list for text, a mapping for a
+    list (and a number for a Literal of names)."""
+    origin = typing.get_origin(kind)
+    if kind in (int, float) or kind is bool:
+        return "abc" if kind is not bool else "maybe"
+    if kind is str:
+        return ["a", "b"]
+    if origin is list:
+        return {"a": 1}
+    if origin is typing.Literal:
+        return 3
+    return 3  # a section: a number where a mapping belongs
+
+
+def _every_key():
+    for path in CONFIGS:
+        cls = config_class_for(path.stem)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            yield pytest.param(cls, f.name, None, _wrong_value(hints[f.name]), id=f"{path.stem}.{f.name}")
+            if "section" in f.metadata:
+                from rlhf.config import section_class, section_options
+
+                stage_hints = typing.get_type_hints(section_class(f))
+                for g in section_options(f):
+                    yield pytest.param(cls, f.name, g.name, _wrong_value(stage_hints[g.name]),
+                                       id=f"{path.stem}.{f.name}.{g.name}")
+
+
+@pytest.mark.parametrize("cls, key, option, value", list(_every_key()))
+def test_a_value_of_the_wrong_type_is_one_line_naming_the_file_and_key(tmp_path, cls, key, option, value):
+    name = f"{key}.{option}" if option else key
+    written = {key: {option: value}} if option else {key: value}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(written))
+    with pytest.raises(UserError) as error:
+        load_config(cls, path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: {name}: expected") or (not option and "expected a mapping" in message)
+    assert "\n" not in message
+    with pytest.raises(UserError) as error:  # the same value from Python
+        load_config(cls, **written)
+    assert f"{name}: expected" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_values_are_typed_by_the_annotations(tmp_path):
+    from rlhf.data import ExportConfig
+    from rlhf.dpo import DPOConfig
+    from rlhf.loop import LoopConfig
+
+    cfg = tmp_path / "dpo.yaml"
+    cfg.write_text("learning_rate: 1e-5\nepochs: 2\nbeta: 1\n")  # YAML 1.1 reads 1e-5 as text
+    config = load_config(DPOConfig, cfg)
+    assert config.learning_rate == 1e-5 and isinstance(config.epochs, float) and isinstance(config.beta, float)
+    assert load_config(ExportConfig, out=tmp_path / "x", margins=(0, 1, 2)).out == str(tmp_path / "x")
+    assert load_config(ExportConfig, margins=(0, 1, 2)).margins == [0.0, 1.0, 2.0]
+    for bad, expected in [(dict(round=True), "round: expected an integer, got bool True"),  # a bool is no int
+                          (dict(round=1.0), "round: expected an integer, got float 1.0"),
+                          (dict(test_size=float("nan")), "test_size: expected a number, got float nan"),
+                          (dict(margins="0 1 2"), "margins: expected a list of numbers, got str '0 1 2'"),
+                          (dict(format="csv"), "format must be jsonl or parquet"),
+                          (dict(round=None), "round: expected an integer, got an empty value"),
+                          (dict(rounds=3), "ExportConfig: unknown option(s) rounds")]:
+        with pytest.raises(UserError, match=re.escape(expected)):
+            load_config(ExportConfig, **bad)
+    (tmp_path / "resume.yaml").write_text("resume: yes\n")
+    with pytest.raises(UserError, match="resume: expected a string, got bool True .quote it in YAML"):
+        load_config(DPOConfig, tmp_path / "resume.yaml")
+    (tmp_path / "loop.yaml").write_text("ppo:\n  learning_rate: 1e-5\n  lora: 1\n")
+    with pytest.raises(UserError, match="loop.yaml: ppo.lora: expected true or false, got int 1"):
+        load_config(LoopConfig, tmp_path / "loop.yaml")
+    with pytest.raises(UserError, match=r"LoopConfig: ppo.steps: expected an integer, got str 'x'"):
+        load_config(LoopConfig, ppo={"steps": "x"})
+
+
+def test_unreadable_yaml_is_one_line(tmp_path):
+    (tmp_path / "latin1.yaml").write_bytes(b"system: caf\xe9\n")
+    (tmp_path / "keys.yaml").write_text("1: 2\nmax_new_tokens: 8\nzz: 1\n")
+    with pytest.raises(UserError, match="latin1.yaml: not UTF-8 text"):
+        read_yaml(tmp_path / "latin1.yaml", SampleConfig)
+    with pytest.raises(UserError, match="unknown key.*1, zz"):  # keys that are not text sort too
+        read_yaml(tmp_path / "keys.yaml", SampleConfig)
