@@ -8,6 +8,7 @@ module is imported (they pull in torch and transformers, ~2 s), so `rlhf --help`
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from rlhf.config import UserError, add_arguments, from_args
@@ -50,8 +51,36 @@ def _stage(command: str, attribute: str):
     return getattr(importlib.import_module(row[2]), row[attribute])
 
 
+class _UsageError(Exception):
+    """A command line argparse refuses (unknown option, a value of the wrong type): one line, exit status 2."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(f"{prog}: error: {message} (`{prog} --help` lists the options)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, except that a refused command line is one line (argparse prints the whole usage first,
+    which for a stage is dozens of lines above the error); subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        raise _UsageError(self.prog, message)
+
+
+# user:password@ in a URL, and libpq's password=... form: a database password must not reach a terminal or a log.
+_PASSWORD = re.compile(r"(\b[a-z][\w+.-]*://[^/\s:@]*:)[^\s@]*@|(\bpassword\s*=\s*)[^\s'\"]+", re.IGNORECASE)
+
+
+def masked(text: str) -> str:
+    """`text` with any database password in it replaced by ***."""
+    return _PASSWORD.sub(lambda m: f"{m.group(1)}***@" if m.group(1) else f"{m.group(2)}***", text)
+
+
+def _one_line(text: str) -> str:
+    return masked(" ".join(str(text).split()))
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rlhf",
         description="Preference alignment: label pairs in a browser, train a reward model, align with PPO or DPO, "
         "compare aligned and base models. Models, the default store and caches live in $RLHF_HOME "
@@ -133,7 +162,7 @@ def _annotators(args: argparse.Namespace) -> None:
     if args.annotators_command == "add":
         store = Store(args.db or None)
         credential = store.add_annotator(args.name, role="admin" if args.admin else "annotator")
-        print(f"created {'admin' if args.admin else 'annotator'} {args.name!r} in {store.url}")
+        print(f"created {'admin' if args.admin else 'annotator'} {args.name!r} in {masked(store.url)}")
         print(f"credential (shown once, store it now): {credential}")
     elif args.annotators_command == "list":
         for a in Store(args.db or None).list_annotators():
@@ -153,11 +182,23 @@ def _sample(config) -> None:
         print(f"({result['new_tokens']} tokens{suffix})\n")
 
 
+def _os_error(e: OSError) -> str:
+    """An OSError from a stage (an unwritable output directory, a full disk) as one line, with the path."""
+    if e.strerror and e.filename:
+        return f"{e.strerror}: {e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+    return str(e) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Bad input (a UserError, a refused command line, an OSError such as an unwritable path)
+    prints one line and returns 2; Ctrl+C one line and 130. Anything else is a bug and keeps its traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    command = next((a for a in argv if not a.startswith("-")), "")
     try:
+        parser = build_parser(argv)
+        args = parser.parse_args(argv)
+        action = getattr(args, f"{args.command}_command", None) if args.command else None
+        command = f"{args.command} {action}" if action else args.command
         if args.command is None:
             parser.print_help()
             return 0
@@ -177,11 +218,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _stage(command, 4)(config)
         return 0
+    except _UsageError as e:
+        print(_one_line(e), file=sys.stderr)
+        return 2
     except UserError as e:
-        print(f"rlhf {args.command}: error: {e}", file=sys.stderr)
+        print(_one_line(f"rlhf {command}: error: {e}"), file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(_one_line(f"rlhf {command}: error: {_os_error(e)}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"rlhf {args.command}: interrupted", file=sys.stderr)
+        print(f"rlhf {command}: interrupted", file=sys.stderr)
         return 130
 
 

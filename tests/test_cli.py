@@ -39,3 +39,97 @@ def test_bad_config_file_is_one_line(tmp_path, capsys):
 def test_no_command_prints_help(capsys):
     assert main([]) == 0
     assert "COMMAND" in capsys.readouterr().out
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["nosuchcommand"], "invalid choice: 'nosuchcommand'"),
+    (["data", "export", "--round", "abc"], "rlhf data export: error: argument --round: invalid int value: 'abc'"),
+    (["sample", "--n", "[1]"], "rlhf sample: error: argument --n: invalid int value"),
+    (["dpo", "--lora", "maybe"], "argument --lora: expected true or false, got 'maybe'"),
+    (["ppo", "--kl_estimator", "k2"], "invalid choice: 'k2' (choose from 'k1', 'k3')"),
+    (["loop", "--ppo.steps", "x"], "invalid int value: 'x'"),
+    (["sample", "--no-such-option", "1"], "unrecognized arguments: --no-such-option 1"),
+    (["annotators", "add"], "the following arguments are required: name"),
+])
+def test_a_refused_command_line_is_one_line_and_status_2(argv, expected, capsys):
+    """argparse would print the whole usage (dozens of lines for a stage) above its error."""
+    assert main(argv) == 2
+    err = _one_line_error(capsys)
+    assert expected in err and "--help" in err
+
+
+def test_annotators_add_does_not_print_the_database_password(tmp_path, capsys, monkeypatch):
+    from rlhf import store as store_module
+
+    url = "postgresql+psycopg2://rlhf:s3cret-pw@127.0.0.1:5432/rlhf"
+
+    class FakeStore:  # the printed lines, without a PostgreSQL server
+        def __init__(self, db):
+            self.url = db
+
+        def add_annotator(self, name, role):
+            return "credential-xyz"
+
+    monkeypatch.setattr(store_module, "Store", FakeStore)
+    assert main(["annotators", "add", "alice", "--db", url]) == 0
+    out = capsys.readouterr().out
+    assert "s3cret-pw" not in out and "rlhf:***@127.0.0.1:5432/rlhf" in out and "credential-xyz" in out
+
+
+def test_masked_hides_passwords_in_urls_and_libpq_strings():
+    from rlhf.cli import masked
+
+    assert masked("in postgresql://u:p%40ss/w@db.host:5432/x now") == "in postgresql://u:***@db.host:5432/x now"
+    assert masked("connect: host=h user=u password=hunter2 dbname=x") == "connect: host=h user=u password=*** dbname=x"
+    for kept in ("sqlite:///runs/a:b.db", "postgresql://u@host/db", "http://127.0.0.1:7860/"):
+        assert masked(kept) == kept
+
+
+def test_errors_from_a_stage_are_one_line_and_bugs_keep_their_traceback(tmp_path, capsys, monkeypatch):
+    from rlhf import data
+    from rlhf.config import UserError
+
+    def unwritable(config):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "out"))
+
+    monkeypatch.setattr(data, "run_export", unwritable)
+    assert main(["data", "export", "--db", f"sqlite:///{tmp_path / 's.db'}"]) == 2
+    assert _one_line_error(capsys) == f"rlhf data export: error: Permission denied: {tmp_path / 'out'}"
+
+    def leaky(config):
+        raise UserError("cannot open postgresql://u:pw@h/db:\n  FATAL: password authentication failed")
+
+    monkeypatch.setattr(data, "run_export", leaky)
+    assert main(["data", "export"]) == 2
+    assert _one_line_error(capsys) == ("rlhf data export: error: cannot open postgresql://u:***@h/db: FATAL: password "
+                                       "authentication failed")
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "run_export", interrupted)
+    assert main(["data", "export"]) == 130
+    assert _one_line_error(capsys) == "rlhf data export: interrupted"
+
+    def bug(config):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(data, "run_export", bug)
+    with pytest.raises(KeyError):
+        main(["data", "export"])
+
+
+def test_a_real_process_prints_one_line_and_exits_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("round: abc\n")
+    out = rlhf("data", "export", "--round", "x")
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "invalid int value" in out.stderr
+    out = rlhf("sample", "--config", str(bad))
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
+    assert "unknown key(s) round" in out.stderr
