@@ -18,18 +18,31 @@ and static/keys.js.
 
 from __future__ import annotations
 
+import errno
 import html
 import random
+import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
 
+from labeling_ui.guard import SECRET_PATH, GuardedBlocks
 from rlhf import labeling
-from rlhf.arena import ARENA_CHOICES, Arena, ask_both, draw_prompt, parse_contestants, record_vote, standings
+from rlhf.arena import (
+    ARENA_CHOICES,
+    MAX_PROMPT_CHARS,
+    Arena,
+    ask_both,
+    draw_prompt,
+    parse_contestants,
+    record_vote,
+    standings,
+)
 from rlhf.config import UserError, field
-from rlhf.labeling import CHOICE_TO_LABEL, STRENGTHS
-from rlhf.store import Store, StoreError
+from rlhf.labeling import ADMIN_PROMPT_MAX, ADMIN_PROMPTS_MAX, CHOICE_TO_LABEL, RATIONALE_MAX, STRENGTHS
+from rlhf.store import NAME_MAX, Store, StoreError
 
 MAX_SHOWN_CHARS = 20_000
 MAX_RANK = 9
@@ -75,10 +88,14 @@ class LabelConfig:
     arena_temperature: float = field(0.7, "Arena: sampling temperature.")
     device: str = field("auto", "Device for the arena and reward models: auto, cpu, cuda, mps.")
     precision: str = field("auto", "auto, fp32, bf16 or fp16.")
+    # Sign-in
+    session_hours: float = field(12.0, "A sign-in expires after this many hours; then the page asks again.")
 
     def __post_init__(self):
         if not 0 < self.port < 65536 or self.undo_window_s < 0:
             raise ValueError("port must be in 1-65535 and undo_window_s >= 0")
+        if not 0 < self.session_hours <= 24 * 30:
+            raise ValueError("session_hours must be in (0, 720]")
         if not 0 <= self.repeat_share <= 0.5 or not 0 < self.disagree_below < 0.5:
             raise ValueError("repeat_share must be in [0, 0.5] and disagree_below in (0, 0.5)")
         if self.arena_max_new_tokens < 1 or self.arena_temperature <= 0:
@@ -89,15 +106,62 @@ class LabelConfig:
 # ---------------------------------------------------------------- rendering (text into safe Markdown and HTML)
 
 
+# A bounded Markdown subset for what models and people wrote: paragraphs, emphasis, headings, lists, tables, code
+# spans and fenced code. No raw HTML (escaped), no links or images (their brackets escaped: a response can make no
+# browser fetch anything), no indented code blocks (their indentation becomes no-break spaces). Code is emitted as
+# our own <code>/<pre> HTML around escaped text, so `<` in code shows as `<` and a code span that Markdown would
+# read differently can still only show text.
+FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
+CODE_SPAN = re.compile(r"(?<!`)(`+)(?!`)(.+?)(?<!`)\1(?!`)")
+ENTITY_CHARS = set("&<>\"'")
+PROSE = str.maketrans({"\\": "\\\\", "[": "\\[", "]": "\\]", "`": "\\`", "!": "\\!"})
+
+
+def plain(text: str) -> str:
+    """Text shown literally in Markdown (names, messages): every ASCII punctuation mark escaped, one line."""
+    return "".join(html.escape(c) if c in ENTITY_CHARS else "\\" + c if c.isascii() and not c.isalnum()
+                   and not c.isspace() else c for c in " ".join(str(text).split()))
+
+
+def _prose_line(line: str) -> str:
+    indent = len(line) - len(line.lstrip(" \t"))
+    out = ["\u00a0" * len(line[:indent].expandtabs(4))] if indent >= 4 else [line[:indent]]
+    pos = indent
+    for m in CODE_SPAN.finditer(line, indent):
+        code = plain(m.group(2).strip(" ") or " ")
+        out += [html.escape(line[pos:m.start()]).translate(PROSE), f"<code>{code}</code>"]
+        pos = m.end()
+    return "".join(out) + html.escape(line[pos:]).translate(PROSE)
+
+
+def render_markdown(text: str) -> str:
+    """`text` in the bounded Markdown subset above."""
+    out, lines, i = [], text.split("\n"), 0
+    while i < len(lines):
+        opening = FENCE.match(lines[i])
+        if opening is None:
+            out.append(_prose_line(lines[i]))
+            i += 1
+            continue
+        mark, body, i = opening.group(1), [], i + 1
+        closing = re.compile(rf"^ {{0,3}}{re.escape(mark[0])}{{{len(mark)},}}\s*$")
+        while i < len(lines) and not closing.match(lines[i]):
+            body.append(lines[i])
+            i += 1
+        i += 1  # past the closing fence (or the end: an unclosed fence closes here, not in the next text)
+        out.append(f"\n<pre><code>{html.escape(chr(10).join(body))}</code></pre>\n")
+    return "\n".join(out)
+
+
 def render_text(text: str) -> str:
-    """Model output as safe Markdown: HTML escaped (so it shows as text, never runs), very long text cut."""
+    """Model output or an annotator's text as safe Markdown (render_markdown), very long text cut."""
     cut = len(text) > MAX_SHOWN_CHARS
-    shown = html.escape(text[:MAX_SHOWN_CHARS])
+    shown = render_markdown(text[:MAX_SHOWN_CHARS])
     return shown + (f"\n\n*… {len(text) - MAX_SHOWN_CHARS:,} more characters not shown*" if cut else "")
 
 
 def render_prompt_messages(messages: list[dict]) -> str:
-    return "\n\n".join(f"**{html.escape(m['role'])}:** {render_text(m['content'])}" for m in messages)
+    return "\n\n".join(f"**{plain(m['role'])}:** {render_text(m['content'])}" for m in messages)
 
 
 def render_pair(pair: dict) -> dict:
@@ -129,7 +193,7 @@ def arena_vote(store: Store, user: str, current: dict, choice: str) -> str:
     message, saved = record_vote(store, user, current, choice)
     if not saved:
         return message
-    a, b = (html.escape(label) for label in current["labels"])
+    a, b = (plain(label) for label in current["labels"])
     return f"{message} **A** was **{a}**, **B** was **{b}**."
 
 
@@ -142,12 +206,12 @@ def leaderboard(store: Store, arena: Arena) -> str:
     ranked = sorted(figures["ratings"].items(), key=lambda kv: -kv[1]["rating"])
     for i, (name, r) in enumerate(ranked, 1):
         label = arena.by_name[name]["label"] if name in arena.by_name else name
-        rows.append(f"| {i} | {html.escape(label)} | {r['rating']:.0f} | {r['ci'][0]:.0f} – {r['ci'][1]:.0f} | "
+        rows.append(f"| {i} | {plain(label)} | {r['rating']:.0f} | {r['ci'][0]:.0f} – {r['ci'][1]:.0f} | "
                     f"{r['votes']} |")
     note = f"\n\n{figures['votes']} votes; Bradley-Terry on the Elo scale (mean 1000), ties count half."
     if arena.contestants and figures["win_rate_human"]:
-        base = html.escape(arena.contestants[0]["label"])
-        parts = [f"{html.escape(arena.by_name[n]['label'])} {100 * w['mean']:.0f} % "
+        base = plain(arena.contestants[0]["label"])
+        parts = [f"{plain(arena.by_name[n]['label'])} {100 * w['mean']:.0f} % "
                  f"[{100 * w['ci'][0]:.0f}, {100 * w['ci'][1]:.0f}] ({w['votes']} votes)"
                  for n, w in figures["win_rate_human"].items()]
         note += f" Win-rate against {base}: " + "; ".join(parts) + "."
@@ -170,7 +234,7 @@ def admin_overview(store: Store, user: str) -> str:
         lines[-2:] = ["*No votes yet.*"]
     for row in rows:
         secs = "—" if row["mean_seconds"] is None else f"{row['mean_seconds']:.1f}"
-        lines.append(f"| {html.escape(row['annotator'])} | {row['round']} | {row['done']} | {row['skipped']} | "
+        lines.append(f"| {plain(row['annotator'])} | {row['round']} | {row['done']} | {row['skipped']} | "
                      f"{secs} | {(row['last_vote'] or '—')[:19]} |")
     lines += ["", "**Agreement and bias** (left: position bias, 50 % is none; repeat ok: the same choice on a swapped "
               "repeat)", "", f"```\n{figures['stats']}\n```"]
@@ -184,7 +248,7 @@ def admin_queue(store: Store, user: str) -> str:
         return "*Nothing to review.*"
     out = []
     for row in rows[:REVIEW_SHOWN]:
-        out.append(f"**Vote {row['vote_id']}** by {html.escape(row['annotator'])}: response {row['choice']} "
+        out.append(f"**Vote {row['vote_id']}** by {plain(row['annotator'])}: response {row['choice']} "
                    f"(strong); the reward model gave it {100 * row['p_chosen']:.0f} %."
                    + (f" Rationale: {render_text(row['rationale'])}" if row["rationale"] else "")
                    + f"\n\n{render_prompt_messages(row['prompt'])}\n\n**A:** {render_text(row['responses'][0])}\n\n"
@@ -198,7 +262,7 @@ def admin_review(store: Store, user: str, vote_id, decision: str) -> str:
     except (TypeError, ValueError):
         return "Give the vote's number."
     except StoreError as e:
-        return html.escape(str(e))
+        return plain(e)
     return f"Vote {int(vote_id)}: {decision}" + (" (left out of exports)." if decision == "rejected" else ".")
 
 
@@ -207,27 +271,28 @@ def admin_add_prompts(store: Store, user: str, text: str, split: str) -> str:
     try:
         ids = labeling.add_prompts(store, user, text, split)
     except StoreError as e:
-        return html.escape(str(e))
+        return plain(e)
     if not ids:
         return "Write one prompt per line."
-    return f"Stored {len(ids)} prompts (split {html.escape(split or 'train')}); `rlhf generate` samples responses."
+    return f"Stored {len(ids)} prompts (split {plain(split or 'train')}); `rlhf generate` samples responses."
 
 
-def admin_add_annotator(store: Store, user: str, name: str, admin: bool) -> str:
-    """A new account; its credential is shown this once (admins only)."""
+def admin_add_annotator(store: Store, user: str, name: str, admin: bool, reveal=None) -> str:
+    """A new account; its credential is shown this once (admins only). `reveal(credential)` is the Markdown that
+    shows it (default: the credential itself); the page passes one that hands out a one-time link instead."""
     try:
         credential = labeling.add_annotator(store, user, name, admin)
     except StoreError as e:
-        return html.escape(str(e))
+        return plain(e)
     if credential is None:
         return "Give a name."
-    return (f"Created **{html.escape(name.strip())}**{' (admin)' if admin else ''}. Credential, shown only now: "
-            f"`{credential}`")
+    shown = reveal(credential) if reveal else f"`{credential}`"
+    return f"Created **{plain(name.strip())}**{' (admin)' if admin else ''}. Credential, shown only now: {shown}"
 
 
 def admin_export(store: Store, user: str, out: str) -> str:
     counts = labeling.export(store, user, out)
-    return f"Exported {counts['train']} train, {counts['test']} test, {counts['ties']} ties to `{html.escape(out)}`."
+    return f"Exported {counts['train']} train, {counts['test']} test, {counts['ties']} ties to {plain(out)}."
 
 
 # ---------------------------------------------------------------- the page: one function per tab
@@ -235,7 +300,8 @@ def admin_export(store: Store, user: str, out: str) -> str:
 
 def page_assets() -> dict:
     """launch() arguments that put the page's style and keys in (the files under static/)."""
-    return {"css_paths": [STATIC / "app.css"], "head": f"\n<script>\n{(STATIC / 'keys.js').read_text()}</script>\n"}
+    scripts = "".join(f"\n<script>\n{(STATIC / name).read_text()}</script>\n" for name in ("keys.js", "secrets.js"))
+    return {"css_paths": [STATIC / "app.css"], "head": scripts}
 
 
 def side_by_side(*panes: tuple[str, str]) -> list:
@@ -262,7 +328,7 @@ def pairs_page(store: Store, config: LabelConfig, scorer, rng: random.Random, ro
         choice = gr.Radio([(label, value) for value, label in CHOICE_TO_LABEL.items()], label="Your choice",
                           elem_id="choice", scale=3)
         strength = gr.Radio(list(STRENGTHS), value="clear", label="How sure?", elem_id="strength", scale=2)
-    rationale = gr.Textbox(label="Why? (optional)", lines=1, elem_id="rationale")
+    rationale = gr.Textbox(label="Why? (optional)", lines=1, elem_id="rationale", max_length=RATIONALE_MAX)
     with gr.Row():
         submit = gr.Button("Submit (Enter)", variant="primary", elem_id="submit-btn")
         skip = gr.Button("Skip (S)", elem_id="skip-btn")
@@ -280,7 +346,7 @@ def pairs_page(store: Store, config: LabelConfig, scorer, rng: random.Random, ro
     def on_submit(current, choice, strength, rationale, request: gr.Request):
         message, vote_id = labeling.vote(store, request.username, current, choice, strength, rationale or "",
                                          config.guideline_version)
-        if vote_id is None and (message.startswith("Choose") or message.startswith("No task")):
+        if vote_id is None and message.startswith(("Choose", "No task", "Not saved")):
             return (current, message, *(gr.skip(),) * 6, gr.skip())
         verdict = ""
         if vote_id is not None and scorer is not None:
@@ -318,7 +384,8 @@ def rank_page(store: Store, config: LabelConfig, rng: random.Random, round_: int
     with gr.Row():
         order = gr.Textbox(label="Your order, best first (keys: numbers; '=' ties; Backspace)", elem_id="rank-order",
                            scale=3)
-        rationale = gr.Textbox(label="Why? (optional)", lines=1, elem_id="rank-rationale", scale=2)
+        rationale = gr.Textbox(label="Why? (optional)", lines=1, elem_id="rank-rationale", scale=2,
+                               max_length=RATIONALE_MAX)
     with gr.Row():
         submit = gr.Button("Submit ranking (Enter)", variant="primary", elem_id="rank-submit-btn")
         bad = gr.Button("All of them bad (X)", elem_id="rank-bad-btn")
@@ -370,7 +437,7 @@ def arena_page(store: Store, arena: Arena | None, rng: random.Random):
     current = gr.State(EMPTY)
     gr.Markdown("Two anonymous models answer your prompt; vote for the better answer, then see who they were.")
     with gr.Row():
-        prompt = gr.Textbox(label="Prompt", lines=2, elem_id="arena-prompt", scale=4)
+        prompt = gr.Textbox(label="Prompt", lines=2, elem_id="arena-prompt", scale=4, max_length=MAX_PROMPT_CHARS)
         with gr.Column(scale=1):
             draw = gr.Button("Draw a prompt", elem_id="arena-draw-btn")
             ask = gr.Button("Ask both models", variant="primary", elem_id="arena-ask-btn")
@@ -392,7 +459,7 @@ def arena_page(store: Store, arena: Arena | None, rng: random.Random):
         try:
             current = ask_both(store, arena, prompt_text, rng)
         except UserError as e:  # e.g. a contestant's model cannot be loaded: say which, keep the page usable
-            current = {"task_id": None, "message": f"The arena cannot answer: {html.escape(str(e))}"}
+            current = {"task_id": None, "message": f"The arena cannot answer: {plain(e)}"}
         has = current["task_id"] is not None
         vote_buttons = [gr.update(visible=has)] * 4
         return (current, current["message"], render_text(current.get("a", "")), render_text(current.get("b", "")),
@@ -411,7 +478,7 @@ def arena_page(store: Store, arena: Arena | None, rng: random.Random):
     return board
 
 
-def admin_page(store: Store) -> None:
+def admin_page(store: Store, secrets) -> None:
     """The "Admin" tab's content and events; every handler goes through the server-side role check."""
     refresh = gr.Button("Refresh progress, agreement and bias", elem_id="refresh-btn")
     overview = gr.Markdown(elem_id="overview")
@@ -424,13 +491,14 @@ def admin_page(store: Store) -> None:
             reject_btn = gr.Button("Reject vote (left out of exports)", elem_id="reject-btn")
         review_msg = gr.Markdown(elem_id="review-msg")
     with gr.Accordion("Add prompts", open=False):
-        new_prompts = gr.Textbox(label="One prompt per line", lines=4, elem_id="new-prompts")
+        new_prompts = gr.Textbox(label="One prompt per line", lines=4, elem_id="new-prompts",
+                                 max_length=ADMIN_PROMPTS_MAX * (ADMIN_PROMPT_MAX + 1))
         new_split = gr.Dropdown(["train", "test"], value="train", label="Split")
         add_prompts_btn = gr.Button("Store prompts", elem_id="add-prompts-btn")
         add_prompts_msg = gr.Markdown(elem_id="add-prompts-msg")
     with gr.Accordion("Add an annotator", open=False):
         with gr.Row():
-            new_name = gr.Textbox(label="Name", elem_id="new-name")
+            new_name = gr.Textbox(label="Name", elem_id="new-name", max_length=NAME_MAX)
             new_admin = gr.Checkbox(label="Admin", elem_id="new-admin")
         add_annotator_btn = gr.Button("Create account", elem_id="add-annotator-btn")
         add_annotator_msg = gr.Markdown(elem_id="add-annotator-msg")
@@ -444,7 +512,7 @@ def admin_page(store: Store) -> None:
         except PermissionError:
             return "Admins only."
         except UserError as e:
-            return f"Failed: {html.escape(str(e))}"
+            return f"Failed: {plain(e)}"
 
     def on_overview(request: gr.Request):
         return as_admin(admin_overview, request)
@@ -462,7 +530,11 @@ def admin_page(store: Store) -> None:
         return as_admin(admin_add_prompts, request, text, split)
 
     def on_add_annotator(name, admin, request: gr.Request):
-        return as_admin(admin_add_annotator, request, name, admin)
+        # The event stream carries only a one-time ticket: static/secrets.js fetches the credential with the
+        # admin's own cookie (guard.Secrets), so another user reading this session's stream learns nothing.
+        def reveal(credential: str) -> str:
+            return f"[reveal it (once)]({SECRET_PATH}{secrets.put(request.username, credential)})"
+        return as_admin(admin_add_annotator, request, name, admin, reveal)
 
     def on_export(out_dir, request: gr.Request):
         return as_admin(admin_export, request, out_dir)
@@ -499,7 +571,10 @@ def public_api(store: Store, config: LabelConfig, rng: random.Random, round_: in
 def build_app(config: LabelConfig, store: Store | None = None, scorer=None, arena: Arena | None = None):
     """The Gradio page. `scorer` (a RewardModel) and `arena` are loaded from the config when not given."""
     store = store or Store(config.db or None)
-    guidelines = Path(config.guidelines).read_text() if config.guidelines else DEFAULT_GUIDELINES
+    try:
+        guidelines = Path(config.guidelines).read_text() if config.guidelines else DEFAULT_GUIDELINES
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read the guidelines file {config.guidelines!r}: {e}") from None
     round_ = None if config.round < 0 else config.round
     rng = random.Random()
     if scorer is None and config.reward_model:
@@ -511,7 +586,7 @@ def build_app(config: LabelConfig, store: Store | None = None, scorer=None, aren
         arena = Arena(contestants, config.device, config.precision, config.arena_max_new_tokens,
                       config.arena_temperature)
 
-    with gr.Blocks(title="rlhf · labeling") as app:
+    with GuardedBlocks(store, config.session_hours, title="rlhf · labeling") as app:
         with gr.Row():
             gr.Markdown("## rlhf · labeling")
             who = gr.Markdown(elem_id="who")
@@ -522,13 +597,13 @@ def build_app(config: LabelConfig, store: Store | None = None, scorer=None, aren
         with gr.Tab("Arena", visible=arena is not None):
             board = arena_page(store, arena, rng)
         with gr.Tab("Admin", visible=False) as admin_tab:
-            admin_page(store)
+            admin_page(store, app.secrets)
 
         def on_load(request: gr.Request):
             user = request.username
             is_admin = labeling.is_admin(store, user)
             return (*show_pair(user), *show_ranking(user), gr.update(visible=is_admin),
-                    f"Signed in as **{html.escape(user)}**")
+                    f"Signed in as **{plain(user)}**")
 
         app.load(on_load, None, pair_screen + rank_screen + [admin_tab, who], **PRIVATE)
         if arena is not None:
@@ -539,18 +614,47 @@ def build_app(config: LabelConfig, store: Store | None = None, scorer=None, aren
     return app
 
 
+def masked_url(url: str) -> str:
+    """A database URL fit to print: its password, if any, as ***."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy reads: show none of it rather than a secret
+        return "(a database URL)"
+
+
+def check_launch(config: LabelConfig) -> None:
+    """The launch's own failures as one-line errors before anything starts: the guidelines file, the host and the
+    port (bound and released at once: Gradio would otherwise try other ports or fail with a traceback)."""
+    if config.guidelines and not Path(config.guidelines).is_file():
+        raise UserError(f"guidelines file {config.guidelines!r} not found")
+    try:
+        infos = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise UserError(f"cannot listen on --host {config.host!r}: not an address of this machine ({e})") from None
+    family, _, _, _, address = infos[0]
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind(address)
+    except OSError as e:
+        reason = "is in use" if e.errno == errno.EADDRINUSE else f"cannot be used ({e.strerror})"
+        raise UserError(f"port {config.port} on {config.host} {reason}: choose another with --port") from None
+
+
 def launch(config: LabelConfig, block: bool = True):
+    check_launch(config)
     store = Store(config.db or None)
+    shown_url = masked_url(store.url)
     if not any(a.active and not a.simulated for a in store.list_annotators()):
-        raise UserError(f"no annotator accounts in {store.url}: create one with `rlhf annotators add NAME` "
+        raise UserError(f"no annotator accounts in {shown_url}: create one with `rlhf annotators add NAME` "
                         "(add --admin for the admin page)")
     app = build_app(config, store)
-
-    def check(username: str, password: str) -> bool:
-        return store.authenticate(username, password) is not None
-
-    print(f"labeling app for {store.url} on http://{config.host}:{config.port}")
-    app.launch(server_name=config.host, server_port=config.port, auth=check, prevent_thread_lock=not block,
-               auth_message="Sign in with your annotator name and the credential `rlhf annotators add` printed.",
-               show_error=False, footer_links=[], **page_assets())
+    print(f"labeling app for {shown_url} on http://{config.host}:{config.port}")
+    try:
+        app.launch(server_name=config.host, server_port=config.port, prevent_thread_lock=not block,
+                   auth_message="Sign in with your annotator name and the credential `rlhf annotators add` printed.",
+                   show_error=False, footer_links=[], **page_assets())
+    except OSError as e:  # taken between the check above and the start
+        raise UserError(f"cannot listen on {config.host}:{config.port}: {e}") from None
     return app

@@ -20,10 +20,14 @@ import re
 import time
 
 from rlhf.data import ExportConfig, format_stats, quality_stats, run_export
-from rlhf.store import LABELED, AlreadyVoted, Store, TaskFull
+from rlhf.store import LABELED, AlreadyVoted, Store, StoreError, TaskFull
 
 CHOICE_TO_LABEL = {"left": "Left is better", "right": "Right is better", "tie": "Tie", "both_bad": "Both bad"}
 STRENGTHS = {"slight": 1, "clear": 2, "strong": 3}
+# Text people type into the app: longer is refused with a message, before the store is touched.
+RATIONALE_MAX = 2000
+ADMIN_PROMPT_MAX = 4000
+ADMIN_PROMPTS_MAX = 500
 
 # ---------------------------------------------------------------- pairs
 
@@ -68,6 +72,8 @@ def vote(store: Store, user: str, current: dict, choice: str, strength: str, rat
         return "Choose first: left, right, tie or both bad (keys 1-4).", None
     if strength not in STRENGTHS:
         return "Choose how sure you are: slight, clear or strong.", None
+    if len(rationale or "") > RATIONALE_MAX:
+        return f"Not saved: {rationale_too_long(rationale)}", None
     left_is_a = bool(current["left_is_a"])
     shown_at = current.get("shown_at")
     try:
@@ -80,6 +86,10 @@ def vote(store: Store, user: str, current: dict, choice: str, strength: str, rat
     except TaskFull:
         return "That task got all its votes meanwhile; here is another.", None
     return f"Saved: {CHOICE_TO_LABEL[choice].lower()} ({strength}).", vote_id
+
+
+def rationale_too_long(rationale: str) -> str:
+    return f"the rationale has {len(rationale):,} characters; at most {RATIONALE_MAX:,}, please."
 
 
 def model_verdict(store: Store, scorer, current: dict, vote_id: int, choice: str, strength: str,
@@ -182,6 +192,8 @@ def submit_ranking(store: Store, user: str, current: dict, order: str, all_bad: 
     """Store the ranking of the task on screen (numbers as shown, mapped back to task positions)."""
     if not current or current.get("task_id") is None:
         return "No task on screen.", None
+    if len(rationale or "") > RATIONALE_MAX:
+        return f"Not yet: {rationale_too_long(rationale)}", None
     shown = current["shown"]
     ranking = None
     if not all_bad:
@@ -206,7 +218,9 @@ def submit_ranking(store: Store, user: str, current: dict, order: str, all_bad: 
 
 
 def is_admin(store: Store, user: str) -> bool:
-    return store.annotator(user).role == "admin"
+    """An active admin: a deactivated one loses the role's rights at once, even while signed in."""
+    row = store.annotator(user)
+    return row.role == "admin" and bool(row.active)
 
 
 def require_admin(store: Store, user: str) -> None:
@@ -240,11 +254,15 @@ def review(store: Store, user: str, vote_id, decision: str) -> None:
 
 
 def add_prompts(store: Store, user: str, text: str, split: str) -> list[int]:
-    """One prompt per non-empty line into the store, with the admin as their source; [] when there is none."""
+    """One prompt per non-empty line into the store, with the admin as their source; [] when there is none. Too
+    many or too long lines raise a StoreError before anything is stored."""
     require_admin(store, user)
     prompts = [line.strip() for line in (text or "").splitlines() if line.strip()]
     if not prompts:
         return []
+    if len(prompts) > ADMIN_PROMPTS_MAX or max(map(len, prompts)) > ADMIN_PROMPT_MAX:
+        raise StoreError(f"at most {ADMIN_PROMPTS_MAX} prompts at a time, each of at most {ADMIN_PROMPT_MAX:,} "
+                         "characters; nothing was stored")
     return store.add_prompts(prompts, source=f"app:{user}", split=split or "train")
 
 

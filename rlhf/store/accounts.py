@@ -28,6 +28,11 @@ def _check_credential(credential: str, stored: str) -> bool:
     return hmac.compare_digest(got.hex(), digest)
 
 
+# Checked when the name is unknown, inactive or simulated, so a refusal costs one scrypt whatever the reason and its
+# timing does not tell which names exist.
+_DUMMY_HASH = _hash_credential(secrets.token_urlsafe(12))
+
+
 class Accounts:
     """Store's annotator methods; each is one transaction (`self.session()`, from Store)."""
 
@@ -69,10 +74,12 @@ class Accounts:
         return row
 
     def authenticate(self, name: str, credential: str) -> Annotator | None:
-        """The active, non-simulated annotator with this name and credential, else None (constant-time compare)."""
+        """The active, non-simulated annotator with this name and credential, else None (constant-time compare; one
+        scrypt in every case)."""
         with self.session(write=False) as s:
             row = s.scalar(select(Annotator).where(Annotator.name == name))
-        if row is None or not row.active or row.simulated or not _check_credential(credential, row.credential_hash):
+        usable = row is not None and row.active and not row.simulated and row.credential_hash
+        if not _check_credential(credential, row.credential_hash if usable else _DUMMY_HASH) or not usable:
             return None
         return row
 
