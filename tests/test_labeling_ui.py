@@ -308,3 +308,56 @@ def test_the_app_starts_without_torch_and_ships_its_static_files():
     assets = page_assets()
     assert all(path.is_file() for path in assets["css_paths"]) and "#rank-strip" in assets["css_paths"][0].read_text()
     assert assets["head"].strip().startswith("<script>") and "keydown" in assets["head"]
+
+
+def test_render_text_is_a_bounded_markdown_subset():
+    shown = render_text("![](http://h/p.png) [x](http://h/) <img src=http://h/q.png> `a < b` \\`")
+    assert "![" not in shown.replace("\\!\\[", "") and "](" not in shown.replace("\\](", "")
+    assert "<img" not in shown and "<code>a &lt; b</code>" in shown
+    fenced = render_text("```\nif a < b:\n\n    <script>x</script>\n")  # unclosed: closed here
+    assert fenced.strip().startswith("<pre><code>") and fenced.strip().endswith("</code></pre>")
+    assert "&lt;script&gt;" in fenced and "<script>" not in fenced
+    assert render_text("    indented < code").startswith("\u00a0" * 4)  # no indented code block showing &lt;
+
+
+@pytest.mark.browser
+def test_a_response_cannot_make_the_browser_fetch_and_code_shows_its_angle_brackets(tmp_path, browser):
+    import http.server
+    import threading
+
+    hits = []
+
+    class Counter(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the name http.server calls
+            hits.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    pixel = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Counter)
+    threading.Thread(target=pixel.serve_forever, daemon=True).start()
+    host = f"http://127.0.0.1:{pixel.server_address[1]}"
+    store = Store(f"sqlite:///{tmp_path / 'md.db'}")
+    [pid] = store.add_prompts([f"Describe ![]({host}/prompt.png) this."])
+    response = (f"Look: ![]({host}/pixel.png) and [ref][1] and <img src=\"{host}/raw.png\">\n\n[1]: {host}/ref.png\n\n"
+                f"![alt][1] inline `a < b && c > d` and\n\n```\nif x < y:\n    print('<b>')\n```\n")
+    store.add_task(store.add_responses(pid, [response, response], model="m"), overlap=1)
+    credential = store.add_annotator("ann")
+    port = _free_port()
+    app = build_app(LabelConfig(db=store.url, port=port, repeat_share=0.0), store)
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, footer_links=[], **page_assets())
+    try:
+        page = browser.new_page()
+        _sign_in(page, f"http://127.0.0.1:{port}", "ann", credential)
+        page.wait_for_function("document.querySelector('#left code')")
+        page.wait_for_timeout(1000)
+        assert hits == []
+        codes = [page.inner_text(c) for c in ("#left code >> nth=0", "#left pre")]
+        assert codes[0] == "a < b && c > d" and "if x < y:" in codes[1] and "print('<b>')" in codes[1]
+        assert page.locator("#left img, #prompt img").count() == 0
+        page.close()
+    finally:
+        app.close()
+        pixel.shutdown()
