@@ -240,7 +240,8 @@ class GuardedBlocks(gr.Blocks):
         super().__init__(**kwargs)
         self.store, self.session_hours = store, session_hours
         self.secrets = Secrets()
-        self.name_throttle, self.client_throttle = Throttle(), Throttle()
+        # An address may be shared (a NAT, a proxy): it gets more tries than one name before its lockout.
+        self.name_throttle, self.client_throttle = Throttle(max_failures=5), Throttle(max_failures=20)
 
     def launch(self, *args, auth=None, prevent_thread_lock: bool = False, app_kwargs: dict | None = None, **kwargs):
         from starlette.middleware import Middleware

@@ -174,3 +174,34 @@ def test_admin_rules_check_the_role_before_touching_the_store(store, tmp_path):
         labeling.review(store, "boss", "seven", "kept")
     figures = labeling.overview(store, "boss")
     assert figures["pairs"]["tasks"] == 3 and figures["awaiting_review"] == 0 and figures["annotators"] == []
+
+
+def test_a_deactivated_admin_has_no_admin_rights(store, tmp_path):
+    store.add_annotator("boss", role="admin")
+    store.set_active("boss", False)
+    assert not labeling.is_admin(store, "boss")
+    with pytest.raises(PermissionError):
+        labeling.export(store, "boss", str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_text_over_the_limits_is_refused_with_a_message_and_nothing_stored(store):
+    store.add_annotator("ann")
+    store.add_annotator("boss", role="admin")
+    task = next_pair(store, "ann", None, random.Random(0))
+    long = "y" * (labeling.RATIONALE_MAX + 1)
+    assert vote(store, "ann", task, "left", "clear", long, "v1") == (
+        f"Not saved: the rationale has {len(long):,} characters; at most {labeling.RATIONALE_MAX:,}, please.", None)
+    [pid] = store.add_prompts(["Rank two."])
+    store.add_task(store.add_responses(pid, ["r0", "r1"], model="m"), kind="rank", overlap=1)
+    ranking = next_ranking(store, "ann", None, random.Random(0))
+    assert submit_ranking(store, "ann", ranking, "1 2", False, long, "v1")[0].startswith("Not yet: the rationale has")
+    assert store.votes() == [] and store.tasks(kind="rank")[0]["votes"] == []
+    before = store.counts()
+    from rlhf.store import StoreError
+
+    with pytest.raises(StoreError, match="nothing was stored"):
+        labeling.add_prompts(store, "boss", "fine\n" + "z" * (labeling.ADMIN_PROMPT_MAX + 1), "train")
+    with pytest.raises(StoreError, match="at most 500 prompts"):
+        labeling.add_prompts(store, "boss", "\n".join(f"p{i}" for i in range(labeling.ADMIN_PROMPTS_MAX + 1)), "")
+    assert store.counts() == before
