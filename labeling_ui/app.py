@@ -561,6 +561,8 @@ def public_api(store: Store, config: LabelConfig, rng: random.Random, round_: in
                  request: gr.Request) -> str:
         """Vote on a pair: choice left/right/tie/both_bad as shown (left_is_a: A was on the left), strength
         slight/clear/strong. Returns the message the page would show."""
+        if not isinstance(left_is_a, bool):
+            return "left_is_a must be true or false, as /next_task returned it."
         return labeling.vote(store, request.username, {"task_id": task_id, "left_is_a": left_is_a}, choice, strength,
                              rationale or "", config.guideline_version)[0]
 

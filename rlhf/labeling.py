@@ -25,7 +25,7 @@ from rlhf.store import LABELED, AlreadyVoted, Store, StoreError, TaskFull
 CHOICE_TO_LABEL = {"left": "Left is better", "right": "Right is better", "tie": "Tie", "both_bad": "Both bad"}
 STRENGTHS = {"slight": 1, "clear": 2, "strong": 3}
 # Text people type into the app: longer is refused with a message, before the store is touched.
-RATIONALE_MAX = 2000
+RATIONALE_MAX = 4000
 ADMIN_PROMPT_MAX = 4000
 ADMIN_PROMPTS_MAX = 500
 
@@ -68,9 +68,13 @@ def vote(store: Store, user: str, current: dict, choice: str, strength: str, rat
     """Store the vote for the pair on screen; returns a one-line message for the page and the vote's id."""
     if not current or current.get("task_id") is None:
         return "No task on screen.", None
-    if choice not in CHOICE_TO_LABEL:
+    if not isinstance(current["task_id"], int) or isinstance(current["task_id"], bool):
+        return "No such task: give the task_id /next_task returned.", None
+    if not isinstance(rationale or "", str):
+        return "The rationale must be text.", None
+    if not isinstance(choice, str) or choice not in CHOICE_TO_LABEL:
         return "Choose first: left, right, tie or both bad (keys 1-4).", None
-    if strength not in STRENGTHS:
+    if not isinstance(strength, str) or strength not in STRENGTHS:
         return "Choose how sure you are: slight, clear or strong.", None
     if len(rationale or "") > RATIONALE_MAX:
         return f"Not saved: {rationale_too_long(rationale)}", None
@@ -85,6 +89,8 @@ def vote(store: Store, user: str, current: dict, choice: str, strength: str, rat
         return "You had already voted on that one.", None
     except TaskFull:
         return "That task got all its votes meanwhile; here is another.", None
+    except StoreError as e:  # e.g. not a pair task, or no such task: the store refused it whole
+        return f"Not saved: {e}.", None
     return f"Saved: {CHOICE_TO_LABEL[choice].lower()} ({strength}).", vote_id
 
 
@@ -211,6 +217,8 @@ def submit_ranking(store: Store, user: str, current: dict, order: str, all_bad: 
         return "You had already ranked that one.", None
     except TaskFull:
         return "That task got all its rankings meanwhile; here is another.", None
+    except StoreError as e:
+        return f"Not yet: {e}.", None
     return ("Saved: all of them bad." if all_bad else "Saved your ranking."), vote_id
 
 

@@ -302,3 +302,21 @@ def test_the_database_password_is_never_printed(tmp_path, capsys, monkeypatch):
     with pytest.raises(UserError) as refused:
         launch(LabelConfig(port=_free_port()), block=False)
     assert "s3cret" not in str(refused.value) and "rlhf:***@" in str(refused.value)
+
+
+def test_the_vote_endpoint_answers_bad_values_with_a_message(served):
+    from gradio_client import Client
+
+    url, credentials, _, store = served
+    client = Client(url, auth=("ann", credentials["ann"]), verbose=False)
+    task = client.predict(api_name="/next_task")
+    before = store.counts()
+    for args, starts in (((task["task_id"], "yes", "left", "clear", ""), "left_is_a must be"),
+                         (("7", True, "left", "clear", ""), "No such task"),
+                         ((task["task_id"], True, ["left"], "clear", ""), "Choose first"),
+                         ((task["task_id"], True, "left", {"x": 1}, ""), "Choose how sure"),
+                         ((task["task_id"], True, "left", "clear", 5), "The rationale must be text"),
+                         ((10**6, True, "left", "clear", ""), "")):  # the store's refusal, as a message
+        message = client.predict(*args, api_name="/vote")
+        assert isinstance(message, str) and message.startswith(starts) and not message.startswith("Saved"), message
+    assert store.counts() == before
