@@ -106,6 +106,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         ("stats", StatsConfig, "Annotator counts, speed, agreement (kappa, alpha), position and length bias."),
     ]:
         p = dsub.add_parser(action, help=help, description=help)
+        p.add_argument("--config", default=None, help="YAML file of this command's options (flat keys); options "
+                       "given on the command line override it.")
         add_arguments(p, cls)
         p.set_defaults(data_config=cls)
 
@@ -152,7 +154,7 @@ def _data(args: argparse.Namespace) -> None:
 
     if getattr(args, "data_config", None) is None:
         raise UserError("say which: rlhf data import | export | stats")
-    config = from_args(args.data_config, args)
+    config = from_args(args.data_config, args, args.config)
     {"import": data.run_import, "export": data.run_export, "stats": data.run_stats}[args.data_command](config)
 
 

@@ -133,3 +133,9 @@ def test_a_real_process_prints_one_line_and_exits_2(tmp_path):
     out = rlhf("sample", "--config", str(bad))
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
     assert "unknown key(s) round" in out.stderr
+
+
+def test_data_commands_take_a_config_file(tmp_path, capsys):
+    (tmp_path / "export.yaml").write_text("round: abc\n")
+    assert main(["data", "export", "--config", str(tmp_path / "export.yaml")]) == 2
+    assert _one_line_error(capsys).endswith("export.yaml: round: expected an integer, got str 'abc'")
