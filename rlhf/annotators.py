@@ -20,6 +20,7 @@ Gold functions map (prompts, responses) -> scores, batched, so PPO can use the s
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import random
@@ -171,10 +172,18 @@ class LabelSimConfig:
 
 
 def label_sim(config: LabelSimConfig) -> dict:
-    from rlhf.store import Store, TaskFull
+    from rlhf.store import Store, StoreError, TaskFull
 
     store = Store(config.db or None)
     gold = load_gold(config.gold)
+    # Everything that can fail is tried before the annotator is created: a failed run leaves the store as it was.
+    try:
+        [float(x) for x in gold(["Probe prompt."], ["A probe response."])]
+    except Exception as e:  # a user's module:function can raise anything; the user needs one line
+        raise UserError(f"gold function {config.gold!r} fails on a probe: {type(e).__name__}: {e}") from None
+    with contextlib.suppress(StoreError):  # absent: created below
+        if not store.annotator(config.annotator).simulated:
+            raise UserError(f"{config.annotator!r} is a person's account; a simulated annotator needs its own name")
     store.annotator(config.annotator, create_simulated=True)
     rng = random.Random(config.seed)
     counts = {"votes": 0, "agree_with_gold": 0, "ties": 0}

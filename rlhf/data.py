@@ -14,16 +14,18 @@ group) ride along; trainers keep only the columns they use.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
+import io
 import json
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf.config import UserError, field
+from rlhf.data_quality import format_stats, quality_stats, ranking_agreement  # noqa: F401  (re-exported)
 
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 SHIPPED_PROMPTS = {"sentiment": Path(__file__).parent / "data" / "sentiment_prompts.jsonl"}
@@ -127,6 +129,18 @@ def _read_rows(path: Path) -> list[tuple[int, dict]]:
     """(line number, row) pairs from .jsonl/.json/.csv/.parquet; a malformed line is a UserError naming it."""
     if not path.is_file():
         raise UserError(f"file not found: {path}")
+    try:
+        return _parse_rows(path)
+    except UnicodeDecodeError as e:
+        # The line of the bad byte, counted in the raw bytes: what an editor shows the user.
+        lineno = path.read_bytes()[: e.start].count(b"\n") + 1 if path.suffix != ".parquet" else 0
+        raise UserError(f"{path}:{lineno}: not UTF-8 text (byte {e.object[e.start]:#04x}); save the file as UTF-8"
+                        ) from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def _parse_rows(path: Path) -> list[tuple[int, dict]]:
     if path.suffix == ".jsonl":
         rows = []
         for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -141,18 +155,37 @@ def _read_rows(path: Path) -> list[tuple[int, dict]]:
             rows.append((lineno, row))
         return rows
     if path.suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(data, list):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
             raise UserError(f"{path}: expected a JSON list of objects")
         return list(enumerate(data, 1))
     if path.suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            return [(lineno, dict(row)) for lineno, row in enumerate(csv.DictReader(f), 2)]
+        # Decoded whole, so a bad byte's offset is the file's (see _read_rows).
+        reader = csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"), newline=""))
+        try:
+            # The line a row ends on (a quoted field may span lines).
+            return [(reader.line_num, dict(row)) for row in reader]
+        except csv.Error as e:
+            raise UserError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
     if path.suffix == ".parquet":
-        from datasets import Dataset
+        import pyarrow.parquet as pq
 
-        return list(enumerate(Dataset.from_parquet(str(path)), 1))
+        try:
+            table = pq.read_table(str(path))
+        except Exception as e:  # pyarrow raises several types for a damaged file; the user needs one line
+            raise UserError(f"{path}: not a readable Parquet file ({str(e).strip().splitlines()[0]})") from None
+        return list(enumerate(table.to_pylist(), 1))
     raise UserError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl, .json, .csv or .parquet)")
+
+
+def _text_field(row: dict, name: str, where: str) -> str:
+    value = row.get(name)
+    if value is not None and not isinstance(value, str):
+        raise UserError(f"{where}: {name} must be text, not {type(value).__name__}")
+    return value or ""
 
 
 def read_prompt_rows(path: Path, default_split: str = "train") -> list[dict]:
@@ -172,8 +205,11 @@ def read_prompt_rows(path: Path, default_split: str = "train") -> list[dict]:
         if key in seen:
             raise UserError(f"{path}:{lineno}: duplicate of line {seen[key]}")
         seen[key] = lineno
-        rows.append({"prompt": messages, "source": row.get("source") or path.name,
-                     "split": row.get("split") or default_split})
+        split = _text_field(row, "split", f"{path}:{lineno}") or default_split
+        if len(split) > 32:
+            raise UserError(f"{path}:{lineno}: a split name is at most 32 characters")
+        rows.append({"prompt": messages, "source": _text_field(row, "source", f"{path}:{lineno}") or path.name,
+                     "split": split})
     if not rows:
         raise UserError(f"{path}: no prompts")
     return rows
@@ -198,7 +234,8 @@ def read_prompts(spec: str, split: str = "", limit: int = 0) -> list:
     return prompts[:limit] if limit else prompts
 
 
-_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+# A turn's marker; HH-RLHF as published also ends some transcripts with a bare "Assistant:" (an empty reply).
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):(?: |$)")
 
 
 def parse_hh(transcript: str) -> list[dict]:
@@ -220,32 +257,57 @@ def hh_to_preference(chosen: str, rejected: str) -> dict:
     return {"prompt": chosen_msgs[:-1], "chosen": [chosen_msgs[-1]], "rejected": [rejected_msgs[-1]]}
 
 
-def read_preference_rows(path: Path) -> list[dict]:
-    """Preference rows from TRL's format (text or conversational, optional margin) or HH-RLHF's transcripts."""
-    out, seen = [], {}
+def _preference(row: dict) -> dict:
+    """One file row as a checked conversational preference row, or a ValueError saying what is wrong with it."""
+    if "prompt" not in row and {"chosen", "rejected"} <= set(row) and isinstance(row["chosen"], str):
+        pref = hh_to_preference(row["chosen"], row["rejected"])
+    elif {"prompt", "chosen", "rejected"} <= set(row):
+        pref = to_conversational(row)
+    else:
+        raise ValueError("needs prompt/chosen/rejected (TRL) or chosen/rejected transcripts (HH-RLHF)")
+    for side in ("chosen", "rejected"):
+        if not pref[side] or not isinstance(pref[side][-1]["content"], str) or not pref[side][-1]["content"].strip():
+            raise ValueError(f"empty {side} response")
+    if not pref["prompt"] or not all(isinstance(m["content"], str) and m["content"].strip() for m in pref["prompt"]):
+        raise ValueError("an empty prompt, or an empty turn in it")
+    if any(m["role"] not in ("system", "user", "assistant") for side in PREFERENCE_COLUMNS for m in pref[side]):
+        raise ValueError("roles must be system, user or assistant")
+    if pref["chosen"][-1]["content"] == pref["rejected"][-1]["content"]:
+        raise ValueError("chosen and rejected are the same response")
+    margin = row.get("margin")
+    if margin is not None and margin != "":
+        try:
+            pref["margin"] = float(margin)
+        except (TypeError, ValueError):
+            pref["margin"] = math.nan
+        if isinstance(margin, bool) or not math.isfinite(pref["margin"]):
+            raise ValueError(f"margin must be a finite number, not {margin!r}")
+    return pref
+
+
+def read_preference_rows(path: Path, on_bad_row: str = "fail") -> tuple[list[tuple[int, dict]], list[str]]:
+    """(line, preference row) pairs from TRL's format (text or conversational, optional margin) or HH-RLHF's
+    transcripts, and the rows left out ("file:line: why"). A bad row (an empty reply, histories that differ before
+    the last reply, chosen = rejected, a bad margin) is refused with its line (`on_bad_row="fail"`) or left out
+    ("skip"); a duplicate line is always refused, and so is a file without one good row."""
+    out, seen, bad = [], {}, []
     for lineno, row in _read_rows(path):
         try:
-            if "prompt" not in row and {"chosen", "rejected"} <= set(row) and isinstance(row["chosen"], str):
-                pref = hh_to_preference(row["chosen"], row["rejected"])
-            elif {"prompt", "chosen", "rejected"} <= set(row):
-                pref = to_conversational(row)
-            else:
-                raise ValueError("needs prompt/chosen/rejected (TRL) or chosen/rejected transcripts (HH-RLHF)")
-            for side in ("chosen", "rejected"):
-                if not pref[side] or not str(pref[side][-1]["content"]).strip():
-                    raise ValueError(f"empty {side} response")
-        except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{path}:{lineno}: {e}") from None
+            pref = _preference(row)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            why = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+            if on_bad_row == "fail":
+                raise UserError(f"{path}:{lineno}: {why}") from None
+            bad.append(f"{path}:{lineno}: {why}")
+            continue
         key = json.dumps([pref["prompt"], pref["chosen"], pref["rejected"]], sort_keys=True)
         if key in seen:
             raise UserError(f"{path}:{lineno}: duplicate of line {seen[key]}")
         seen[key] = lineno
-        if row.get("margin") is not None:
-            pref["margin"] = float(row["margin"])
-        out.append(pref)
+        out.append((lineno, pref))
     if not out:
-        raise UserError(f"{path}: no preference rows")
-    return out
+        raise UserError(f"{path}: no preference rows" + (f" (the first bad one: {bad[0]})" if bad else ""))
+    return out, bad
 
 
 # ---------------------------------------------------------------- export
@@ -312,9 +374,16 @@ def ranking_pairs(ranking: list[list[int]] | None, k: int) -> list[tuple[int, in
 def _ranking_rows(task: dict) -> list[tuple[dict, str]]:
     """Each ranking vote of a task expanded into its pairs, as (row, label): label "preference", "tie" or "both_bad".
     Pairs of one ranking share a `group` (InstructGPT kept a ranking's pairs in one batch, to not overfit them)."""
+    from rlhf.store.writes import valid_ranking
+
     out = []
     responses = task["responses"]
     for v in task["votes"]:
+        # Only a ranking of every response, or "all bad", becomes pairs: a store written before the store checked
+        # votes against their task's kind may hold an A/B choice or a partial ranking here.
+        if not (v["choice"] == "both_bad" or (v["choice"] == "ranked" and valid_ranking(v.get("ranking"),
+                                                                                         len(responses)))):
+            continue
         group = f"ranking-{task['task_id']}-{v['annotator']}"
         for better, worse, margin in ranking_pairs(v.get("ranking"), len(responses)):
             label = "both_bad" if v.get("ranking") is None else "preference" if margin > 0 else "tie"
@@ -371,149 +440,6 @@ def export_preferences(tasks: list[dict], method: str = "majority", margins=(0.0
                         for name, rows in splits.items()})
 
 
-# ---------------------------------------------------------------- quality figures
-
-
-def quality_stats(tasks: list[dict]) -> dict:
-    """Annotator counts, speed, agreement (Cohen, Fleiss, Krippendorff), position and length bias, from tasks."""
-    from rlhf.agreement import cohen_kappa, fleiss_kappa, krippendorff_alpha
-
-    pairs = [t for t in tasks if len(t["responses"]) == 2 and t["votes"]]
-    per: dict[str, dict] = {}
-    by_task = {t["task_id"]: {v["annotator"]: v["choice"] for v in t["votes"]} for t in pairs}
-    for t in pairs:
-        lengths = [len(r["text"]) for r in t["responses"]]
-        for v in t["votes"]:
-            p = per.setdefault(v["annotator"], Counter())
-            p["votes"] += 1
-            if v.get("seconds") is not None:
-                p["seconds"] += v["seconds"]
-                p["timed"] += 1
-            if v["choice"] in ("A", "B"):
-                p["ab"] += 1
-                p["left"] += v["choice"] == v["left"]
-                if lengths[0] != lengths[1]:
-                    p["length_decided"] += 1
-                    p["longer"] += (v["choice"] == "A") == (lengths[0] > lengths[1])
-            others = [c for name, c in by_task[t["task_id"]].items() if name != v["annotator"]]
-            if others:  # agreement with the majority of the *other* annotators of this task
-                top = Counter(others).most_common()
-                if len(top) == 1 or top[0][1] > top[1][1]:
-                    p["with_majority_n"] += 1
-                    p["with_majority"] += v["choice"] == top[0][0]
-    # Swapped repeats: the same two responses shown again in the other order, judged by the same annotator.
-    by_id = {t["task_id"]: t for t in pairs}
-    for t in pairs:
-        original = by_id.get(t.get("repeat_of"))
-        if original is None:
-            continue
-        for v in t["votes"]:
-            first = by_task[original["task_id"]].get(v["annotator"])
-            if first in ("A", "B") and v["choice"] in ("A", "B"):
-                same_text = t["responses"][0]["text"] == original["responses"][0]["text"]
-                consistent = (v["choice"] == first) if same_text else (v["choice"] != first)
-                p = per[v["annotator"]]
-                p["repeats"] += 1
-                p["consistent"] += consistent
-
-    def share(n, d):
-        return n / d if d else None
-
-    annotators = {name: {"votes": p["votes"], "mean_seconds": share(p["seconds"], p["timed"]),
-                         "left_share": share(p["left"], p["ab"]),
-                         "longer_share": share(p["longer"], p["length_decided"]),
-                         "with_majority": share(p["with_majority"], p["with_majority_n"]),
-                         "repeat_consistency": share(p["consistent"], p["repeats"])}
-                  for name, p in sorted(per.items())}
-    result: dict = {"tasks_voted": len(pairs), "votes": sum(len(t["votes"]) for t in pairs), "annotators": annotators}
-    multi = [t for t in pairs if len(t["votes"]) >= 2]
-    if multi:
-        result["krippendorff_alpha"] = krippendorff_alpha([[v["choice"] for v in t["votes"]] for t in multi])
-        modal = Counter(len(t["votes"]) for t in multi).most_common(1)[0][0]
-        same_n = [[v["choice"] for v in t["votes"]] for t in multi if len(t["votes"]) == modal]
-        if len({c for item in same_n for c in item}) > 1:
-            result["fleiss_kappa"] = fleiss_kappa(same_n)
-        cohen = {}
-        names = sorted(per)
-        for i, a in enumerate(names):
-            for b in names[i + 1:]:
-                common = [tid for tid, v in by_task.items() if a in v and b in v]
-                if len(common) >= 5:
-                    cohen[f"{a} ~ {b}"] = cohen_kappa([by_task[t][a] for t in common], [by_task[t][b] for t in common])
-        result["cohen_kappa"] = cohen
-    rankings = ranking_agreement(tasks)
-    if rankings["rankings"]:
-        result["rankings"] = rankings
-    return result
-
-
-def ranking_agreement(tasks: list[dict]) -> dict:
-    """Agreement of rankings (K-response tasks): the mean Kendall's tau-b over every two annotators who ranked the
-    same task, and Krippendorff's ordinal alpha with each (task, response) as a unit and its rank as the value.
-    All-bad votes carry no order and are left out."""
-    from itertools import combinations
-
-    from rlhf.agreement import kendall_tau, krippendorff_alpha
-
-    ranked = [t for t in tasks if t.get("kind") == "rank"]
-    taus, units, n = [], [], 0
-    first_on_top, chance = 0, 0.0  # position bias: how often the response shown first is ranked best
-    for t in ranked:
-        ranks = []  # one {position: rank} per ranking vote
-        for v in t["votes"]:
-            if v.get("ranking") is not None and v.get("review") != "rejected":
-                ranks.append({p: g for g, group in enumerate(v["ranking"]) for p in group})
-                if v.get("shown"):
-                    first_on_top += v["shown"][0] in v["ranking"][0]
-                    chance += len(v["ranking"][0]) / len(v["shown"])
-        n += len(ranks)
-        k = len(t["responses"])
-        for a, b in combinations(ranks, 2):
-            with contextlib.suppress(ValueError):  # one of them tied everything: no order to compare
-                taus.append(kendall_tau([a[p] for p in range(k)], [b[p] for p in range(k)]))
-        units += [[r[p] for r in ranks] for p in range(k)] if len(ranks) >= 2 else []
-    out: dict = {"rankings": n, "tasks": len(ranked), "kendall_tau": sum(taus) / len(taus) if taus else None,
-                 "kendall_pairs": len(taus), "krippendorff_alpha_ordinal": None,
-                 "first_shown_on_top": first_on_top / n if n else None,
-                 "first_shown_on_top_by_chance": chance / n if n else None}
-    if units:
-        out["krippendorff_alpha_ordinal"] = krippendorff_alpha(units, "ordinal",
-                                                               order=sorted({v for u in units for v in u}))
-    return out
-
-
-def format_stats(stats: dict) -> str:
-    """The quality figures as a readable table."""
-    def f(v, pct=False):
-        return "—" if v is None else f"{100 * v:5.1f}%" if pct else f"{v:6.1f}"
-
-    lines = [f"{stats['tasks_voted']} tasks with votes, {stats['votes']} votes", "",
-             f"{'annotator':<24}{'votes':>7}{'sec/vote':>10}{'left':>8}{'longer':>8}{'w/ majority':>13}"
-             f"{'repeat ok':>11}"]
-    for name, a in stats["annotators"].items():
-        lines.append(f"{name[:23]:<24}{a['votes']:>7}{f(a['mean_seconds']):>10}{f(a['left_share'], True):>8}"
-                     f"{f(a['longer_share'], True):>8}{f(a['with_majority'], True):>13}"
-                     f"{f(a['repeat_consistency'], True):>11}")
-    lines.append("")
-    for key in ("krippendorff_alpha", "fleiss_kappa"):
-        if key in stats:
-            lines.append(f"{key.replace('_', ' ')}: {stats[key]:.3f}")
-    for pair, kappa in stats.get("cohen_kappa", {}).items():
-        lines.append(f"cohen kappa {pair}: {kappa:.3f}")
-    if "rankings" in stats:
-        r = stats["rankings"]
-        tau = "—" if r["kendall_tau"] is None else f"{r['kendall_tau']:.3f} over {r['kendall_pairs']} pairs of rankings"
-        alpha = "—" if r["krippendorff_alpha_ordinal"] is None else f"{r['krippendorff_alpha_ordinal']:.3f}"
-        lines.append(f"rankings: {r['rankings']} of {r['tasks']} tasks; Kendall tau-b {tau}; "
-                     f"Krippendorff alpha (ordinal) {alpha}")
-        if r["first_shown_on_top"] is not None:
-            lines.append(f"rankings: the response shown first was ranked best in {100 * r['first_shown_on_top']:.0f} % "
-                         f"(by chance {100 * r['first_shown_on_top_by_chance']:.0f} %: position bias if far above)")
-    lines.append("left: share of A/B votes for the response shown on the left (50% = no position bias); longer: share "
-                 "for the longer response (length bias)")
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------- CLI: rlhf data import | export | stats
 
 
@@ -524,10 +450,14 @@ class ImportConfig:
     kind: str = field("auto", "prompts, preferences (TRL or HH-RLHF), tasks (a lossless dump), or auto.")
     source: str = field("", "Source name stored with imported prompts (default: the file name).")
     round: int = field(0, "Round number given to imported preference tasks.")
+    on_bad_row: str = field("skip", "Preferences: skip a bad row (an empty reply, histories that differ, ...) and "
+                            "list it, or fail: refuse the whole file at its first bad row.")
 
     def __post_init__(self):
         if self.kind not in ("auto", "prompts", "preferences", "tasks"):
             raise ValueError("kind must be auto, prompts, preferences or tasks")
+        if self.on_bad_row not in ("skip", "fail"):
+            raise ValueError("on_bad_row must be skip or fail")
 
 
 @dataclass
@@ -562,7 +492,9 @@ def _store(db: str):
 
 
 def run_import(config: ImportConfig) -> dict:
-    from rlhf.store import import_tasks
+    """Import a file; every row is checked before the one transaction that writes them, so a refused file leaves
+    the store as it was. Rows the store already holds (the file imported before) are skipped and counted."""
+    from rlhf.store import import_tasks, masked_url
 
     path = Path(config.file)
     if not config.file:
@@ -571,20 +503,24 @@ def run_import(config: ImportConfig) -> dict:
     kind = config.kind
     if kind == "auto":
         first = rows[0][1] if rows else {}
-        kind = "tasks" if "responses" in first else "preferences" if "chosen" in first else "prompts"
-    store = _store(config.db)
+        kind = ("tasks" if "responses" in first or "record" in first else "preferences" if "chosen" in first
+                else "prompts")
     source = config.source or path.name
+    bad: list[str] = []
     if kind == "prompts":
         prompt_rows = read_prompt_rows(path)
-        by_split: dict = {}
-        for r in prompt_rows:
-            by_split.setdefault(r["split"], []).append(r["prompt"])
-        n = sum(len(store.add_prompts(p, source=source, split=split)) for split, p in by_split.items())
-        result = {"prompts": n}
+        store = _store(config.db)
+        before = store.counts()["prompts"]
+        # One call, one transaction: an interrupted import of many splits leaves none of them half-stored.
+        store.add_prompts([r["prompt"] for r in prompt_rows], source=source, split=[r["split"] for r in prompt_rows])
+        added = store.counts()["prompts"] - before
+        result = {"prompts": added, **({"skipped": len(prompt_rows) - added} if added < len(prompt_rows) else {})}
     elif kind == "preferences":
         margins = (0.0, 0.5, 1.0)
-        tasks = []
-        for pref in read_preference_rows(path):
+        tasks, where = [], []
+        prefs, bad = read_preference_rows(path, config.on_bad_row)
+        for lineno, pref in prefs:
+            where.append(f"{path}:{lineno}")
             # The margin survives as the vote's strength: the nearest of the default margins.
             strength = min((1, 2, 3), key=lambda s: abs(margins[s - 1] - pref.get("margin", 0.5)))
             tasks.append({"prompt": pref["prompt"], "prompt_source": source, "round": config.round, "how": "import",
@@ -592,11 +528,26 @@ def run_import(config: ImportConfig) -> dict:
                                         {"text": pref["rejected"][-1]["content"], "model": f"import:{source}"}],
                           "votes": [{"annotator": f"import:{source}", "choice": "A", "strength": strength,
                                      "simulated": True}]})
-        result = import_tasks(store, tasks, source=source)
+        store = _store(config.db)
+        result = import_tasks(store, tasks, source=source, where=where)
     else:
-        result = import_tasks(store, [row for _, row in rows], source=source)
-    print(f"imported {', '.join(f'{v} {k}' for k, v in result.items()) or 'nothing new'} from {path} into {store.url}")
+        store = _store(config.db)
+        result = import_tasks(store, [row for _, row in rows], source=source,
+                              where=[f"{path}:{lineno}" for lineno, _ in rows])
+    if bad:
+        result["bad_rows"] = len(bad)
+    added = ", ".join(f"{v} {k}" for k, v in result.items() if k not in ("skipped", "bad_rows")) or "nothing new"
+    skipped = f"; skipped {result['skipped']} already in the store" if result.get("skipped") else ""
+    left_out = f"; left out {len(bad)} bad rows (listed below)" if bad else ""
+    print(f"imported {added} from {path} into {masked_url(store.url)}{skipped}{left_out}")
+    for line in bad[:_BAD_ROWS_SHOWN]:
+        print(f"  left out {line}")
+    if len(bad) > _BAD_ROWS_SHOWN:
+        print(f"  ... and {len(bad) - _BAD_ROWS_SHOWN} more")
     return result
+
+
+_BAD_ROWS_SHOWN = 50  # a summary, not a flood: the first bad rows with their lines, then how many more
 
 
 def run_export(config: ExportConfig) -> dict:
@@ -607,6 +558,17 @@ def run_export(config: ExportConfig) -> dict:
     tasks = store.tasks(round=round_, kind=LABELED)
     data = export_preferences(tasks, config.aggregate, tuple(config.margins), config.test_size, config.seed)
     out = Path(config.out)
+    try:
+        summary = _write_export(out, data, tasks, config)
+    except OSError as e:
+        raise UserError(f"cannot write the export to {out}: {e.strerror or e}"
+                        + (f" ({e.filename})" if e.filename else "")) from None
+    print(f"exported {summary['train']} train, {summary['test']} test, {summary['ties']} ties/both-bad pairs "
+          f"from {len(tasks)} tasks to {out}")
+    return summary
+
+
+def _write_export(out: Path, data, tasks: list[dict], config: ExportConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     for name, split in data.items():
         # Written beside and renamed into place: an interrupted export never leaves a half-written split.
@@ -622,10 +584,16 @@ def run_export(config: ExportConfig) -> dict:
             f.write(json.dumps(task, ensure_ascii=False) + "\n")
     (out / ".tasks.jsonl.tmp").replace(out / "tasks.jsonl")
     summary = {name: len(split) for name, split in data.items()}
-    (out / "export.json").write_text(json.dumps({"counts": summary, "config": vars(config)}, indent=2) + "\n")
-    print(f"exported {summary['train']} train, {summary['test']} test, {summary['ties']} ties/both-bad pairs "
-          f"from {len(tasks)} tasks to {out}")
+    # The config as written holds the database URL: its password masked.
+    settings = {**vars(config), "db": _masked(config.db)}
+    (out / "export.json").write_text(json.dumps({"counts": summary, "config": settings}, indent=2) + "\n")
     return summary
+
+
+def _masked(db: str) -> str:
+    from rlhf.store import masked_url
+
+    return masked_url(db) if db else db
 
 
 def run_stats(config: StatsConfig) -> dict:

@@ -26,7 +26,7 @@ from rlhf.data import read_prompts
 from rlhf.models import DEFAULT_MODEL
 from rlhf.pairing import across_pairs, active_or_random_pair, random_pairs
 from rlhf.sample import generate_batch, load_for_sampling, render_prompt
-from rlhf.store import Store
+from rlhf.store import Store, masked_url
 
 
 @dataclass
@@ -96,11 +96,7 @@ def _generate_for(loaded, prompts: list, config: GenerateConfig, seed: int) -> t
 def run(config: GenerateConfig) -> dict:
     store = Store(config.db or None)
     prompts = read_prompts(config.prompts, config.split, config.limit)
-    prompt_ids = store.add_prompts(prompts, source=config.prompts, split=config.split or "train")
-    if config.skip_existing:
-        done = store.prompts_with_tasks(config.round)
-        kept = [(p, i) for p, i in zip(prompts, prompt_ids) if i not in done]
-        prompts, prompt_ids = [p for p, _ in kept], [i for _, i in kept]
+    # Every model loads before the first write: a missing or broken model leaves the store as it was.
     # Two vLLM engines (pairing=across) share the GPU; one leaves room for an active pairing's reward model.
     memory = 0.4 if config.pairing == "across" else 0.8
     policy = load_for_sampling(config.model, config.device, config.precision, config.backend, memory)
@@ -111,6 +107,11 @@ def run(config: GenerateConfig) -> dict:
         from rlhf.reward import RewardModel
 
         scorer = RewardModel.load(config.reward_model, device=config.device, precision=config.precision)
+    prompt_ids = store.add_prompts(prompts, source=config.prompts, split=config.split or "train")
+    if config.skip_existing:
+        done = store.prompts_with_tasks(config.round)
+        kept = [(p, i) for p, i in zip(prompts, prompt_ids) if i not in done]
+        prompts, prompt_ids = [p for p, _ in kept], [i for _, i in kept]
     params = {k: getattr(config, k) for k in ("temperature", "top_p", "max_new_tokens", "seed", "system")}
     # The backend that actually sampled (a vllm request without vllm installed samples with hf): same seed,
     # different samples.
@@ -169,5 +170,5 @@ def run(config: GenerateConfig) -> dict:
     written.update(seconds=round(seconds, 1), tokens_per_s=round(tokens / seconds, 1))
     print(f"generated {written['responses']} responses to {written['prompts']} prompts and made {written['tasks']} "
           f"tasks (round {config.round}, {config.pairing}) in {seconds:.0f} s, {written['tokens_per_s']} tokens/s "
-          f"-> {store.url}")
+          f"-> {masked_url(store.url)}")
     return written

@@ -99,3 +99,30 @@ def test_simulated_annotator_with_zero_tau_agrees_with_gold(tmp_path, tiny_model
         if a != b:
             assert vote["choice"] == ("A" if a > b else "B")
     assert Store(config.db).next_task("oracle") is None  # every open task got its vote
+
+
+def test_a_missing_model_leaves_the_store_as_it_was(tmp_path):
+    """The models load before the first write: a model that does not load stores no prompts (254 did)."""
+    config = _config(tmp_path, str(tmp_path / "no-such-model"))
+    Store(config.db).add_prompts(["already here"])
+    before = Store(config.db).counts()
+    with pytest.raises(UserError):
+        run(config)
+    assert Store(config.db).counts() == before
+
+
+def test_label_sim_fails_before_creating_its_annotator(tmp_path, monkeypatch):
+    """A gold function that fails, or a name that is a person's account: refused, and no annotator is made."""
+    import types
+
+    db = f"sqlite:///{tmp_path / 'store.db'}"
+    broken = types.ModuleType("broken_gold")
+    broken.score = lambda prompts, responses: 1 / 0
+    monkeypatch.setitem(__import__("sys").modules, "broken_gold", broken)
+    with pytest.raises(UserError, match="fails on a probe: ZeroDivisionError"):
+        label_sim(LabelSimConfig(db=db, annotator="sim-broken", gold="broken_gold:score"))
+    assert Store(db).counts()["annotators"] == 0
+    Store(db).add_annotator("alice")
+    with pytest.raises(UserError, match="'alice' is a person's account"):
+        label_sim(LabelSimConfig(db=db, annotator="alice", gold="length"))
+    assert not Store(db).annotator("alice").simulated and Store(db).counts()["votes"] == 0

@@ -339,3 +339,78 @@ def test_add_arena_task_that_fails_halfway_stores_nothing(store_url):
         event.remove(Task, "before_insert", fail)
     assert _row_counts(store_url) == before
     assert store.random_prompt(split="arena") is None
+
+
+def test_a_vote_must_fit_its_task_kind(store_url):
+    """A/B/tie/both_bad only on pair and arena tasks, a ranking only on rank tasks; a refused vote takes no slot."""
+    store = Store(store_url)
+    store.add_annotator("k")
+    [pair] = _pairs(store, 1)
+    rank = _ranking_task(store, 3, overlap=1)
+    [pid] = store.add_prompts(["An arena prompt."])
+    arena = store.add_task(store.add_responses(pid, ["x", "y"], model="m"), kind="arena")
+    with pytest.raises(StoreError, match=f"task {rank} is a rank task: it takes a ranking"):
+        store.submit("k", rank, "A", strength=3)
+    with pytest.raises(StoreError, match=f"task {pair} is a pair task"):
+        store.submit_ranking("k", pair, [[0], [1]], shown=[0, 1])
+    with pytest.raises(StoreError, match=f"task {arena} is a arena task"):
+        store.submit_ranking("k", arena, [[1], [0]], shown=[1, 0])
+    assert store.votes(kind="rank") == [] and store.votes() == []
+    assert store.progress(kind="rank")["votes"] == 0 and store.next_task("k", kind="rank").id == rank
+    store.submit("k", arena, "B")
+    store.submit_ranking("k", rank, [[2], [0, 1]], shown=[0, 1, 2])
+    with pytest.raises(StoreError, match="kind must be one of pair, arena, rank"):
+        store.add_task(store.add_responses(pid, ["p", "q"]), kind="poll")
+    with pytest.raises(StoreError, match="a pair task compares two responses"):
+        store.add_task(store.add_responses(pid, ["p", "q", "r"]))
+
+
+def test_free_text_from_annotators_is_bounded(store_url):
+    from rlhf.store import GUIDELINE_MAX, PROMPT_MAX, RATIONALE_MAX
+
+    store = Store(store_url)
+    store.add_annotator("t")
+    tasks = _pairs(store, 2)
+    rank = _ranking_task(store, 3, overlap=1)
+    before = store.counts()
+    for kwargs in (dict(rationale="x" * (RATIONALE_MAX + 1)), dict(rationale=["not", "text"]),
+                   dict(guideline_version="v" * (GUIDELINE_MAX + 1)), dict(seconds="abc"),
+                   dict(seconds=float("nan")), dict(seconds=-1.0), dict(strength=True)):
+        with pytest.raises(StoreError):
+            store.submit("t", tasks[0], "A", **kwargs)
+    with pytest.raises(StoreError, match=f"at most {RATIONALE_MAX}"):
+        store.submit_ranking("t", rank, [[0], [1], [2]], shown=[0, 1, 2], rationale="y" * 5_000_000)
+    for shown in ([0, 0, 1], ["a", 1, 2], [0, 1]):
+        with pytest.raises(StoreError, match="shown must list"):
+            store.submit_ranking("t", rank, [[0], [1], [2]], shown=shown)
+    with pytest.raises(StoreError, match=f"at most {PROMPT_MAX}"):
+        store.add_arena_task("z" * (PROMPT_MAX + 1), [("a", "m1", {}), ("b", "m2", {})])
+    assert store.counts() == before
+    store.submit("t", tasks[0], "A", rationale="x" * RATIONALE_MAX, guideline_version="v" * GUIDELINE_MAX, seconds=2)
+    assert store.votes()[0]["rationale"] == "x" * RATIONALE_MAX
+
+
+def test_a_database_password_never_appears_in_store_errors(tmp_path):
+    from rlhf.store import masked_url
+
+    assert masked_url("postgresql+psycopg2://rlhf:s3cret@db.example/rlhf") == (
+        "postgresql+psycopg2://rlhf:***@db.example/rlhf")
+    # Nothing listens on port 1: the connection fails, and its message must not carry the password.
+    for url in ("postgresql+psycopg2://rlhf:s3cret@127.0.0.1:1/rlhf", "nosuchdialect://rlhf:s3cret@host/db",
+                "postgresql+psycopg2://rlhf:s3cret@[bad"):
+        with pytest.raises(StoreError) as e:
+            Store(url)
+        assert "s3cret" not in str(e.value) and "cannot open database" in str(e.value)
+
+
+@pytest.mark.postgres
+def test_a_wrong_postgres_password_is_masked_too():
+    import os
+
+    base = os.environ.get("RLHF_TEST_POSTGRES_URL") or pytest.skip("RLHF_TEST_POSTGRES_URL is not set")
+    from sqlalchemy.engine import make_url
+
+    url = make_url(base).set(password="not-the-password-xyz").render_as_string(hide_password=False)
+    with pytest.raises(StoreError) as e:
+        Store(url)
+    assert "not-the-password-xyz" not in str(e.value)

@@ -37,10 +37,14 @@ from rlhf.store.accounts import Accounts
 from rlhf.store.queries import Queries, TaskView
 from rlhf.store.schema import (
     CHOICES,
+    GUIDELINE_MAX,
+    KINDS,
     LABELED,
     MIGRATIONS,
     NAME_MAX,
+    PROMPT_MAX,
     RANK_CHOICES,
+    RATIONALE_MAX,
     REVIEWS,
     SCHEMA_VERSION,
     SOURCE_MAX,
@@ -59,15 +63,17 @@ from rlhf.store.schema import (
     _short,
     default_url,
     ensure_schema,
+    masked_url,
     open_engine,
     prompt_key,
 )
 from rlhf.store.transfer import Transfer, import_tasks
 from rlhf.store.writes import Writes
 
-__all__ = ["CHOICES", "LABELED", "MIGRATIONS", "NAME_MAX", "RANK_CHOICES", "REVIEWS", "SCHEMA_VERSION", "SOURCE_MAX",
-           "AlreadyVoted", "Annotator", "Base", "Meta", "Prompt", "Response", "Skip", "Store", "StoreError", "Task",
-           "TaskFull", "TaskItem", "TaskView", "Vote", "default_url", "import_tasks", "prompt_key"]
+__all__ = ["CHOICES", "GUIDELINE_MAX", "KINDS", "LABELED", "MIGRATIONS", "NAME_MAX", "PROMPT_MAX", "RANK_CHOICES",
+           "RATIONALE_MAX", "REVIEWS", "SCHEMA_VERSION", "SOURCE_MAX", "AlreadyVoted", "Annotator", "Base", "Meta",
+           "Prompt", "Response", "Skip", "Store", "StoreError", "Task", "TaskFull", "TaskItem", "TaskView", "Vote",
+           "default_url", "import_tasks", "masked_url", "prompt_key"]
 
 
 class Store(Accounts, Writes, Queries, Transfer):
@@ -85,7 +91,7 @@ class Store(Accounts, Writes, Queries, Transfer):
             ensure_schema(self.engine, self._writer, self.url, self.postgres, create)
         except DBAPIError as e:
             self.engine.dispose()
-            raise StoreError(f"cannot open database {self.url!r}: {_short(e)}") from None
+            raise StoreError(f"cannot open database {masked_url(self.url)!r}: {_short(e, self.url)}") from None
         except StoreError:
             self.engine.dispose()
             raise

@@ -9,7 +9,19 @@ from dataclasses import dataclass
 from sqlalchemy import BigInteger, Integer, cast, exists, func, select
 from sqlalchemy.orm import Session
 
-from rlhf.store.schema import LABELED, REVIEWS, Annotator, Prompt, Response, Skip, StoreError, Task, Vote, _iso
+from rlhf.store.schema import (
+    LABELED,
+    REVIEWS,
+    Annotator,
+    Prompt,
+    Response,
+    Skip,
+    StoreError,
+    Task,
+    TaskItem,
+    Vote,
+    _iso,
+)
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,14 @@ def _vote_row(v: Vote, a: Annotator) -> dict:
 
 class Queries:
     """Store's reads; each is one read-only transaction (`self.session(write=False)`, from Store)."""
+
+    def counts(self) -> dict[str, int]:
+        """Rows per table (prompts, responses, tasks, task_items, votes, skips, annotators): what an import added,
+        and what a refused one must leave as it was."""
+        tables = {"prompts": Prompt, "responses": Response, "tasks": Task, "task_items": TaskItem, "votes": Vote,
+                  "skips": Skip, "annotators": Annotator}
+        with self.session(write=False) as s:
+            return {name: s.scalar(select(func.count()).select_from(t)) for name, t in tables.items()}
 
     def task(self, task_id: int) -> TaskView:
         with self.session(write=False) as s:

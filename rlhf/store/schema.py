@@ -40,8 +40,14 @@ CHOICES = ("A", "B", "tie", "both_bad")
 RANK_CHOICES = ("ranked", "both_bad")  # a ranking task: an order, or "all of them are bad"
 REVIEWS = ("queued", "kept", "rejected")  # a vote the reward model strongly disagreed with, and an admin's decision
 LABELED = ("pair", "rank")  # task kinds that become training data (arena votes are evaluation)
+KINDS = ("pair", "arena", "rank")  # a pair and an arena task get a choice (CHOICES), a rank task a ranking
 NAME_MAX = 128
 SOURCE_MAX = 256
+# Free text the store takes from annotators (a rationale, a typed arena prompt) is bounded here, so the app, the
+# CLI and imports all refuse the same oversized input instead of storing megabytes from one text box.
+RATIONALE_MAX = 4000
+GUIDELINE_MAX = 64
+PROMPT_MAX = 20000
 
 
 class StoreError(UserError):
@@ -56,9 +62,26 @@ class TaskFull(StoreError):
     pass
 
 
-def _short(e: Exception) -> str:
-    """A database error's first line, for a StoreError message."""
-    return str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+def masked_url(url: str) -> str:
+    """A database URL fit to print: its password replaced by ***."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:  # not a URL at all: it can still hold a password after "user:", so show only the scheme
+        return url.split("://", 1)[0] + "://***" if "://" in url else url
+
+
+def _short(e: Exception, url: str = "") -> str:
+    """A database error's first line, for a StoreError message (the URL's password, if any, masked)."""
+    line = (str(getattr(e, "orig", None) or e).strip().splitlines() or [type(e).__name__])[0]
+    password = _password(url)
+    return line.replace(password, "***") if password else line
+
+
+def _password(url: str) -> str:
+    try:
+        return make_url(url).password or ""
+    except ArgumentError:
+        return ""
 
 
 def default_url() -> str:
@@ -239,7 +262,7 @@ def open_engine(url: str, durable: bool) -> tuple[Engine, bool, bool]:
     try:
         parsed = make_url(url)
     except ArgumentError:
-        raise StoreError(f"cannot open database {url!r}: not a database URL "
+        raise StoreError(f"cannot open database {masked_url(url)!r}: not a database URL "
                          "(e.g. sqlite:///path/rlhf.db or postgresql+psycopg2://user:pw@host/db)") from None
     sqlite = parsed.get_backend_name() == "sqlite"
     postgres = parsed.get_backend_name() == "postgresql"
@@ -249,7 +272,7 @@ def open_engine(url: str, durable: bool) -> tuple[Engine, bool, bool]:
             try:
                 Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
-                raise StoreError(f"cannot open database {url!r}: {e}") from None
+                raise StoreError(f"cannot open database {masked_url(url)!r}: {e}") from None
         kwargs["connect_args"] = {"timeout": 60, "check_same_thread": False}
     else:
         kwargs.update(pool_size=20, max_overflow=40, pool_pre_ping=True)
@@ -261,7 +284,7 @@ def open_engine(url: str, durable: bool) -> tuple[Engine, bool, bool]:
         engine = create_engine(url, **kwargs)
     except (NoSuchModuleError, ImportError, ArgumentError, ValueError) as e:
         hint = " (pip install 'rlhf[postgres]')" if postgres else ""
-        raise StoreError(f"cannot open database {url!r}: {_short(e)}{hint}") from None
+        raise StoreError(f"cannot open database {masked_url(url)!r}: {_short(e, url)}{hint}") from None
     if sqlite:
         event.listen(engine, "connect", lambda conn, _record: _sqlite_pragmas(conn, "FULL" if durable else "NORMAL"))
         # pysqlite's own transaction handling defers BEGIN; take it over so writes start with BEGIN IMMEDIATE
@@ -279,10 +302,10 @@ def ensure_schema(engine: Engine, writer: Engine, url: str, postgres: bool, crea
     if version == SCHEMA_VERSION:
         return
     if version is not None and version > SCHEMA_VERSION:
-        raise StoreError(f"{url} has store schema version {version}, newer than this rlhf's "
+        raise StoreError(f"{masked_url(url)} has store schema version {version}, newer than this rlhf's "
                          f"{SCHEMA_VERSION}: upgrade rlhf to use it")
     if version is None and not create:
-        raise StoreError(f"{url} holds no rlhf store")
+        raise StoreError(f"{masked_url(url)} holds no rlhf store")
     # Create or upgrade under the write lock, re-checking inside it: several processes may open a new store at
     # once (SQLite: BEGIN IMMEDIATE serialises them; PostgreSQL: a transaction-scoped advisory lock).
     with writer.begin() as conn:
@@ -294,7 +317,7 @@ def ensure_schema(engine: Engine, writer: Engine, url: str, postgres: bool, crea
             conn.execute(Meta.__table__.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
             return
         if version not in MIGRATIONS and version != SCHEMA_VERSION:
-            raise StoreError(f"{url} has store schema version {version}; this rlhf needs {SCHEMA_VERSION} "
+            raise StoreError(f"{masked_url(url)} has store schema version {version}; this rlhf needs {SCHEMA_VERSION} "
                              "and cannot upgrade it")
         while version < SCHEMA_VERSION:
             step = MIGRATIONS[version]
@@ -312,7 +335,7 @@ def _schema_version(conn, url: str) -> int | None:
         return None
     value = conn.execute(select(Meta.value).where(Meta.key == "schema_version")).scalar()
     if value is None:
-        raise StoreError(f"{url}: a 'meta' table without a schema version; not an rlhf store")
+        raise StoreError(f"{masked_url(url)}: a 'meta' table without a schema version; not an rlhf store")
     return int(value)
 
 def _sqlite_begin(conn) -> None:

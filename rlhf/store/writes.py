@@ -3,6 +3,7 @@ reward model's verdict and an admin's review, skips and undo. Every method is on
 
 from __future__ import annotations
 
+import math
 from contextlib import suppress
 from datetime import datetime, timedelta
 
@@ -13,6 +14,10 @@ from sqlalchemy.orm import Session
 from rlhf.store.queries import TaskView, _view
 from rlhf.store.schema import (
     CHOICES,
+    GUIDELINE_MAX,
+    KINDS,
+    PROMPT_MAX,
+    RATIONALE_MAX,
     SOURCE_MAX,
     AlreadyVoted,
     Annotator,
@@ -41,6 +46,25 @@ def _as_messages(prompt) -> list[dict]:
     if not messages or not all(isinstance(m["content"], str) and m["content"].strip() for m in messages):
         raise StoreError("a prompt needs at least one message, each with non-empty text")
     return messages
+
+
+def check_vote_text(rationale, guideline_version, seconds) -> None:
+    """An annotator's free text and timing, bounded (RATIONALE_MAX, GUIDELINE_MAX) and typed, or a StoreError."""
+    if not isinstance(rationale, str) or len(rationale) > RATIONALE_MAX:
+        raise StoreError(f"a rationale is text of at most {RATIONALE_MAX} characters")
+    if not isinstance(guideline_version, str) or len(guideline_version) > GUIDELINE_MAX:
+        raise StoreError(f"guideline_version is text of at most {GUIDELINE_MAX} characters")
+    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+                                or not math.isfinite(seconds) or seconds < 0):
+        raise StoreError(f"seconds must be a number >= 0, not {seconds!r}")
+
+
+def valid_ranking(ranking, k: int) -> bool:
+    """Whether `ranking` is non-empty groups of positions 0..k-1, best first, every position exactly once."""
+    if not isinstance(ranking, (list, tuple)) or not all(isinstance(g, (list, tuple)) and g for g in ranking):
+        return False
+    flat = [p for group in ranking for p in group]
+    return all(isinstance(p, int) and not isinstance(p, bool) for p in flat) and sorted(flat) == list(range(k))
 
 
 def _get_or_add_prompt(s: Session, messages: list[dict], source: str, split: str,
@@ -90,6 +114,10 @@ class Writes:
             raise StoreError("a task needs two or more distinct responses")
         if overlap < 1:
             raise StoreError("overlap must be at least 1")
+        if kind not in KINDS:
+            raise StoreError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+        if kind != "rank" and len(response_ids) != 2:
+            raise StoreError(f"a {kind} task compares two responses; use kind rank for {len(response_ids)}")
         with self.session() as s:
             responses = [s.get(Response, r) for r in response_ids]
             if any(r is None for r in responses):
@@ -111,8 +139,12 @@ class Writes:
         task (kind and how "arena", overlap 1). Returns the task id; on any failure nothing is stored."""
         if len(answers) != 2:
             raise StoreError(f"an arena task compares two answers, not {len(answers)}")
+        messages = _as_messages(messages)
+        # The prompt is typed by an annotator: bounded like their other free text.
+        if sum(len(m["content"]) for m in messages) > PROMPT_MAX:
+            raise StoreError(f"an arena prompt is at most {PROMPT_MAX} characters")
         with self.session() as s:
-            prompt = _get_or_add_prompt(s, _as_messages(messages), "arena", "arena")
+            prompt = _get_or_add_prompt(s, messages, "arena", "arena")
             rows = [Response(prompt_id=prompt.id, text=text_, model=model, model_revision="", params=params or {})
                     for text_, model, params in answers]
             s.add_all(rows)
@@ -132,16 +164,17 @@ class Writes:
         """
         if choice not in CHOICES:
             raise StoreError(f"choice must be one of {', '.join(CHOICES)}, not {choice!r}")
-        if strength not in (1, 2, 3):
+        if isinstance(strength, bool) or strength not in (1, 2, 3):
             raise StoreError("strength must be 1 (slight), 2 (clear) or 3 (strong)")
         if left not in ("A", "B"):
             raise StoreError("left must be A or B")
-        return self._add_vote(annotator, task_id, dict(choice=choice, strength=strength, rationale=rationale, left=left,
-                                                       guideline_version=guideline_version, seconds=seconds))
+        return self._add_vote(annotator, task_id, ("pair", "arena"), dict(
+            choice=choice, strength=strength, rationale=rationale, left=left, guideline_version=guideline_version,
+            seconds=seconds))
 
-    def _add_vote(self, annotator: str, task_id: int, fields: dict) -> int:
-        if fields["seconds"] is not None and not fields["seconds"] >= 0:
-            raise StoreError("seconds must be >= 0")
+    def _add_vote(self, annotator: str, task_id: int, kinds: tuple[str, ...], fields: dict) -> int:
+        """Store a vote on a task of one of `kinds` (a choice fits a pair, a ranking a rank task)."""
+        check_vote_text(fields["rationale"], fields["guideline_version"], fields["seconds"])
         try:
             # One transaction does it all (who, the claim, the vote): a vote costs one round of locking.
             with self.session() as s:
@@ -154,11 +187,16 @@ class Writes:
                     raise StoreError(f"annotator {annotator!r} is deactivated")
                 if who.voted is not None:
                     raise AlreadyVoted(f"{annotator} has already voted on task {task_id}")
-                claimed = s.execute(update(Task).where(Task.id == task_id, Task.vote_count < Task.overlap)
+                claimed = s.execute(update(Task).where(Task.id == task_id, Task.vote_count < Task.overlap,
+                                                       Task.kind.in_(kinds))
                                     .values(vote_count=Task.vote_count + 1)).rowcount
                 if claimed == 0:
-                    if s.get(Task, task_id) is None:
+                    task = s.get(Task, task_id)
+                    if task is None:
                         raise StoreError(f"no task {task_id}")
+                    if task.kind not in kinds:
+                        how = "a ranking (submit_ranking)" if task.kind == "rank" else "a choice (A, B, tie, both_bad)"
+                        raise StoreError(f"task {task_id} is a {task.kind} task: it takes {how}")
                     raise TaskFull(f"task {task_id} has all the votes it needs")
                 vote = Vote(task_id=task_id, annotator_id=who.id, **fields)
                 s.add(vote)
@@ -178,14 +216,16 @@ class Writes:
             k = len(task.items) if task is not None else 0
         if task is None:
             raise StoreError(f"no task {task_id}")
-        if sorted(shown or []) != list(range(k)):
+        if task.kind != "rank":
+            raise StoreError(f"task {task_id} is a {task.kind} task: it takes a choice (A, B, tie, both_bad), "
+                             "not a ranking")
+        if not valid_ranking([[p] for p in shown] if isinstance(shown, (list, tuple)) else None, k):
             raise StoreError(f"shown must list the positions 0-{k - 1} once each")
         if ranking is not None:
-            flat = [p for group in ranking for p in group]
-            if sorted(flat) != list(range(k)) or any(not group for group in ranking):
+            if not valid_ranking(ranking, k):
                 raise StoreError(f"a ranking must place each of the positions 0-{k - 1} exactly once")
             ranking = [sorted(int(p) for p in group) for group in ranking]
-        return self._add_vote(annotator, task_id, dict(
+        return self._add_vote(annotator, task_id, ("rank",), dict(
             choice="ranked" if ranking is not None else "both_bad", strength=2, rationale=rationale, left="A",
             guideline_version=guideline_version, seconds=seconds, ranking=ranking, shown=[int(p) for p in shown]))
 
