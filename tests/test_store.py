@@ -414,3 +414,22 @@ def test_a_wrong_postgres_password_is_masked_too():
     with pytest.raises(StoreError) as e:
         Store(url)
     assert "not-the-password-xyz" not in str(e.value)
+
+
+def test_ids_and_splits_of_the_wrong_type_are_store_errors(store_url):
+    """What an endpoint passes on may be anything: a wrong type is a StoreError, never a database error."""
+    store = Store(store_url)
+    store.add_annotator("w")
+    [task_id] = _pairs(store, 1)
+    before = store.counts()
+    for bad in ("1", 1.0, True, 2**70, None):
+        with pytest.raises(StoreError, match="no task"):
+            store.submit("w", bad, "A")
+        with pytest.raises(StoreError, match="no task"):
+            store.skip("w", bad)
+    with pytest.raises(StoreError, match="named by text"):
+        store.submit(7, task_id, "A")
+    for split in (["train"], "s" * 33):
+        with pytest.raises(StoreError, match="a split is a name"):
+            store.add_prompts(["a new prompt"], split=[split])
+    assert store.counts() == before

@@ -59,6 +59,14 @@ def check_vote_text(rationale, guideline_version, seconds) -> None:
         raise StoreError(f"seconds must be a number >= 0, not {seconds!r}")
 
 
+def check_ids(annotator, task_id) -> None:
+    """A name and a task id of the right types (what an endpoint passes on may be anything), or a StoreError."""
+    if not isinstance(annotator, str):
+        raise StoreError("an annotator is named by text")
+    if isinstance(task_id, bool) or not isinstance(task_id, int) or not 0 < task_id < 2**63:
+        raise StoreError(f"no task {task_id!r}")
+
+
 def valid_ranking(ranking, k: int) -> bool:
     """Whether `ranking` is non-empty groups of positions 0..k-1, best first, every position exactly once."""
     if not isinstance(ranking, (list, tuple)) or not all(isinstance(g, (list, tuple)) and g for g in ranking):
@@ -90,6 +98,8 @@ class Writes:
         splits = [split] * len(prompts) if isinstance(split, str) else list(split)
         if len(splits) != len(prompts):
             raise StoreError("give one split, or one per prompt")
+        if not all(isinstance(x, str) and len(x) <= 32 for x in splits) or not isinstance(source, str):
+            raise StoreError("a split is a name of at most 32 characters, and the source is text")
         ids = []
         with self.session() as s:
             for prompt, split_ in zip(prompts, splits):
@@ -174,6 +184,7 @@ class Writes:
 
     def _add_vote(self, annotator: str, task_id: int, kinds: tuple[str, ...], fields: dict) -> int:
         """Store a vote on a task of one of `kinds` (a choice fits a pair, a ranking a rank task)."""
+        check_ids(annotator, task_id)
         check_vote_text(fields["rationale"], fields["guideline_version"], fields["seconds"])
         try:
             # One transaction does it all (who, the claim, the vote): a vote costs one round of locking.
@@ -211,6 +222,7 @@ class Writes:
         """Store one ranking of a K-response task: `ranking` lists groups of tied positions, best first (every
         position exactly once), or None for "all of them are bad"; `shown` is the order the positions were shown in.
         Same guarantees as `submit` (one vote per annotator, never more than `overlap`). Returns the vote id."""
+        check_ids(annotator, task_id)
         with self.session(write=False) as s:
             task = s.get(Task, task_id)
             k = len(task.items) if task is not None else 0
@@ -288,6 +300,7 @@ class Writes:
 
     def skip(self, annotator: str, task_id: int) -> None:
         """Never offer this task to this annotator again (skipping twice is harmless)."""
+        check_ids(annotator, task_id)
         with self.session() as s:
             who = s.scalar(select(Annotator.id).where(Annotator.name == annotator))
             if who is None:
