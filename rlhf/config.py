@@ -182,7 +182,7 @@ def section_options(f: dataclasses.Field) -> list[dataclasses.Field]:
 
 def _section_problem(f: dataclasses.Field, values: Any, owner: str) -> str | None:
     if not isinstance(values, dict):
-        return f"{f.name}: expected a mapping of {section_class(f).__name__} options, got {type(values).__name__}"
+        return f"{f.name}: expected a mapping of {section_class(f).__name__} options, got {_shown(values)}"
     fixed = sorted(set(values) & set(f.metadata["fixed"]))
     if fixed:
         return f"{f.name}: {', '.join(fixed)} is set by {owner} itself, not in the {f.name} section"
