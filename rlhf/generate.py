@@ -3,10 +3,11 @@
 `rlhf generate` samples `n` responses per prompt from the policy in left-padded batches with the KV cache
 (rlhf.sample.generate_batch), stores them with the model name and generation parameters, and pairs them into
 labeling tasks (rlhf.pairing): a random pair among one model's samples, one response from each of two models,
-or, given a reward model, the closest-scored pair with a `random_share` of prompts kept random. Each prompt's
-responses and task are written in one transaction as soon as its batch is done, so Ctrl+C keeps everything
-finished so far and leaves nothing half-written. `backend: vllm` samples with vLLM where it is installed
-(rlhf.sample.load_for_sampling; transformers otherwise, with a warning).
+or, given a reward model, the closest-scored pair with a `random_share` of prompts kept random. The models load
+before anything is written; then each prompt's responses and tasks are written in one transaction
+(Store.add_candidates) as soon as its batch is done, so Ctrl+C keeps everything finished so far and leaves nothing
+half-written. `backend: vllm` samples with vLLM where it is installed (rlhf.sample.load_for_sampling;
+transformers otherwise, with a warning).
 
     rlhf generate --model smollm2-135m-instruct --prompts sentiment --limit 32 --n 2 --max_new_tokens 48
 """
@@ -133,29 +134,33 @@ def run(config: GenerateConfig) -> dict:
                 other, n_tokens = _generate_for(second, chunk, config, config.seed + 7919 * first)
                 tokens += n_tokens
             for i, (prompt, pid) in enumerate(zip(chunk, chunk_ids)):
-                ids = store.add_responses(pid, [r["text"] for r in samples[i]], model=config.model, params=params)
-                written["responses"] += len(ids)
+                # Pairs are made of positions into this prompt's answers (the pairing draws the same random numbers
+                # whatever it pairs), then the answers and their tasks are stored in one transaction.
+                answers = [(r["text"], config.model, params) for r in samples[i]]
+                mine = list(range(len(answers)))
+                kind = "pair"
                 if other is not None:
-                    other_ids = store.add_responses(pid, [r["text"] for r in other[i]], model=config.second_model,
-                                                    params=params)
-                    written["responses"] += len(other_ids)
-                    pairs = [(p, "across") for p in across_pairs(ids, other_ids, rng, config.pairs_per_prompt)]
+                    answers += [(r["text"], config.second_model, params) for r in other[i]]
+                    theirs = list(range(len(mine), len(answers)))
+                    pairs = [(p, "across") for p in across_pairs(mine, theirs, rng, config.pairs_per_prompt)]
                 elif scorer is not None:
-                    rewards = scorer.score([prompt] * len(ids), [r["text"] for r in samples[i]]).tolist()
-                    pairs = [active_or_random_pair(ids, rewards, config.random_share, rng)]
+                    rewards = scorer.score([prompt] * len(mine), [r["text"] for r in samples[i]]).tolist()
+                    pairs = [active_or_random_pair(mine, rewards, config.random_share, rng)]
                 elif config.rank:
                     # One task of `rank` responses in a random order (the app shuffles them again per annotator).
-                    store.add_task(rng.sample(ids, config.rank), round=config.round, how="random", kind="rank",
-                                   overlap=config.overlap)
-                    written["tasks"] += 1
-                    pairs = []
+                    pairs, kind = [(rng.sample(mine, config.rank), "random")], "rank"
                 else:
-                    pairs = [(p, "random") for p in random_pairs(ids, rng, config.pairs_per_prompt)]
+                    pairs = [(p, "random") for p in random_pairs(mine, rng, config.pairs_per_prompt)]
+                tasks = []
                 for pair, how in pairs:
                     # Which response is A is random, so position never correlates with the pairing strategy.
-                    pair = list(pair) if rng.random() < 0.5 else list(reversed(pair))
-                    store.add_task(pair, round=config.round, how=how, overlap=config.overlap)
-                    written["tasks"] += 1
+                    if kind == "pair":
+                        pair = list(pair) if rng.random() < 0.5 else list(reversed(pair))
+                    tasks.append((list(pair), how))
+                ids, task_ids = store.add_candidates(pid, answers, tasks, round=config.round, overlap=config.overlap,
+                                                     kind=kind)
+                written["responses"] += len(ids)
+                written["tasks"] += len(task_ids)
                 written["prompts"] += 1
                 bar.update(1)
             bar.set_postfix(tokens_per_s=f"{tokens / (time.perf_counter() - start):.0f}")

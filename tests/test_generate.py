@@ -126,3 +126,26 @@ def test_label_sim_fails_before_creating_its_annotator(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="'alice' is a person's account"):
         label_sim(LabelSimConfig(db=db, annotator="alice", gold="length"))
     assert not Store(db).annotator("alice").simulated and Store(db).counts()["votes"] == 0
+
+
+def test_a_prompts_responses_and_tasks_are_one_transaction(tmp_path, tiny_model_dir, monkeypatch):
+    """A failure while a prompt's tasks are written (here its second task) leaves none of that prompt's responses:
+    no response is stored without its task."""
+    import rlhf.store.writes as writes
+
+    real, made = writes.TaskItem, []
+
+    def failing_item(**kwargs):
+        made.append(kwargs["task_id"])
+        if len(set(made)) == 4:  # the second prompt's second task
+            raise RuntimeError("killed halfway")
+        return real(**kwargs)
+
+    monkeypatch.setattr(writes, "TaskItem", failing_item)
+    config = _config(tmp_path, tiny_model_dir, limit=2, n=4, pairs_per_prompt=2)
+    with pytest.raises(RuntimeError):
+        run(config)
+    store = Store(config.db)
+    counts = store.counts()
+    # The first prompt complete (4 responses, 2 tasks), nothing of the second.
+    assert (counts["responses"], counts["tasks"], counts["task_items"]) == (4, 2, 4)

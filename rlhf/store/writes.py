@@ -143,6 +143,35 @@ class Writes:
             s.add_all(TaskItem(task_id=task.id, position=i, response_id=r) for i, r in enumerate(response_ids))
             return task.id
 
+    def add_candidates(self, prompt_id: int, answers: list[tuple[str, str, dict]], tasks: list[tuple[list[int], str]],
+                       round: int = 0, overlap: int = 1, kind: str = "pair") -> tuple[list[int], list[int]]:
+        """One prompt's generated responses (text, model, generation parameters) and the tasks made of them
+        (positions into `answers`, how) in ONE transaction, so an interrupted generation never leaves responses
+        without their task. Every task is of `kind`. Returns the response ids and the task ids."""
+        if kind not in KINDS or overlap < 1:
+            raise StoreError(f"kind must be one of {', '.join(KINDS)} and overlap at least 1")
+        for positions, _ in tasks:
+            size_ok = len(positions) >= 2 if kind == "rank" else len(positions) == 2
+            inside = all(0 <= p < len(answers) for p in positions)
+            if not size_ok or not inside or len(set(positions)) != len(positions):
+                raise StoreError(f"a {kind} task needs distinct responses of this prompt, not {positions}")
+        with self.session() as s:
+            if s.get(Prompt, prompt_id) is None:
+                raise StoreError(f"no prompt {prompt_id}")
+            rows = [Response(prompt_id=prompt_id, text=text_, model=model, model_revision="", params=params or {})
+                    for text_, model, params in answers]
+            s.add_all(rows)
+            s.flush()
+            task_ids = []
+            for positions, how in tasks:
+                task = Task(prompt_id=prompt_id, round=round, how=how, overlap=overlap, kind=kind, repeat_of=None)
+                s.add(task)
+                s.flush()
+                s.add_all(TaskItem(task_id=task.id, position=i, response_id=rows[p].id)
+                          for i, p in enumerate(positions))
+                task_ids.append(task.id)
+            return [r.id for r in rows], task_ids
+
     def add_arena_task(self, messages: list[dict], answers: list[tuple[str, str, dict]], round: int = 0) -> int:
         """An arena task in one transaction: the prompt (source and split "arena"; an identical prompt is reused),
         one response per answer (text, model name, generation parameters) at positions 0 (A) and 1 (B), and the
