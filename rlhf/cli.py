@@ -48,7 +48,38 @@ def _stage(command: str, attribute: str):
     import importlib
 
     row = next(r for r in STAGES if r[0] == command)
-    return getattr(importlib.import_module(row[2]), row[attribute])
+    try:
+        module = importlib.import_module(row[2])
+    except ModuleNotFoundError as e:
+        if not e.name or e.name.split(".")[0] in ("rlhf", "labeling_ui"):
+            raise  # our own module missing is a broken install or a bug: keep the traceback
+        raise UserError(f"this command needs the Python package {e.name.split('.')[0]!r}, which is not installed "
+                        f"(pip install {e.name.split('.')[0]})") from None
+    return getattr(module, row[attribute])
+
+
+# The options naming where a command writes. Checked before the command runs: a stage would otherwise find an
+# unwritable directory only when it saves, after all its work.
+OUTPUT_OPTIONS = ("output_dir", "out", "runs_dir")
+
+
+def _check_writable(config) -> None:
+    """Each output directory of `config` exists as a writable directory or can be made (nothing is left behind)."""
+    import tempfile
+    from pathlib import Path
+
+    for name in OUTPUT_OPTIONS:
+        value = getattr(config, name, None)
+        if not value:
+            continue
+        path = Path(value).expanduser().absolute()
+        existing = next(p for p in (path, *path.parents) if p.exists() or p == p.parent)
+        if not existing.is_dir():
+            raise UserError(f"--{name} {value}: {existing} is not a directory")
+        try:
+            Path(tempfile.mkdtemp(prefix=".rlhf-write-check-", dir=existing)).rmdir()
+        except OSError as e:
+            raise UserError(f"--{name} {value}: cannot write in {existing} ({e.strerror or e})") from None
 
 
 class _UsageError(Exception):
@@ -155,6 +186,7 @@ def _data(args: argparse.Namespace) -> None:
     if getattr(args, "data_config", None) is None:
         raise UserError("say which: rlhf data import | export | stats")
     config = from_args(args.data_config, args, args.config)
+    _check_writable(config)
     {"import": data.run_import, "export": data.run_export, "stats": data.run_stats}[args.data_command](config)
 
 
@@ -215,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         command = ALIASES.get(args.command, args.command)
         config = from_args(_stage(command, 3), args, args.config)
+        _check_writable(config)
         if command == "sample":
             _sample(config)
         else:

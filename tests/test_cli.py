@@ -139,3 +139,32 @@ def test_data_commands_take_a_config_file(tmp_path, capsys):
     (tmp_path / "export.yaml").write_text("round: abc\n")
     assert main(["data", "export", "--config", str(tmp_path / "export.yaml")]) == 2
     assert _one_line_error(capsys).endswith("export.yaml: round: expected an integer, got str 'abc'")
+
+
+@pytest.mark.parametrize("stage", ["dpo", "reward", "sft", "ppo", "evaluate"])
+def test_an_unwritable_output_dir_is_refused_before_the_stage_runs(stage, tmp_path, capsys, monkeypatch):
+    from rlhf import cli
+
+    monkeypatch.setattr(cli, "_stage", lambda command, attribute, real=cli._stage: (
+        real(command, 3) if attribute == 3 else pytest.fail("the stage ran")))
+    extra = ["--aligned", "x"] if stage == "evaluate" else []
+    assert main([stage, "--output_dir", "/proc/rlhf-out", *extra]) == 2
+    assert "--output_dir /proc/rlhf-out: cannot write in /proc" in _one_line_error(capsys)
+    (tmp_path / "a-file").write_text("x")
+    assert main([stage, "--output_dir", str(tmp_path / "a-file" / "out"), *extra]) == 2
+    assert f"{tmp_path / 'a-file'} is not a directory" in _one_line_error(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # the check leaves nothing behind
+
+
+def test_a_missing_package_is_one_line_and_a_missing_module_of_ours_a_traceback(tmp_path, monkeypatch):
+    from rlhf import cli
+    from rlhf.config import UserError
+
+    (tmp_path / "stage_needing_a_package.py").write_text("import no_such_package_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(cli, "STAGES", [("fake", "", "stage_needing_a_package", "Config", "run"),
+                                        ("broken", "", "rlhf.no_such_module", "Config", "run")])
+    with pytest.raises(UserError, match="needs the Python package 'no_such_package_xyz'.*pip install"):
+        cli._stage("fake", 3)
+    with pytest.raises(ModuleNotFoundError):
+        cli._stage("broken", 3)
