@@ -1,7 +1,7 @@
 """What stands between the network and the labeling app's events: sign-in, sessions, one-time secrets and a
 request filter, wired into Gradio by `GuardedBlocks.launch`.
 
-  sign_in       Gradio's `auth=` callable, async: the credential check (scrypt) runs on one worker thread, never
+  sign_in       Gradio's `auth=` callable, async: the credential check (scrypt) runs on worker threads, never
                 on the event loop that serves every user; failed sign-ins are throttled per name and per client
                 address (a growing lockout) and answered after a fixed delay, so a flood cannot hog the server
   Sessions      Gradio's token -> user table: a sign-in expires after `max_age_s`, and a deactivated account loses
@@ -28,6 +28,7 @@ import gradio as gr
 CLIENT: contextvars.ContextVar[str] = contextvars.ContextVar("client", default="")
 MAX_BODY_BYTES = 1 << 20
 FAILED_SIGN_IN_DELAY_S = 0.5
+SIGN_IN_WORKERS = 2
 SECRET_PATH = "/rlhf/secret/"
 SECRET_TTL_S = 600.0
 MAX_KEYS = 100_000  # entries kept per table (throttle, session owners), so random names cannot exhaust memory
@@ -70,12 +71,13 @@ class Throttle:
 def make_sign_in(check: Callable[[str, str], bool], names: Throttle, clients: Throttle,
                  fail_delay_s: float = FAILED_SIGN_IN_DELAY_S):
     """Gradio's `auth=` as a coroutine function (Gradio awaits only those; anything else it calls on its event
-    loop). One worker thread runs `check`: scrypt releases the GIL, and one at a time leaves the other core to
-    the server. A throttled name or address is refused without running `check` at all."""
-    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sign-in")
+    loop). Two worker threads run `check` (scrypt releases the GIL): a burst of people signing in at a round's
+    start is not served one by one, and a flood cannot take more threads than that. A throttled name or address
+    is refused without running `check` at all."""
+    worker = ThreadPoolExecutor(max_workers=SIGN_IN_WORKERS, thread_name_prefix="sign-in")
 
     async def sign_in(username: str, password: str) -> bool:
-        keys = (names, f"name:{username.casefold()}"), (clients, f"client:{CLIENT.get()}")
+        keys = (names, f"name:{username.casefold()[:256]}"), (clients, f"client:{CLIENT.get()}")
         ok = False
         if all(throttle.wait_s(key) == 0 for throttle, key in keys):
             ok = bool(await asyncio.get_running_loop().run_in_executor(worker, check, username, password))

@@ -44,7 +44,9 @@ def test_twenty_annotators_twenty_five_votes_each_through_the_app(store_url):
 
     def annotate(name: str) -> None:
         try:
-            client = Client(url, auth=(name, credentials[name]), verbose=False)
+            # 20 sign-ins at once each cost an scrypt: on a busy 2-core runner the last ones take longer than
+            # httpx's default 5 s timeout.
+            client = Client(url, auth=(name, credentials[name]), verbose=False, httpx_kwargs={"timeout": 60})
             while saved[name] < VOTES_EACH:
                 task = client.predict(api_name="/next_task")
                 if task["task_id"] is None:
