@@ -106,7 +106,7 @@ def _shown(value: Any) -> str:
 def coerce(kind: Any, value: Any) -> Any:
     """`value` as the annotation `kind` (str, int, float, bool, Literal, list[X], X | None, dict) wants it, or
     _WrongType. An int is taken for a float (and becomes one), a path for a string; a bool is never an int, and a
-    NaN is no number (every range check in __post_init__ passes it)."""
+    NaN or an infinity is no number here (a NaN passes every range check in __post_init__)."""
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -134,7 +134,7 @@ def coerce(kind: Any, value: Any) -> Any:
     elif kind is float:
         if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
             value = float(value)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
     elif kind is str:
         if isinstance(value, (str, os.PathLike)):
@@ -210,13 +210,33 @@ def check_sections(config: Any) -> None:
             raise ValueError(problem)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load's loader, except that a key given twice in one mapping is an error (PyYAML keeps the last one
+    silently: the earlier value, the one the user may be looking at, would not be used)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults` then a key of its own overrides a default: that is no repeat
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, typing.Hashable):
+                continue  # the loader itself refuses it, with its own message
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice (line {key_node.start_mark.line + 1})",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path, cls: type) -> dict[str, Any]:
     """Read a flat YAML config and check its keys against `cls`; an unknown key is a UserError naming it."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        values = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
     except UnicodeDecodeError as e:

@@ -265,3 +265,25 @@ def test_unreadable_yaml_is_one_line(tmp_path):
         read_yaml(tmp_path / "latin1.yaml", SampleConfig)
     with pytest.raises(UserError, match="unknown key.*1, zz"):  # keys that are not text sort too
         read_yaml(tmp_path / "keys.yaml", SampleConfig)
+
+
+def test_a_key_given_twice_and_an_infinity_are_refused(tmp_path):
+    from rlhf.dpo import DPOConfig
+    from rlhf.loop import LoopConfig
+
+    (tmp_path / "twice.yaml").write_text("beta: 0.1\nseed: 1\nbeta: 0.5\n")
+    with pytest.raises(UserError, match=r"twice.yaml: not valid YAML: the key 'beta' is given twice \(line 3\)"):
+        read_yaml(tmp_path / "twice.yaml", DPOConfig)
+    (tmp_path / "section.yaml").write_text("ppo:\n  steps: 1\n  steps: 2\n")
+    with pytest.raises(UserError, match="the key 'steps' is given twice"):
+        read_yaml(tmp_path / "section.yaml", LoopConfig)
+    # A YAML merge, then a key of the section's own over the merged one: no repeat.
+    (tmp_path / "merge.yaml").write_text("generate: &g\n  max_new_tokens: 20\nppo:\n  <<: *g\n  max_new_tokens: 30\n")
+    assert read_yaml(tmp_path / "merge.yaml", LoopConfig)["ppo"] == {"max_new_tokens": 30}
+    (tmp_path / "unhashable.yaml").write_text("? [a, b]\n: 1\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        read_yaml(tmp_path / "unhashable.yaml", DPOConfig)
+    for text in ("beta: 1e400\n", "beta: .inf\n", "beta: -.inf\n"):
+        (tmp_path / "inf.yaml").write_text(text)
+        with pytest.raises(UserError, match="beta: expected a number"):
+            load_config(DPOConfig, tmp_path / "inf.yaml")
