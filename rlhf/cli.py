@@ -190,6 +190,12 @@ def _data(args: argparse.Namespace) -> None:
     {"import": data.run_import, "export": data.run_export, "stats": data.run_stats}[args.data_command](config)
 
 
+def _printable(text: str) -> str:
+    """A stored name as a terminal line: control characters (a newline, an escape sequence that moves the cursor
+    or hides text: an imported account can be named anything) shown escaped, not acted on."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _annotators(args: argparse.Namespace) -> None:
     from rlhf.store import Store
 
@@ -201,7 +207,7 @@ def _annotators(args: argparse.Namespace) -> None:
     elif args.annotators_command == "list":
         for a in Store(args.db or None).list_annotators():
             flags = [a.role] + (["inactive"] if not a.active else []) + (["simulated"] if a.simulated else [])
-            print(f"{a.name:<32} {', '.join(flags)}")
+            print(f"{_printable(a.name):<32} {', '.join(flags)}")
     else:
         raise UserError("say which: rlhf annotators add NAME | rlhf annotators list")
 

@@ -168,3 +168,13 @@ def test_a_missing_package_is_one_line_and_a_missing_module_of_ours_a_traceback(
         cli._stage("fake", 3)
     with pytest.raises(ModuleNotFoundError):
         cli._stage("broken", 3)
+
+
+def test_annotators_list_escapes_control_characters_in_names(tmp_path, capsys):
+    from rlhf.store import Store, import_tasks
+
+    db = f"sqlite:///{tmp_path / 's.db'}"
+    import_tasks(Store(db), [{"record": "annotator", "name": "eve\x1b[2J\nroot admin"}])
+    assert main(["annotators", "list", "--db", db]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and out.count("\n") == 1 and "eve\\x1b[2J\\nroot admin" in out
