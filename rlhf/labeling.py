@@ -20,12 +20,12 @@ import re
 import time
 
 from rlhf.data import ExportConfig, format_stats, quality_stats, run_export
-from rlhf.store import LABELED, AlreadyVoted, Store, StoreError, TaskFull
+from rlhf.store import LABELED, RATIONALE_MAX, AlreadyVoted, Store, StoreError, TaskFull
 
 CHOICE_TO_LABEL = {"left": "Left is better", "right": "Right is better", "tie": "Tie", "both_bad": "Both bad"}
 STRENGTHS = {"slight": 1, "clear": 2, "strong": 3}
-# Text people type into the app: longer is refused with a message, before the store is touched.
-RATIONALE_MAX = 4000
+# Text people type into the app: longer is refused with a message, before the store is touched (the rationale's
+# bound is the store's own, RATIONALE_MAX, which the CLI's imports get too).
 ADMIN_PROMPT_MAX = 4000
 ADMIN_PROMPTS_MAX = 500
 
