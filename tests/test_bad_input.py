@@ -360,6 +360,10 @@ CONFIG_CASES = [
     cli_case("config-a-directory", lambda c: ["sample", "--config", str(c.dir)], r"config file not found"),
     cli_case("config-empty-value", with_config(["sample"], "n:\n"), r"n: expected an integer, got an empty value"),
     cli_case("config-cross-field", with_config(["ppo"], "batch_size: 6\nmini_batch_size: 4\n"), r"multiple"),
+    cli_case("config-key-twice", with_config(["dpo"], "beta: 0.1\nbeta: 0.2\n"), r"'beta' is given twice"),
+    cli_case("config-section-key-twice", with_config(["loop"], "ppo:\n  steps: 1\n  steps: 2\n"), r"'steps' is given"),
+    cli_case("config-infinity", with_config(["dpo"], "learning_rate: .inf\n"), r"learning_rate: expected a number"),
+    cli_case("config-huge-exponent", with_config(["dpo"], "learning_rate: 1e400\n"), r"learning_rate: expected"),
 ]
 
 FLAG_CASES = [
@@ -409,6 +413,12 @@ FLAG_CASES = [
              r"cannot open"),
     cli_case("label-bad-arena-entry", lambda c: ["label", "--db", c.db, "--arena_models", "no-equals-sign"], r"arena"),
     cli_case("label-port-0", lambda c: ["label", "--db", c.db, "--port", "0"], r"port"),
+    cli_case("flag-dpo-output-unwritable", lambda c: ["dpo", "--output_dir", "/proc/rlhf-dpo"], r"/proc/rlhf-dpo"),
+    cli_case("flag-evaluate-output-under-a-file", lambda c: [
+        "evaluate", "--aligned", "x", "--output_dir", c.file("plain.txt", "x") + "/eval"], r"plain.txt"),
+    cli_case("flag-loop-runs-dir-unwritable", lambda c: ["loop", "--runs_dir", "/proc/rlhf-runs"], r"/proc/rlhf-runs"),
+    cli_case("flag-export-config-and-flag", lambda c: [
+        "data", "export", "--db", c.db, "--config", c.file("e.yaml", "margins: [0, 1]\n"), "--seed", "3"], r"margins"),
 ]
 
 
