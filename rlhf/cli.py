@@ -58,9 +58,9 @@ def _stage(command: str, attribute: str):
     return getattr(module, row[attribute])
 
 
-# The options naming where a command writes. Checked before the command runs: a stage would otherwise find an
-# unwritable directory only when it saves, after all its work.
-OUTPUT_OPTIONS = ("output_dir", "out", "runs_dir")
+# The options naming where a stage writes. Checked before the stage runs: it would otherwise find an unwritable
+# directory only when it saves, after all its work. (`rlhf data export` writes at once and says so itself.)
+OUTPUT_OPTIONS = ("output_dir", "runs_dir")
 
 
 def _check_writable(config) -> None:
@@ -186,7 +186,6 @@ def _data(args: argparse.Namespace) -> None:
     if getattr(args, "data_config", None) is None:
         raise UserError("say which: rlhf data import | export | stats")
     config = from_args(args.data_config, args, args.config)
-    _check_writable(config)
     {"import": data.run_import, "export": data.run_export, "stats": data.run_stats}[args.data_command](config)
 
 
