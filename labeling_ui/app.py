@@ -3,12 +3,14 @@ admins watch progress, agreement and bias, review disagreements, add prompts and
 
 Thin over rlhf: the rules (which task to serve and how, the vote's checks, the review queue, rankings, the arena,
 the admin's rights) are functions of rlhf.labeling and rlhf.arena, which the tests call without a browser. This
-module lays out the page, wires those functions to buttons and renders what they return as Markdown, escaping what
-people and models wrote. Who the user is comes from Gradio's login (checked against the store's hashed
-credentials), never from anything the page sends; the admin functions check the role on the server, so hiding the
-admin tab is a convenience, not the protection. Two endpoints are public API (`/next_task`, `/vote`: what a script
-or the load test needs); every other event is private to the page. The page's style and keys are static/app.css
-and static/keys.js.
+module lays out the page, wires those functions to buttons and renders what they return as Markdown
+(labeling_ui.render: a bounded subset, no links, images or HTML from what people and models wrote). Who the user
+is comes from Gradio's login (checked against the store's hashed credentials, off the event loop and throttled:
+labeling_ui.guard, which also expires sign-ins and ends a deactivated account's), never from anything the page
+sends; the admin functions check the role on the server, so hiding the admin tab is a convenience, not the
+protection. Two endpoints are public API (`/next_task`, `/vote`: what a script or the load test needs); every other
+event is private to the page. The page's style and keys are static/app.css and static/keys.js; static/secrets.js
+shows a new account's credential, fetched by the admin's own request (never on the event stream).
 
     rlhf annotators add alice          # prints alice's credential once
     rlhf label --db sqlite:///runs/demo/store.db --reward_model runs/demo/round-1/reward \\
@@ -21,7 +23,6 @@ from __future__ import annotations
 import errno
 import html
 import random
-import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from pathlib import Path
 import gradio as gr
 
 from labeling_ui.guard import SECRET_PATH, GuardedBlocks
+from labeling_ui.render import plain, render_prompt_messages, render_text
 from rlhf import labeling
 from rlhf.arena import (
     ARENA_CHOICES,
@@ -44,7 +46,6 @@ from rlhf.config import UserError, field
 from rlhf.labeling import ADMIN_PROMPT_MAX, ADMIN_PROMPTS_MAX, CHOICE_TO_LABEL, RATIONALE_MAX, STRENGTHS
 from rlhf.store import NAME_MAX, Store, StoreError
 
-MAX_SHOWN_CHARS = 20_000
 MAX_RANK = 9
 REVIEW_SHOWN = 50
 STATIC = Path(__file__).parent / "static"
@@ -104,64 +105,6 @@ class LabelConfig:
 
 
 # ---------------------------------------------------------------- rendering (text into safe Markdown and HTML)
-
-
-# A bounded Markdown subset for what models and people wrote: paragraphs, emphasis, headings, lists, tables, code
-# spans and fenced code. No raw HTML (escaped), no links or images (their brackets escaped: a response can make no
-# browser fetch anything), no indented code blocks (their indentation becomes no-break spaces). Code is emitted as
-# our own <code>/<pre> HTML around escaped text, so `<` in code shows as `<` and a code span that Markdown would
-# read differently can still only show text.
-FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
-CODE_SPAN = re.compile(r"(?<!`)(`+)(?!`)(.+?)(?<!`)\1(?!`)")
-ENTITY_CHARS = set("&<>\"'")
-PROSE = str.maketrans({"\\": "\\\\", "[": "\\[", "]": "\\]", "`": "\\`", "!": "\\!"})
-
-
-def plain(text: str) -> str:
-    """Text shown literally in Markdown (names, messages): every ASCII punctuation mark escaped, one line."""
-    return "".join(html.escape(c) if c in ENTITY_CHARS else "\\" + c if c.isascii() and not c.isalnum()
-                   and not c.isspace() else c for c in " ".join(str(text).split()))
-
-
-def _prose_line(line: str) -> str:
-    indent = len(line) - len(line.lstrip(" \t"))
-    out = ["\u00a0" * len(line[:indent].expandtabs(4))] if indent >= 4 else [line[:indent]]
-    pos = indent
-    for m in CODE_SPAN.finditer(line, indent):
-        code = plain(m.group(2).strip(" ") or " ")
-        out += [html.escape(line[pos:m.start()]).translate(PROSE), f"<code>{code}</code>"]
-        pos = m.end()
-    return "".join(out) + html.escape(line[pos:]).translate(PROSE)
-
-
-def render_markdown(text: str) -> str:
-    """`text` in the bounded Markdown subset above."""
-    out, lines, i = [], text.split("\n"), 0
-    while i < len(lines):
-        opening = FENCE.match(lines[i])
-        if opening is None:
-            out.append(_prose_line(lines[i]))
-            i += 1
-            continue
-        mark, body, i = opening.group(1), [], i + 1
-        closing = re.compile(rf"^ {{0,3}}{re.escape(mark[0])}{{{len(mark)},}}\s*$")
-        while i < len(lines) and not closing.match(lines[i]):
-            body.append(lines[i])
-            i += 1
-        i += 1  # past the closing fence (or the end: an unclosed fence closes here, not in the next text)
-        out.append(f"\n<pre><code>{html.escape(chr(10).join(body))}</code></pre>\n")
-    return "\n".join(out)
-
-
-def render_text(text: str) -> str:
-    """Model output or an annotator's text as safe Markdown (render_markdown), very long text cut."""
-    cut = len(text) > MAX_SHOWN_CHARS
-    shown = render_markdown(text[:MAX_SHOWN_CHARS])
-    return shown + (f"\n\n*… {len(text) - MAX_SHOWN_CHARS:,} more characters not shown*" if cut else "")
-
-
-def render_prompt_messages(messages: list[dict]) -> str:
-    return "\n\n".join(f"**{plain(m['role'])}:** {render_text(m['content'])}" for m in messages)
 
 
 def render_pair(pair: dict) -> dict:
