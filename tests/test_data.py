@@ -396,7 +396,7 @@ def test_a_prompt_import_is_one_transaction(tmp_path, db, monkeypatch):
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": f"p{i}", "split": "train" if i < 2 else "test"})
                                               + "\n" for i in range(4)))
     before = Store(db).counts()
-    real, calls = writes._get_or_add_prompt, []
+    real, calls = writes.prompt_key, []
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -404,7 +404,7 @@ def test_a_prompt_import_is_one_transaction(tmp_path, db, monkeypatch):
             raise RuntimeError("killed halfway")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(writes, "_get_or_add_prompt", failing)
+    monkeypatch.setattr(writes, "prompt_key", failing)
     with pytest.raises(RuntimeError):
         run_import(ImportConfig(db=db, file=str(tmp_path / "p.jsonl")))
     assert Store(db).counts() == before

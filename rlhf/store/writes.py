@@ -100,11 +100,25 @@ class Writes:
             raise StoreError("give one split, or one per prompt")
         if not all(isinstance(x, str) and len(x) <= 32 for x in splits) or not isinstance(source, str):
             raise StoreError("a split is a name of at most 32 characters, and the source is text")
-        ids = []
+        messages = [_as_messages(p) for p in prompts]
+        keys = [prompt_key(m) for m in messages]
         with self.session() as s:
-            for prompt, split_ in zip(prompts, splits):
-                ids.append(_get_or_add_prompt(s, _as_messages(prompt), source, split_).id)
-        return ids
+            # Looked up and inserted in bulk, not one query and flush per prompt: a large import holds the write
+            # lock (which the app's votes wait for) as briefly as it can.
+            ids: dict[str, int] = {}
+            distinct = list(dict.fromkeys(keys))
+            for start in range(0, len(distinct), 500):
+                chunk = distinct[start : start + 500]
+                ids.update((k, i) for k, i in s.execute(select(Prompt.key, Prompt.id).where(Prompt.key.in_(chunk))))
+            rows: dict[str, Prompt] = {}
+            for key, m, split_ in zip(keys, messages, splits):
+                if key not in ids and key not in rows:
+                    rows[key] = Prompt(key=key, messages=m, source=source[:SOURCE_MAX], split=split_ or "train",
+                                       created_at=_now())
+            s.add_all(rows.values())
+            s.flush()
+            ids.update((key, row.id) for key, row in rows.items())
+            return [ids[key] for key in keys]
 
     def add_responses(self, prompt_id: int, texts: list[str], model: str = "", params: dict | None = None,
                       model_revision: str = "") -> list[int]:
