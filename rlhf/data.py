@@ -201,6 +201,8 @@ def read_prompt_rows(path: Path, default_split: str = "train") -> list[dict]:
             raise UserError(f"{path}:{lineno}: messages must be a list of {{role, content}}") from None
         if not all(isinstance(m["content"], str) and m["content"].strip() for m in messages):
             raise UserError(f"{path}:{lineno}: empty prompt text")
+        if not all(m["role"] in ("system", "user", "assistant") for m in messages):
+            raise UserError(f"{path}:{lineno}: roles must be system, user or assistant")
         key = json.dumps(messages, sort_keys=True)
         if key in seen:
             raise UserError(f"{path}:{lineno}: duplicate of line {seen[key]}")

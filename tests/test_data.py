@@ -289,6 +289,8 @@ def _pair_row(**vote) -> dict:
     (_pair_row(review="maybe"), "review must be one of"),
     (_pair_row(rationale="x" * 5000), "a rationale is text of at most 4000 characters"),
     ({"record": "annotator", "name": "eve", "role": "root"}, "role must be annotator or admin"),
+    (_pair_row(role="root"), "role must be annotator or admin"),
+    ({"prompt": [{"role": "wizard", "content": "hi"}], "responses": [{"text": "a"}, {"text": "b"}]}, "role is one of"),
     ({"record": "blob", "prompt": "x"}, "unknown record type 'blob'"),
     ({"prompt": "Two votes.", "responses": [{"text": "a"}, {"text": "b"}], "overlap": 2,
       "votes": [{"annotator": "d", "choice": "A"}, {"annotator": "d", "choice": "B"}]}, "same annotator"),
@@ -328,6 +330,7 @@ def test_a_bad_preference_row_is_refused_with_on_bad_row_fail(tmp_path, store_ur
     ("bad.parquet", b"PAR1 this is not parquet at all", r"bad.parquet: not a readable Parquet file"),
     ("split.jsonl", b'{"prompt": "a", "split": ["train", "test"]}\n', r"split.jsonl:1: split must be text, not list"),
     ("src.jsonl", b'{"prompt": "a", "source": 7}\n', r"src.jsonl:1: source must be text, not int"),
+    ("role.jsonl", b'{"messages": [{"role": "root", "content": "a"}]}\n', r"role.jsonl:1: roles must be system"),
 ])
 def test_unreadable_files_are_one_line_from_the_cli(tmp_path, capsys, name, content, message):
     db = f"sqlite:///{tmp_path / 'store.db'}"

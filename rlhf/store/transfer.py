@@ -96,6 +96,8 @@ def _vote_fields(v: dict, kind: str, k: int) -> dict:
     strength = v.get("strength", 2)
     if isinstance(strength, bool) or strength not in (1, 2, 3):
         raise ValueError(f"bad vote: strength must be 1, 2 or 3, not {strength!r}")
+    if v.get("role", "annotator") not in ("annotator", "admin"):
+        raise ValueError(f"bad vote: role must be annotator or admin, not {v.get('role')!r}")
     if v.get("left", "A") not in ("A", "B"):
         raise ValueError(f"bad vote: left must be A or B, not {v.get('left')!r}")
     if v.get("review") not in (None, *REVIEWS):

@@ -45,7 +45,12 @@ def _as_messages(prompt) -> list[dict]:
         raise StoreError("a prompt is text or a list of {role, content} messages") from None
     if not messages or not all(isinstance(m["content"], str) and m["content"].strip() for m in messages):
         raise StoreError("a prompt needs at least one message, each with non-empty text")
+    if not all(isinstance(m["role"], str) and m["role"] in ROLES for m in messages):
+        raise StoreError(f"a message's role is one of {', '.join(ROLES)}")
     return messages
+
+
+ROLES = ("system", "user", "assistant")  # what chat templates know
 
 
 def check_vote_text(rationale, guideline_version, seconds) -> None:
