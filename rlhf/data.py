@@ -53,7 +53,19 @@ def _load_files(files: dict[str, list[str]]):
     kinds = {_FILE_TYPES[Path(f).suffix] for fs in files.values() for f in fs}
     if len(kinds) != 1:
         raise UserError(f"mixed file types in one dataset: {sorted(kinds)}")
-    return load_dataset(kinds.pop(), data_files=files)
+    # Read and checked here first: `datasets` reports a bad byte, a malformed line or a hole as a traceback
+    # without the line; this names file:line.
+    for f in (f for fs in files.values() for f in fs):
+        for lineno, row in _read_rows(Path(f)):
+            for column in PREFERENCE_COLUMNS:
+                if column in row and not (isinstance(row[column], (str, list)) and row[column]):
+                    raise UserError(f"{f}:{lineno}: {column} must be text or a list of messages, not "
+                                    f"{row[column]!r}")
+    try:
+        return load_dataset(kinds.pop(), data_files=files)
+    except Exception as e:  # `datasets` and arrow raise many types; the user needs one line
+        raise UserError(f"cannot load {', '.join(f for fs in files.values() for f in fs)}: "
+                        f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
 
 
 def load_preference_dataset(spec: str, test_size: float = 0.1, seed: int = 0):
@@ -98,7 +110,11 @@ def load_preference_dataset(spec: str, test_size: float = 0.1, seed: int = 0):
     missing = [c for c in PREFERENCE_COLUMNS if c not in data["train"].column_names]
     if missing:
         raise UserError(f"{spec}: missing column(s) {', '.join(missing)}; expected prompt, chosen, rejected")
-    data = DatasetDict({name: split.map(to_conversational) for name, split in data.items()})
+    try:
+        data = DatasetDict({name: split.map(to_conversational) for name, split in data.items()})
+    except (KeyError, TypeError, ValueError) as e:  # a message without role or content
+        raise UserError(f"{spec}: a prompt, chosen or rejected value is not text or {{role, content}} messages "
+                        f"({type(e).__name__}: {e})") from None
     if "test" not in data and "validation" in data:
         data["test"] = data.pop("validation")
     if "test" not in data:

@@ -439,3 +439,18 @@ def test_export_skips_votes_that_do_not_fit_a_ranking_task(tmp_path, db):
             s.add(Vote(task_id=task, annotator_id=who.id, choice=choice, ranking=ranking))
     assert run_export(ExportConfig(db=db, out=str(tmp_path / "e"), test_size=0.0)) == {"train": 3, "test": 0,
                                                                                          "ties": 0}
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("bad.jsonl", b'{"prompt": "a", "chosen": "b"\n', r"bad.jsonl:1: not valid JSON"),
+    ("latin1.jsonl", b'{"prompt": "caf\xe9", "chosen": "b", "rejected": "c"}\n', r"latin1.jsonl:1: not UTF-8"),
+    ("holes.jsonl", b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n'
+                    b'{"prompt": null, "chosen": "b", "rejected": "c"}\n', r"holes.jsonl:2: prompt must be text"),
+    ("broken.parquet", b"PAR1 not parquet", r"broken.parquet: not a readable Parquet file"),
+    ("roles.jsonl", b'{"prompt": [{"content": "a"}], "chosen": "b", "rejected": "c"}\n',
+     r"not text or \{role, content\}"),
+])
+def test_a_trainer_s_bad_preference_file_is_one_line(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        load_preference_dataset(str(tmp_path / name))
