@@ -74,6 +74,19 @@ def load_preference_dataset(spec: str, test_size: float = 0.1, seed: int = 0):
     spec: a directory of `<split>.{jsonl,parquet,csv}` files (what `rlhf data export` writes), a single such file,
     a `datasets.save_to_disk` directory, or a Hub dataset id (where a hub is reachable).
     """
+    from datasets.utils import logging as datasets_logging
+
+    # Without `datasets`' progress bars on stderr: an error stays the one line the CLI prints.
+    shown = datasets_logging.is_progress_bar_enabled()
+    datasets_logging.disable_progress_bar()
+    try:
+        return _load_preferences(spec, test_size, seed)
+    finally:
+        if shown:
+            datasets_logging.enable_progress_bar()
+
+
+def _load_preferences(spec: str, test_size: float, seed: int):
     from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
     path = Path(spec).expanduser()

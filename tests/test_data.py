@@ -454,3 +454,11 @@ def test_a_trainer_s_bad_preference_file_is_one_line(tmp_path, name, content, me
     (tmp_path / name).write_bytes(content)
     with pytest.raises(UserError, match=message):
         load_preference_dataset(str(tmp_path / name))
+
+
+def test_loading_writes_no_progress_bars_around_an_error(tmp_path, capsys):
+    """`datasets` draws progress bars on stderr; above an error they made the CLI's one line several."""
+    (tmp_path / "cols.csv").write_text("prompt,chosen\na,b\n")
+    with pytest.raises(UserError, match="missing column"):
+        load_preference_dataset(str(tmp_path / "cols.csv"))
+    assert capsys.readouterr().err == ""
