@@ -220,6 +220,8 @@ def _next_policy(evaluation: dict, candidates: list[str]) -> str:
 
 def _print_verdict(evaluation: dict, candidates: list[str], root: Path, config: LoopConfig, db: str) -> None:
     """For this round's aligned models: the gold win-rate over base and whether they beat the prompt baseline."""
+    from rlhf.store import masked_url
+
     rows = {m["model"]: m for m in evaluation["models"]}
     print()
     for path in candidates:
@@ -238,8 +240,9 @@ def _print_verdict(evaluation: dict, candidates: list[str], root: Path, config: 
         print(f"next round's policy: {Path(_next_policy(evaluation, candidates)).name.upper()} (higher win-rate)")
     report = root / f"round-{config.rounds}" / "eval" / "report.html"
     print(f"\nreport: {report.resolve()}")
-    print(f"store:  {db}  (rlhf data stats --db {db})")
-    print(f"label by hand on the same store:\n  rlhf annotators add YOUR_NAME --db {db}\n  rlhf label --db {db}")
+    shown = masked_url(db)  # a PostgreSQL password stays out of the terminal and its logs
+    print(f"store:  {shown}  (rlhf data stats --db {shown})")
+    print(f"label by hand on the same store:\n  rlhf annotators add YOUR_NAME --db {shown}\n  rlhf label --db {shown}")
 
 
 def demo(config: LoopConfig) -> dict:

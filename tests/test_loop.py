@@ -94,7 +94,7 @@ def test_demo_help_lists_its_options(capsys):
 
 
 @pytest.mark.parametrize("store_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
-def test_a_round_on_postgresql(tmp_path, tiny_model_dir, store_url):
+def test_a_round_on_postgresql(tmp_path, tiny_model_dir, store_url, capsys):
     """The loop keeps its tasks and votes in PostgreSQL when given a URL (as a team sharing one store would)."""
     config = load_config(LoopConfig, name="pg", runs_dir=str(tmp_path), rounds=1, base_model=tiny_model_dir,
                          device="cpu", align="dpo", db=store_url,
@@ -102,6 +102,11 @@ def test_a_round_on_postgresql(tmp_path, tiny_model_dir, store_url):
                          dpo={"epochs": 1.0, "batch_size": 3, "max_length": 64},
                          evaluate={"limit": 4, "max_new_tokens": 6})
     run(config)
+    from sqlalchemy.engine import make_url
+
+    password = make_url(store_url).password
+    out = capsys.readouterr().out
+    assert "store:" in out and (not password or f":{password}@" not in out)  # the URL is printed masked
     store = Store(store_url)
     assert len(store.tasks(round=1)) == 6 and len(store.votes(round=1)) == 6
     assert not (tmp_path / "pg" / "store.db").exists()
