@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from rlhf.store import AlreadyVoted, Store, TaskFull
+from rlhf.store import AlreadyVoted, Store, StoreError, TaskFull
 
 ARENA_CHOICES = {"A": "A is better", "B": "B is better", "tie": "Tie", "both_bad": "Both bad"}
 MAX_PROMPT_CHARS = 4000
@@ -187,13 +187,25 @@ def ask_both(store: Store, arena: Arena, prompt_text: str, rng: random.Random) -
             "a": texts[0], "b": texts[1], "message": "Which answer is better?"}
 
 
+def is_arena_task(store: Store, task_id) -> bool:
+    """Whether `task_id` is an arena task (how "arena": only Store.add_arena_task writes those); False for anything
+    else, a missing task included. The store takes A/B votes on pairs and arena tasks alike, so this tells the
+    arena's votes from a pair's."""
+    try:
+        return store.task(task_id).how == "arena"
+    except (StoreError, TypeError, ValueError):
+        return False
+
+
 def record_vote(store: Store, user: str, current: dict, choice: str) -> tuple[str, bool]:
     """The vote on the arena task on screen: a one-line message and whether it was saved (then the page may reveal
     the contestants)."""
     if not current or current.get("task_id") is None:
         return "Ask both models first.", False
-    if choice not in ARENA_CHOICES:
+    if not isinstance(choice, str) or choice not in ARENA_CHOICES:
         return "Choose A, B, tie or both bad.", False
+    if not is_arena_task(store, current["task_id"]):
+        return "Not saved: that is not an arena task; ask both models first.", False
     try:
         store.submit(user, int(current["task_id"]), choice, left="A",
                      seconds=round(time.time() - current["shown_at"], 2))

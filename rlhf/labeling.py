@@ -19,6 +19,7 @@ import random
 import re
 import time
 
+from rlhf.arena import is_arena_task
 from rlhf.data import ExportConfig, format_stats, quality_stats, run_export
 from rlhf.store import LABELED, RATIONALE_MAX, AlreadyVoted, Store, StoreError, TaskFull
 
@@ -70,6 +71,8 @@ def vote(store: Store, user: str, current: dict, choice: str, strength: str, rat
         return "No task on screen.", None
     if not isinstance(current["task_id"], int) or isinstance(current["task_id"], bool):
         return "No such task: give the task_id /next_task returned.", None
+    if is_arena_task(store, current["task_id"]):
+        return "Not saved: that is an arena task; its votes come from the Arena tab.", None
     if not isinstance(rationale or "", str):
         return "The rationale must be text.", None
     if not isinstance(choice, str) or choice not in CHOICE_TO_LABEL:

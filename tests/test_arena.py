@@ -61,3 +61,20 @@ def test_a_drawn_prompt_is_a_held_out_one_when_there_is_one(store):
     assert draw_prompt(store) == "Train prompt."
     store.add_prompts(["Test prompt."], split="test")
     assert {draw_prompt(store) for _ in range(5)} == {"Test prompt."}
+
+
+def test_the_arena_and_the_pairs_page_take_votes_only_on_their_own_kind_of_task(store):
+    from rlhf import labeling
+
+    store.add_annotator("fan")
+    arena_task = store.add_arena_task([{"role": "user", "content": "Hi."}], [("a", "m0", {}), ("b", "m1", {})])
+    [pid] = store.add_prompts(["Review a film."])
+    pair_task = store.add_task(store.add_responses(pid, ["good", "bad"], model="m"), overlap=1)
+    before = store.counts()
+    message, saved = record_vote(store, "fan", {"task_id": pair_task, "shown_at": 0.0}, "A")
+    assert not saved and "not an arena task" in message
+    assert not record_vote(store, "fan", {"task_id": 10**6, "shown_at": 0.0}, "A")[1]
+    message, vote_id = labeling.vote(store, "fan", {"task_id": arena_task, "left_is_a": True}, "left", "strong", "",
+                                     "v1")
+    assert vote_id is None and "arena task" in message
+    assert store.counts() == before
