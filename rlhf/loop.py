@@ -13,8 +13,11 @@ the labeling app: then the loop waits, printing a progress line, until the round
 paper (§6.1): VADER sentiment as the gold function, prompts asking for film reviews, one round of DPO and of PPO,
 and a report of both aligned models vs base and vs a prompt baseline.
 
+Each stage is configured by a section of the loop's config holding that stage's own options (`ppo: {steps: 20}`
+in YAML, `--ppo.steps 20` on the command line), merged over the stage's defaults.
+
     rlhf demo                                  # the main job, sized for a laptop CPU
-    rlhf loop --config configs/loop.yaml --rounds 2
+    rlhf loop --config configs/loop.yaml --rounds 2 --ppo.learning_rate 1e-5
 """
 
 from __future__ import annotations
