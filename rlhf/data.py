@@ -7,7 +7,8 @@ The format is TRL's conversational preference format:
     prompt   list of {"role", "content"} messages, ending with the user turn
     chosen   [{"role": "assistant", "content": ...}]
     rejected [{"role": "assistant", "content": ...}]
-    margin   optional float, how strongly chosen beats rejected (from the vote's strength)
+    margin   optional float, how strongly chosen beats rejected (the vote's strength mapped by `margins`, or the
+             margin an imported pair came with; 0 for an imported pair that had none, such as HH-RLHF's)
 Plain-text rows (prompt/chosen/rejected as strings) are accepted and converted. Other columns (ids, round,
 group) ride along; trainers keep only the columns they use.
 """
@@ -348,6 +349,12 @@ def strength_to_margin(strength: int, mapping: tuple[float, float, float]) -> fl
     return mapping[strength - 1]
 
 
+def vote_margin(vote: dict, mapping: tuple[float, float, float]) -> float:
+    """A vote's margin: the explicit one it was imported with, else its strength's mapped margin."""
+    explicit = vote.get("margin")
+    return float(explicit) if explicit is not None else strength_to_margin(vote["strength"], mapping)
+
+
 def aggregate_task(task: dict, method: str, margins: tuple[float, float, float]) -> dict | None:
     """One task's votes as a preference (winner, margin, agreement) or a non-preference label; None if unvoted.
 
@@ -365,13 +372,13 @@ def aggregate_task(task: dict, method: str, margins: tuple[float, float, float])
         if len(leaders) == 1 and leaders[0] in ("A", "B"):
             winner = leaders[0]
             won = [v for v in votes if v["choice"] == winner]
-            margin = sum(strength_to_margin(v["strength"], margins) for v in won) / len(won)
+            margin = sum(vote_margin(v, margins) for v in won) / len(won)
             return {"winner": winner, "margin": margin, "agreement": len(won) / len(votes)}
         label = leaders[0] if len(leaders) == 1 else "split"
         return {"winner": None, "label": label, "agreement": top / len(votes)}
     if method == "mean":
         sign = {"A": 1.0, "B": -1.0}
-        score = sum(sign.get(v["choice"], 0.0) * strength_to_margin(v["strength"], margins) for v in votes) / len(votes)
+        score = sum(sign.get(v["choice"], 0.0) * vote_margin(v, margins) for v in votes) / len(votes)
         if score == 0:
             return {"winner": None, "label": "tie" if counts["tie"] >= counts["both_bad"] else "both_bad",
                     "agreement": 1.0}
@@ -552,13 +559,16 @@ def run_import(config: ImportConfig) -> dict:
         prefs, bad = read_preference_rows(path, config.on_bad_row)
         for lineno, pref in prefs:
             where.append(f"{path}:{lineno}")
-            # The margin survives as the vote's strength: the nearest of the default margins.
-            strength = min((1, 2, 3), key=lambda s: abs(margins[s - 1] - pref.get("margin", 0.5)))
+            # The vote keeps the row's margin as given (none given: no margin, not the "clear" strength's 0.5, which
+            # would change the loss to -log sigmoid(r_c - r_r - 0.5)); its strength is the nearest default's, for
+            # display.
+            margin = pref.get("margin", 0.0)
+            strength = min((1, 2, 3), key=lambda s: abs(margins[s - 1] - margin))
             tasks.append({"prompt": pref["prompt"], "prompt_source": source, "round": config.round, "how": "import",
                           "responses": [{"text": pref["chosen"][-1]["content"], "model": f"import:{source}"},
                                         {"text": pref["rejected"][-1]["content"], "model": f"import:{source}"}],
                           "votes": [{"annotator": f"import:{source}", "choice": "A", "strength": strength,
-                                     "simulated": True}]})
+                                     "margin": margin, "simulated": True}]})
         store = _store(config.db)
         result = import_tasks(store, tasks, source=source, where=where)
     else:

@@ -75,7 +75,7 @@ class LoopConfig:
         "model '' = the round's policy (the critic then starts from the reward model; with another backbone, from "
         "the policy with a zero value head).",
         {"model": "minilm-l6", "learning_rate": 1e-4, "epochs": 4.0, "batch_size": 8, "max_length": 160},
-        fixed=("data", "output_dir", "device", "precision", "seed"))
+        fixed=("data", "output_dir", "device", "precision", "seed", "gold"))
     ppo: dict = section(
         "rlhf.ppo:PPOConfig", "PPO against the round's reward model (`rlhf ppo`), with align ppo or both.",
         {"prompt_split": "train", "max_new_tokens": 48, "steps": 12, "batch_size": 16, "mini_batch_size": 8,
@@ -171,7 +171,8 @@ def _round(config: LoopConfig, k: int, policy: str, db: str, store, rd: Path, ti
     if config.align in ("ppo", "both"):
         _step(rd, "reward", timings, lambda: run_reward(stage_config(
             config, "reward", RewardConfig, model=config.reward.get("model") or policy, data=str(rd / "export"),
-            output_dir=str(rd / "reward"), seed=config.seed, **shared)))
+            output_dir=str(rd / "reward"), seed=config.seed, gold=config.gold if config.labeler == "simulated" else "",
+            **shared)))
         _step(rd, "ppo", timings, lambda: run_ppo(stage_config(
             config, "ppo", PPOConfig, model=policy, reward_model=str(rd / "reward"), prompts=config.prompts,
             output_dir=str(rd / "ppo"), seed=config.seed, **shared)))

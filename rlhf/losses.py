@@ -1,5 +1,5 @@
 """PPO-for-RLHF math as pure torch functions: masked statistics, log-probs, KL estimators, the KL-shaped reward,
-GAE, the clipped policy and value losses, and the adaptive KL controller.
+a reward ensemble's aggregate, GAE, the clipped policy and value losses, and the adaptive KL controller.
 
 Every function takes and returns tensors (or floats), holds no state and imports only torch, so `rlhf/ppo.py`
 reads as the algorithm and `tests/test_losses.py` checks each function against numbers worked out by hand.
@@ -146,3 +146,17 @@ def adaptive_kl_coef(kl_coef: float, kl: float, target: float, horizon: float, n
     the target and shrinks while it is closer. n_steps: episodes (responses) seen since the last update."""
     error = max(-0.2, min(0.2, kl / target - 1.0))
     return kl_coef * (1.0 + error * n_steps / horizon)
+
+
+def ensemble_reward(member_scores: torch.Tensor, how: str = "mean", std_coef: float = 1.0) -> torch.Tensor:
+    """One reward (B,) from an ensemble's member scores (K, B) (Coste et al. 2023, "Reward Model Ensembles Help
+    Mitigate Overoptimization", sec. 3): `mean`; `conservative`, the uncertainty-weighted mean - std_coef * std
+    over members (their UWO, eq. 2, with the sample std); `worst`, the minimum over members (their WCO, eq. 1)."""
+    if how == "mean":
+        return member_scores.mean(0)
+    if how == "conservative":
+        spread = member_scores.std(0) if len(member_scores) > 1 else torch.zeros_like(member_scores[0])
+        return member_scores.mean(0) - std_coef * spread
+    if how == "worst":
+        return member_scores.min(0).values
+    raise ValueError(f"ensemble aggregate must be mean, conservative or worst, not {how!r}")

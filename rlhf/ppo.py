@@ -104,6 +104,10 @@ class PPOConfig:
                               "tokens after the first EOS are masked out either way).")
     # Reward
     normalize_reward: bool = field(True, "Normalise reward-model scores with the mean/std the reward stage saved.")
+    reward_ensemble: Literal["mean", "conservative", "worst"] = field(
+        "mean", "With an ensemble reward model (`rlhf reward --ensemble K`): optimise the members' mean, the "
+        "conservative mean - ensemble_std_coef * std, or the worst member (Coste et al. 2023).")
+    ensemble_std_coef: float = field(1.0, "k in mean - k * std for reward_ensemble=conservative.")
     missing_eos_penalty: float = field(0.0, "Subtracted from the score of a response that never produced EOS "
                                        "(0: off).")
     reward_clip: float = field(0.0, "Clip scores to [-reward_clip, reward_clip] (0: off).")
@@ -142,6 +146,8 @@ class PPOConfig:
     def __post_init__(self):
         if not self.reward_model and not self.reward_fn:
             raise ValueError("give a reward: reward_model or reward_fn")
+        if self.reward_ensemble not in ("mean", "conservative", "worst") or self.ensemble_std_coef < 0:
+            raise ValueError("reward_ensemble must be mean, conservative or worst; ensemble_std_coef >= 0")
         if self.steps < 1 or self.batch_size < 1 or self.mini_batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ValueError("steps, batch_size, mini_batch_size and gradient_accumulation_steps must be >= 1")
         if self.batch_size % self.mini_batch_size or self.mini_batch_size % self.gradient_accumulation_steps:
@@ -288,7 +294,8 @@ def prepare(config: PPOConfig, reward_fn: Callable | None = None) -> PPORun:
     if not keep:
         raise UserError(f"every prompt is longer than max_prompt_length={config.max_prompt_length} tokens")
     return PPORun(config=config, accelerator=accelerator, model=model, optimizer=optimizer, ref=parts["ref"],
-                  tokenizer=tokenizer, scorer=RewardScorer(parts["rm"], reward_fn, tokenizer, config.normalize_reward),
+                  tokenizer=tokenizer, scorer=RewardScorer(parts["rm"], reward_fn, tokenizer, config.normalize_reward,
+                                                     config.reward_ensemble, config.ensemble_std_coef),
                   eos_ids=parts["eos_ids"], prompts=[prompts[i] for i in keep], encoded=[encoded[i] for i in keep],
                   device=device, mixed=mixed, kl_coef=config.kl_coef, policy_lora=parts["policy_lora"],
                   frozen_base=parts["frozen_base"])
@@ -545,6 +552,8 @@ def step_metrics(run: PPORun, rollout: Rollout, stats: dict[str, float], step: i
         "val/response_length": float(mask.sum(1).float().mean()),
         "val/eos_fraction": float(rollout.ended.float().mean()),
     }
+    if run.scorer.spread is not None:  # an ensemble's disagreement on this step's responses (Coste et al. 2023)
+        local["objective/reward_spread"] = float(run.scorer.spread.mean())
     metrics.update({k: _gather_mean(accelerator, v) for k, v in local.items()})
     step_seconds = time.perf_counter() - step_start
     tokens = _gather_mean(accelerator, float(mask.sum())) * run.world

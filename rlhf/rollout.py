@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf import losses
 from rlhf.config import UserError
 
 # ---------------------------------------------------------------- prompts
@@ -143,7 +144,7 @@ def build_critic(spec: str, rm, policy_path: str, tokenizer, device, precision: 
         if spec:
             critic = load(spec, head="score", device=str(device), precision=precision).model
         elif rm is not None and hasattr(rm.model, "score") and rm.tokenizer.get_vocab() == tokenizer.get_vocab():
-            critic = AutoModelForSequenceClassification.from_pretrained(rm.path, num_labels=1, dtype=dtype,
+            critic = AutoModelForSequenceClassification.from_pretrained(rm.paths[0], num_labels=1, dtype=dtype,
                                                                         use_safetensors=True).to(device)
         else:
             critic = AutoModelForSequenceClassification.from_pretrained(policy_path, num_labels=1, dtype=dtype,
@@ -244,8 +245,11 @@ class RewardScorer:
     `RewardModel.score` builds from the text, without decoding and re-encoding (a probe checks the formatting at
     start-up; otherwise scoring goes through the text)."""
 
-    def __init__(self, reward_model, reward_fn: Callable | None, policy_tokenizer, normalize: bool):
+    def __init__(self, reward_model, reward_fn: Callable | None, policy_tokenizer, normalize: bool,
+                 aggregate: str = "mean", std_coef: float = 1.0):
         self.rm, self.fn, self.tokenizer, self.normalize = reward_model, reward_fn, policy_tokenizer, normalize
+        self.aggregate, self.std_coef = aggregate, std_coef
+        self.spread: torch.Tensor | None = None  # (B,) the ensemble members' std on the last call; None for one model
         self.suffix: list[int] | None = None
         if reward_model is not None:
             self.suffix = self._id_path_suffix()
@@ -271,20 +275,23 @@ class RewardScorer:
     @torch.no_grad()
     def __call__(self, prompts: list, prompt_ids: list[list[int]], response_ids: list[list[int]],
                  texts: list[str]) -> torch.Tensor:
-        """Scores (B,) float32 on the CPU. response_ids: each response's tokens before its EOS."""
+        """Scores (B,) float32 on the CPU. response_ids: each response's tokens before its EOS. An ensemble's
+        members are aggregated by `aggregate` (losses.ensemble_reward) and their spread kept in `self.spread`."""
         if self.fn is not None:
             return torch.tensor([float(s) for s in self.fn(prompts, texts)], dtype=torch.float32)
         if self.suffix is None:
-            return self.rm.score(prompts, texts, normalize=self.normalize)
-        rows = [(p + r + self.suffix)[: self.rm.max_tokens] for p, r in zip(prompt_ids, response_ids)]
-        width = min(round_up(max(len(r) for r in rows)), self.rm.max_tokens)
-        pad = self.rm.tokenizer.pad_token_id
-        # Right padding and default positions, as RewardModel.score feeds the model.
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            input_ids[i, : len(r)], attention_mask[i, : len(r)] = torch.tensor(r), 1
-        device = next(self.rm.model.parameters()).device
-        scores = self.rm.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits[:, 0]
-        scores = scores.float().cpu()
-        return (scores - self.rm.mean) / max(self.rm.std, 1e-8) if self.normalize else scores
+            members = self.rm.score_members(prompts, texts, normalize=self.normalize)  # (K, B)
+        else:
+            rows = [(p + r + self.suffix)[: self.rm.max_tokens] for p, r in zip(prompt_ids, response_ids)]
+            width = min(round_up(max(len(r) for r in rows)), self.rm.max_tokens)
+            pad = self.rm.tokenizer.pad_token_id
+            # Right padding and default positions, as RewardModel.score feeds the model.
+            input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, r in enumerate(rows):
+                input_ids[i, : len(r)], attention_mask[i, : len(r)] = torch.tensor(r), 1
+            members = self.rm.forward_ids(input_ids, attention_mask)  # (K, B)
+            if self.normalize:
+                members = self.rm.normalized(members)
+        self.spread = members.std(0) if len(members) > 1 else None
+        return losses.ensemble_reward(members, self.aggregate, self.std_coef)

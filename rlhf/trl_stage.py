@@ -66,13 +66,26 @@ def lora_config(r: int, alpha: int, task_type: str = "CAUSAL_LM", **extras):
 
 
 def training_args(args_cls, config: TRLStageConfig, device, *, eval_steps: int = 0, has_test: bool = False,
-                  save_total_limit: int = 0, **extras):
+                  save_total_limit: int = 0, keep_best: bool = False, **extras):
     """`args_cls` (trl.SFTConfig, trl.RewardConfig, trl.DPOConfig, ...) holding the stage's own precision and the
     options every stage shares; `extras` are the stage's own TRL arguments.
 
     eval_steps > 0 evaluates every that many steps where there is a test split; save_total_limit 0 keeps every
-    checkpoint.
+    checkpoint. keep_best (with a test split) evaluates every eval_steps, else every save_steps, else every epoch,
+    saves a checkpoint at each evaluation, and loads the one with the lowest eval_loss when training ends (transformers'
+    load_best_model_at_end; the best checkpoint and the newest are kept).
     """
+    best = keep_best and has_test
+    if best and not eval_steps:
+        eval_steps = config.save_steps  # checkpoints where the user asked for them, each one evaluated
+    evaluation = "steps" if eval_steps and has_test else "epoch" if best else "no"
+    if best:
+        save = {"save_strategy": evaluation, "save_steps": eval_steps or 500, "load_best_model_at_end": True,
+                "metric_for_best_model": "eval_loss", "greater_is_better": False,
+                "save_total_limit": save_total_limit or 1}
+    else:
+        save = {"save_strategy": "steps" if config.save_steps else "no", "save_steps": config.save_steps or 500,
+                "save_total_limit": save_total_limit or None}
     flags = precision_flags(device, config.precision)
     # Under `accelerate launch`, TrainingArguments read the launcher's mixed precision (ACCELERATE_MIXED_PRECISION,
     # bf16 in configs/accelerate/ddp.yaml) whenever bf16 and fp16 are both off, so `precision: fp32` became bf16.
@@ -87,11 +100,8 @@ def training_args(args_cls, config: TRLStageConfig, device, *, eval_steps: int =
             # transformers 5 takes a warmup ratio as a float in [0, 1) through warmup_steps.
             warmup_steps=config.warmup_ratio, max_length=config.max_length,
             activation_checkpointing=config.gradient_checkpointing, use_cpu=device.type == "cpu", **flags,
-            seed=config.seed, logging_steps=config.logging_steps,
-            save_strategy="steps" if config.save_steps else "no", save_steps=config.save_steps or 500,
-            save_total_limit=save_total_limit or None, report_to=config.report_to,
-            eval_strategy="steps" if eval_steps and has_test else "no", eval_steps=eval_steps or None,
-            dataloader_num_workers=0, **extras,
+            seed=config.seed, logging_steps=config.logging_steps, report_to=config.report_to,
+            eval_strategy=evaluation, eval_steps=eval_steps or None, dataloader_num_workers=0, **save, **extras,
         )
 
 

@@ -60,6 +60,23 @@ def test_hh_round_trip_import_export_reimport(tmp_path, db):
     assert len(multi) == 1 and multi[0]["chosen"][0]["content"].startswith("Spaghetti")
 
 
+def test_imported_pairs_keep_their_margin_and_none_means_zero(tmp_path, db):
+    """HH-RLHF has no strength: its pairs carry margin 0, not the "clear" strength's 0.5 (which would change the
+    reward loss to -log sigmoid(r_c - r_r - 0.5)); a TRL row's own margin comes back as given, not snapped."""
+    run_import(ImportConfig(db=db, file=str(FIXTURES / "hh_sample.jsonl")))
+    run_export(ExportConfig(db=db, out=str(tmp_path / "hh"), test_size=0.0))
+    assert [r["margin"] for r in load_preference_dataset(str(tmp_path / "hh"))["train"]] == [0.0] * 5
+    rows = [{"prompt": "p1", "chosen": "good", "rejected": "bad", "margin": 0.7},
+            {"prompt": "p2", "chosen": "fine", "rejected": "awful"}]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    db2 = f"sqlite:///{tmp_path / 'pairs.db'}"
+    run_import(ImportConfig(db=db2, file=str(tmp_path / "pairs.jsonl")))
+    run_export(ExportConfig(db=db2, out=str(tmp_path / "pairs"), test_size=0.0))
+    exported = load_preference_dataset(str(tmp_path / "pairs"))["train"]
+    margins = {r["prompt"][0]["content"]: r["margin"] for r in exported}
+    assert margins == {"p1": 0.7, "p2": 0.0}
+
+
 def test_tasks_dump_is_lossless(tmp_path, db):
     store = Store(db)
     store.add_annotator("ann")

@@ -10,14 +10,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhf import models
+from rlhf import losses, models
 from rlhf.config import UserError, load_config
 from rlhf.reward import (
+    ENSEMBLE_FILE,
     RewardConfig,
     RewardModel,
     bradley_terry_loss,
     build_trainer,
     expected_calibration_error,
+    figures,
     mean_margin,
     pairwise_accuracy,
     run,
@@ -85,6 +87,54 @@ def test_expected_calibration_error_by_hand():
     # Calibrated: confidence 0.75 everywhere and three of four right.
     calibrated = torch.tensor([math.log(3)] * 3 + [-math.log(3)])
     assert expected_calibration_error(calibrated, torch.zeros(4)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_grouped_interval_resamples_prompts_not_pairs():
+    # Two prompts, all right on one and all wrong on the other: a resample draws whole prompts, so every
+    # resampled share is 0, 1/2 or 1, never the 1/4 or 3/4 that resampling single pairs would give.
+    share, lo, hi = figures.grouped_share_ci([1, 1, 0, 0], ["a", "a", "b", "b"], resamples=500)
+    assert share == 0.5 and lo == 0.0 and hi == 1.0
+    # Groups of unequal size: the share is over pairs (3 of 4), and an all-right set has a zero-width interval.
+    assert figures.grouped_share_ci([1, 1, 1, 0], ["a", "a", "a", "b"])[0] == 0.75
+    assert figures.grouped_share_ci([1.0] * 6, list("abcabc")) == (1.0, 1.0, 1.0)
+
+
+def test_length_bias_and_gold_figures_by_hand():
+    assert figures.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert figures.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert figures.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833)  # tied ranks 1.5, 1.5
+    assert math.isnan(figures.spearman([1, 1, 1], [1, 2, 3]))
+    # Three pairs; the longer response is rejected in the second and third, and the model gets only the second.
+    chosen, rejected = torch.tensor([2.0, 1.0, 0.0]), torch.tensor([1.0, 0.0, 3.0])
+    bias = figures.length_bias(chosen, rejected, [5, 2, 1], [3, 4, 6], [("c1", "r1"), ("c2", "r2"), ("c3", "r3")])
+    assert bias["longer_rejected_pairs"] == 2 and bias["accuracy_longer_rejected"] == 0.5
+    # Rewards 2, 1, 1, 0, 0, 3 against lengths 5, 3, 2, 4, 1, 6.
+    assert bias["length_spearman"] == pytest.approx(figures.spearman([2, 1, 1, 0, 0, 3], [5, 3, 2, 4, 1, 6]))
+    # A response shared by two pairs (a ranking) counts once.
+    shared = figures.length_bias(torch.tensor([1.0, 1.0]), torch.tensor([0.0, 2.0]), [3, 3], [1, 5],
+                                 [("x", "y"), ("x", "z")])
+    assert shared["length_spearman"] == pytest.approx(figures.spearman([1, 0, 2], [3, 1, 5]))
+    assert figures.agreement_with_gold([1.0, 0.2, 0.5], [0.0, 0.7, 0.5]) == [1.0, 0.0, 0.5]
+    assert figures.gold_order_agreement(torch.tensor([1.0, 1.0, 0.0]), torch.tensor([0.0, 2.0, 0.0]),
+                                        [1.0, 1.0, 3.0], [0.0, 0.0, 2.0]) == pytest.approx(1.5 / 3)
+
+
+def test_the_verdict_says_no_better_than_chance_in_words():
+    assert figures.verdict((0.6, 0.48, 0.72), 0.9).startswith("no better than chance")
+    said = figures.verdict((0.81, 0.7, 0.9), 0.9)
+    assert said.startswith("better than chance") and "90% of the labels' own agreement" in said
+
+
+def test_ensemble_aggregates_by_hand():
+    members = torch.tensor([[1.0, 4.0], [3.0, 0.0]])  # (K=2, B=2)
+    assert losses.ensemble_reward(members, "mean").tolist() == [2.0, 2.0]
+    # Sample std over two members: |a - b| / sqrt(2).
+    expected = [2.0 - 0.5 * 2 / math.sqrt(2), 2.0 - 0.5 * 4 / math.sqrt(2)]
+    assert losses.ensemble_reward(members, "conservative", 0.5).tolist() == pytest.approx(expected)
+    assert losses.ensemble_reward(members, "worst").tolist() == [1.0, 0.0]
+    assert losses.ensemble_reward(members[:1], "conservative").tolist() == [1.0, 4.0]  # one member: no spread
+    with pytest.raises(ValueError, match="mean, conservative or worst"):
+        losses.ensemble_reward(members, "median")
 
 
 # ---------------------------------------------------------------- scoring formats text exactly as training did
@@ -202,7 +252,8 @@ def test_resume_continues_from_the_checkpoint(tmp_path, tiny_model_dir, monkeypa
         if self.state.global_step == 3:
             raise Killed  # the run dies right after writing checkpoint-3
 
-    config = dict(max_steps=6, save_steps=3, learning_rate=1e-3)
+    # The last step's weights either way (keep_best could pick another checkpoint in each run).
+    config = dict(max_steps=6, save_steps=3, learning_rate=1e-3, keep_best=False)
     monkeypatch.setattr(trl.RewardTrainer, "_save_checkpoint", save_then_die)
     with pytest.raises(Killed):
         run(_config(tmp_path, tiny_model_dir, **config))
@@ -213,7 +264,8 @@ def test_resume_continues_from_the_checkpoint(tmp_path, tiny_model_dir, monkeypa
     assert resumed["steps"] == 6 and resumed["steps_run"] == 3
     assert resumed["resumed_from"].endswith("checkpoint-3")
     # ...with the weights, optimizer, schedule and data order of the run that never stopped.
-    straight = run(_config(tmp_path, tiny_model_dir, max_steps=6, learning_rate=1e-3, output_dir=str(tmp_path / "s")))
+    straight = run(_config(tmp_path, tiny_model_dir, max_steps=6, learning_rate=1e-3, keep_best=False,
+                           output_dir=str(tmp_path / "s")))
     assert straight["steps_run"] == 6 and 0 < resumed["train_tokens"] < straight["train_tokens"]
     a, b = load_file(str(tmp_path / "rm" / "model.safetensors")), load_file(str(tmp_path / "s" / "model.safetensors"))
     for key in a:
@@ -265,3 +317,79 @@ def test_minilm_reward_model_trains_and_scores(tmp_path):
     assert ids[0] == reloaded.tokenizer.cls_token_id and ids[-1] == reloaded.tokenizer.sep_token_id
     rewards = score(str(out), "Review film 1", ["a wonderful film", "a dull film"])
     assert len(rewards) == 2 and all(math.isfinite(r) for r in rewards)
+
+
+# ---------------------------------------------------------------- the kept checkpoint, the ceiling, ensembles
+
+
+def _flipped_test_data(path, n_flipped: int = 40):
+    """Training pairs prefer the marker; the first `n_flipped` test pairs prefer its opposite, so the more the model
+    learns, the worse its held-out loss on them."""
+    _write_data(path)
+    rows = [json.loads(line) for line in (path / "test.jsonl").read_text().splitlines()]
+    for row in rows[:n_flipped]:
+        row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
+    (path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_the_checkpoint_with_the_lowest_held_out_loss_is_the_one_kept(tmp_path, tiny_model_dir):
+    data = str(_flipped_test_data(tmp_path / "flipped"))
+    metrics = run(_config(tmp_path, tiny_model_dir, data=data, max_steps=12, eval_steps=3, learning_rate=3e-3))
+    log = {e["step"]: e["eval_loss"] for e in metrics["eval_log"]}
+    assert sorted(log) == [3, 6, 9, 12]
+    best_step = min(log, key=log.get)
+    assert best_step < 12 and log[best_step] < log[12]  # learning the marker hurts on flipped pairs
+    assert metrics["kept"] == {"step": best_step, "eval_loss": pytest.approx(log[best_step]),
+                               "rule": "lowest held-out loss"}
+    # The saved model is that checkpoint: its held-out loss, through the scoring path, is the best one logged.
+    assert metrics["eval_loss"] == pytest.approx(log[best_step], abs=1e-4)
+    reloaded = RewardModel.load(str(tmp_path / "rm"))
+    test = [json.loads(line) for line in (tmp_path / "flipped" / "test.jsonl").read_text().splitlines()]
+    chosen = reloaded.score([r["prompt"] for r in test], [r["chosen"] for r in test])
+    rejected = reloaded.score([r["prompt"] for r in test], [r["rejected"] for r in test])
+    assert bradley_terry_loss(chosen, rejected) == pytest.approx(log[best_step], abs=1e-4)
+    assert not list((tmp_path / "rm").glob("checkpoint-*"))  # made only to find the best: removed
+    # keep_best off: the last step's model, with the worse loss.
+    last = run(_config(tmp_path, tiny_model_dir, data=data, max_steps=12, eval_steps=3, learning_rate=3e-3,
+                       keep_best=False, output_dir=str(tmp_path / "last")))
+    assert last["kept"] == {"step": 12, "rule": "last step"}
+    assert last["eval_loss"] == pytest.approx(log[12], abs=1e-4) and last["eval_loss"] > metrics["eval_loss"]
+
+
+def test_held_out_ceiling_from_the_gold_and_the_chance_verdict(tmp_path, tiny_model_dir, capsys):
+    # 10 of the 40 test labels disagree with the gold (the marker word): the ceiling is exactly 30/40.
+    data = str(_flipped_test_data(tmp_path / "noisy", n_flipped=10))
+    metrics = run(_config(tmp_path, tiny_model_dir, data=data, gold="keyword:wonderful", max_steps=2))
+    assert metrics["ceiling"]["value"] == 0.75 and metrics["ceiling"]["pairs"] == 40
+    lo, hi = metrics["accuracy_ci"]
+    assert lo <= metrics["accuracy"] <= hi and metrics["test_prompts"] == 40
+    assert metrics["share_of_ceiling"] == pytest.approx(metrics["accuracy"] / 0.75)
+    for key in ("gold_accuracy", "length_spearman", "accuracy_longer_rejected", "ece", "eval_loss"):
+        assert key in metrics
+    out = capsys.readouterr().out
+    assert "ceiling 0.750" in out and metrics["verdict"] in out
+    if lo <= 0.5:  # two steps of training: usually still at chance, and the line says so
+        assert "no better than chance" in out
+
+
+def test_an_ensemble_scores_the_mean_and_its_members_disagree(tmp_path, tiny_model_dir):
+    metrics = run(_config(tmp_path, tiny_model_dir, ensemble=2, max_steps=3, seed=5))
+    out = tmp_path / "rm"
+    assert json.loads((out / ENSEMBLE_FILE).read_text()) == {"members": ["member-0", "member-1"], "seeds": [5, 6]}
+    for k in range(2):
+        member = json.loads((out / f"member-{k}" / "metrics.json").read_text())
+        assert member["config"]["seed"] == 5 + k
+    ensemble = RewardModel.load(str(out))
+    assert ensemble.size == 2 and len(set(ensemble.paths)) == 2
+    prompts, responses = ["Review film a", "Review film b"], ["a wonderful plot", "a dull scene"]
+    members = ensemble.score_members(prompts, responses)
+    assert members.shape == (2, 2)
+    assert (members[0] - members[1]).abs().min() > 1e-4  # different seeds: different heads, different scores
+    torch.testing.assert_close(ensemble.score(prompts, responses), members.mean(0))
+    single = RewardModel.load(str(out / "member-1"))
+    torch.testing.assert_close(single.score(prompts, responses), members[1])
+    assert metrics["ensemble"]["members"] == 2 and metrics["ensemble"]["mean_pair_spread"] > 0
+    assert len(metrics["ensemble"]["member_accuracy"]) == 2
+    assert score(str(out), "Review film a", responses) == pytest.approx(ensemble.score(prompts[:1] * 2, responses)
+                                                                       .tolist())

@@ -1,4 +1,4 @@
-"""Reward model training (TRL's RewardTrainer) and scoring, the scores PPO, the app, pairing and evaluation use.
+"""Reward model training (TRL's RewardTrainer): the scores PPO, the app, pairing and evaluation use.
 
 A reward model is a backbone with a scalar head, r(x, y), fitted to preference pairs with the Bradley-Terry loss
 -log sigmoid(r(x, y_chosen) - r(x, y_rejected)) (Ouyang et al. 2022, "Training language models to follow
@@ -10,44 +10,47 @@ The backbone is any causal LM (the score is read at the last non-pad token; the 
 backbone, SmolLM2-135M-Instruct) or encoder (`minilm-l6`, 22 M parameters: the [CLS] pooler). An encoder has no
 chat template, so one is given to its tokenizer ([CLS]role: content[SEP] per turn) and saved with the model.
 
-Held-out figures on the test split: accuracy, mean margin, expected calibration error of sigmoid(r_A - r_B), the
-loss. Normalisation statistics (mean and std of the reward on samples from a reference policy, else on the test
-split's responses) are saved in metrics.json for PPO, which scores with `normalize=True`.
+Held-out evidence, on the test split (rlhf.reward.figures): accuracy with a 95 % interval (prompts resampled), the
+loss, expected calibration error, length bias, and beside them the ceiling: how often the labels agree with the gold
+function (`gold`, for simulated labels) or with each other (pairs several people voted on). With a test split,
+training evaluates every epoch (or `eval_steps`) and keeps the checkpoint with the lowest held-out loss
+(`keep_best`). `ensemble` K trains K members with seeds seed, seed + 1, ... into one directory that scores as one
+model (rlhf.reward.model). Normalisation statistics (mean and std of the reward on samples from a reference policy,
+else on the test split's responses) are saved in metrics.json for PPO, which scores with `normalize=True`.
 
 Departures from TRL's defaults: precision follows the device (fp32 master weights, bf16/fp16 autocast only where
 the hardware has it), gradient checkpointing is off, and a LoRA adapter is merged so the output is always a full
-model directory. Scoring formats text exactly as training did: the chat template over prompt + response, no EOS
-added (TRL adds one only to non-conversational data, and our data is always conversational), right padding, no
-truncation (TRL drops over-long pairs instead; scoring keeps the first tokens only past the model's position
-limit).
+model directory.
 
     rlhf reward --config configs/reward.yaml --data runs/export --max_steps 50
 """
 
 from __future__ import annotations
 
-import functools
 import json
+import shutil
 import time
-import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from rlhf.config import UserError, field, resume_checkpoint
+from rlhf.reward import figures
+from rlhf.reward.figures import (  # noqa: F401  (the figures' names, re-exported)
+    bradley_terry_loss,
+    expected_calibration_error,
+    mean_margin,
+    pairwise_accuracy,
+)
+from rlhf.reward.model import (  # noqa: F401  (re-exported: callers import the scorer from rlhf.reward)
+    ENCODER_CHAT_TEMPLATE,
+    ENSEMBLE_FILE,
+    PLAIN_CHAT_TEMPLATE,
+    RewardModel,
+    score,
+)
 from rlhf.trl_stage import TRLStageConfig, lora_config, train_and_save, training_args, write_metrics
-
-# Encoders ship no chat template: a turn is "role: content" between BERT's [CLS]/[SEP] markers, so the pooled
-# [CLS] token sees the whole exchange. A causal LM without one gets one turn per line (no EOS at the end: its pad
-# token is often the EOS, and the score is read at the last non-pad token).
-ENCODER_CHAT_TEMPLATE = (
-    "{{ cls_token }}{% for message in messages %}{{ message['role'] + ': ' + message['content'] }}{{ sep_token }}"
-    "{% endfor %}"
-)
-PLAIN_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + '\n' }}{% endfor %}"
-)
 
 
 @dataclass
@@ -65,8 +68,16 @@ class RewardConfig(TRLStageConfig):
     center_rewards_coefficient: float = field(0.0, "Weight of the mean-zero penalty on rewards (0: off; 0.01 is "
                                               "the paper's value).")
     # Evaluation
-    eval_steps: int = field(0, "Also evaluate the test split every this many steps (0: only at the end).")
+    keep_best: bool = field(True, "With a test split: evaluate during training and keep the checkpoint with the "
+                            "lowest held-out loss (not the last one).")
+    eval_steps: int = field(0, "Evaluate the test split every this many steps (0: every epoch, with keep_best; "
+                            "else only at the end).")
     ece_bins: int = field(10, "Bins for the expected calibration error, equal widths over confidence [0.5, 1].")
+    gold: str = field("", "The gold function simulated labels came from (e.g. sentiment): the held-out ceiling is "
+                      "how often the labels agree with it ('' : from overlapping votes, where there are any).")
+    # Ensemble
+    ensemble: int = field(1, "Train this many members (seeds seed, seed + 1, ...) saved as one reward model that "
+                          "scores their mean; their spread is its uncertainty.")
     # Normalisation
     norm_policy: str = field("", "Reference policy whose samples give the reward mean/std for PPO ('' = use the "
                              "test split's chosen and rejected responses).")
@@ -88,150 +99,11 @@ class RewardConfig(TRLStageConfig):
             raise ValueError("test_size and warmup_ratio must be in [0, 1)")
         if self.ece_bins < 1 or self.center_rewards_coefficient < 0 or self.eval_steps < 0 or self.save_steps < 0:
             raise ValueError("ece_bins must be >= 1; center_rewards_coefficient, eval_steps, save_steps >= 0")
+        if self.ensemble < 1:
+            raise ValueError("ensemble must be >= 1")
         if self.norm_samples < 2 or self.norm_max_new_tokens < 1 or self.norm_temperature < 0:
             raise ValueError("norm_samples must be >= 2, norm_max_new_tokens >= 1, norm_temperature >= 0")
         super().__post_init__()
-
-
-# ---------------------------------------------------------------- held-out figures: pure functions of rewards
-
-
-def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
-                       margin: torch.Tensor | None = None) -> float:
-    """Mean -log sigmoid(r_c - r_r - margin) (Ouyang et al. 2022 eq. 1; the margin: Touvron et al. 2023 eq. 2)."""
-    diff = chosen_rewards - rejected_rewards  # (B,)
-    if margin is not None:
-        diff = diff - margin
-    return float(-torch.nn.functional.logsigmoid(diff).mean())
-
-
-def pairwise_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> float:
-    """Share of pairs where the chosen response scores higher; a tie counts half."""
-    diff = chosen_rewards - rejected_rewards  # (B,)
-    return float(((diff > 0).float() + 0.5 * (diff == 0).float()).mean())
-
-
-def mean_margin(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> float:
-    """Mean of r_chosen - r_rejected."""
-    return float((chosen_rewards - rejected_rewards).mean())
-
-
-def expected_calibration_error(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, bins: int = 10) -> float:
-    """ECE of the Bradley-Terry probability p = sigmoid(r_c - r_r) that the chosen response wins.
-
-    Guo et al. 2017, "On Calibration of Modern Neural Networks", eq. 3: sum_b |B_b|/n * |acc(B_b) - conf(B_b)|,
-    with the confidence of the predicted winner, max(p, 1 - p), in `bins` equal-width bins over [0.5, 1]; a
-    prediction is correct when it names the chosen response (p = 0.5 counts half).
-    """
-    p = torch.sigmoid((chosen_rewards - rejected_rewards).double())  # (B,)
-    confidence = torch.maximum(p, 1 - p)
-    correct = (p > 0.5).double() + 0.5 * (p == 0.5).double()
-    index = ((confidence - 0.5) / 0.5 * bins).long().clamp(0, bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        in_bin = index == b
-        if in_bin.any():
-            ece += float(in_bin.double().mean()) * abs(float(correct[in_bin].mean()) - float(confidence[in_bin].mean()))
-    return ece
-
-
-# ---------------------------------------------------------------- scoring
-
-
-def _messages(prompt: str | list[dict], response: str) -> list[dict]:
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    return messages + [{"role": "assistant", "content": response}]
-
-
-class RewardModel:
-    """A trained reward model and its tokenizer, scoring (prompt, response) pairs as training saw them."""
-
-    def __init__(self, model, tokenizer, path: str = "", mean: float = 0.0, std: float = 1.0):
-        self.model, self.tokenizer, self.path = model, tokenizer, path
-        self.mean, self.std = float(mean), float(std)
-        if not getattr(tokenizer, "chat_template", None):
-            raise UserError(f"{path or 'this reward model'}: its tokenizer has no chat template (train it with "
-                            "`rlhf reward`, which gives encoders one)")
-        # Past the model's position limit a sequence must be cut: keep its first tokens (the [CLS] an encoder pools).
-        limits = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
-        self.max_tokens = min(n for n in limits + [10**9] if isinstance(n, int) and n > 0)
-        self._warned = False
-
-    @classmethod
-    def load(cls, path: str, device: str = "auto", precision: str = "auto") -> RewardModel:
-        """Load a reward model directory (any `rlhf reward` output) with its normalisation statistics."""
-        from rlhf.models import load
-
-        model_dir = Path(path)
-        config_file = model_dir / "config.json"
-        if config_file.is_file():
-            architectures = json.loads(config_file.read_text()).get("architectures") or []
-            if not any(a.endswith("ForSequenceClassification") for a in architectures):
-                raise UserError(f"{path} is not a reward model (architectures {architectures}); train one with "
-                                "`rlhf reward`")
-        loaded = load(str(path), head="score", device=device, precision=precision, padding_side="right")
-        mean, std = 0.0, 1.0
-        metrics_file = model_dir / "metrics.json"
-        if metrics_file.is_file():
-            norm = json.loads(metrics_file.read_text()).get("normalization") or {}
-            mean, std = float(norm.get("mean", 0.0)), float(norm.get("std", 1.0))
-        return cls(loaded.model, loaded.tokenizer, loaded.path, mean, std)
-
-    def encode(self, prompt: str | list[dict], response: str) -> list[int]:
-        """Token ids of prompt + response exactly as TRL's RewardTrainer tokenizes a conversational pair."""
-        ids = self.tokenizer.apply_chat_template(_messages(prompt, response), tokenize=True, return_dict=True)
-        return list(ids["input_ids"])
-
-    @torch.no_grad()
-    def score(self, prompts: list[str | list[dict]], responses: list[str], batch_size: int = 16,
-              normalize: bool = False) -> torch.Tensor:
-        """Rewards of responses[i] to prompts[i]: (B,) float32 on the CPU; (r - mean) / std with `normalize`."""
-        if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        encoded = [self.encode(p, r) for p, r in zip(prompts, responses)]
-        if any(len(ids) > self.max_tokens for ids in encoded) and not self._warned:
-            self._warned = True
-            warnings.warn(f"reward model {self.path}: inputs longer than {self.max_tokens} tokens keep their first "
-                          f"{self.max_tokens} tokens", stacklevel=2)
-        encoded = [ids[: self.max_tokens] for ids in encoded]
-        rewards = torch.zeros(len(encoded), dtype=torch.float32)
-        # Longest first, so each batch pads to similar lengths; results go back to the callers' order.
-        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-        device = next(self.model.parameters()).device
-        pad_id = self.tokenizer.pad_token_id
-        was_training = self.model.training
-        self.model.eval()
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            width = max(len(encoded[i]) for i in rows)
-            # Right padding, as TRL's collator does: with left padding a causal LM would see shifted positions.
-            input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
-            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
-            for j, i in enumerate(rows):
-                input_ids[j, : len(encoded[i])] = torch.tensor(encoded[i])
-                attention_mask[j, : len(encoded[i])] = 1
-            logits = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-            rewards[rows] = logits[:, 0].float().cpu()  # (B,)
-        self.model.train(was_training)
-        if normalize:
-            rewards = (rewards - self.mean) / max(self.std, 1e-8)
-        return rewards
-
-
-@functools.lru_cache(maxsize=2)
-def _cached(path: str, stamp: float) -> RewardModel:
-    return RewardModel.load(path)
-
-
-def score(model_dir: str, prompt: str | list[dict], responses: list[str]) -> list[float]:
-    """Raw rewards of several responses to one prompt; the model stays loaded between calls (reloaded if it changes).
-
-    The probability that response A beats B is sigmoid(r_A - r_B).
-    """
-    path = Path(model_dir).resolve()
-    weights = path / "model.safetensors"
-    stamp = weights.stat().st_mtime if weights.is_file() else 0.0
-    return _cached(str(path), stamp).score([prompt] * len(responses), list(responses)).tolist()
 
 
 # ---------------------------------------------------------------- training
@@ -321,7 +193,7 @@ def build_trainer(config: RewardConfig):
     if "test" not in data:
         data["test"] = data["train"].select([])
     args = training_args(trl.RewardConfig, config, device, eval_steps=config.eval_steps, has_test=has_test,
-                         weight_decay=config.weight_decay,
+                         keep_best=config.keep_best, weight_decay=config.weight_decay,
                          center_rewards_coefficient=config.center_rewards_coefficient or None,
                          include_num_input_tokens_seen="non_padding")
     model.train()
@@ -331,7 +203,95 @@ def build_trainer(config: RewardConfig):
     return trainer, data
 
 
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def held_out(config: RewardConfig, scorer: RewardModel, test, meta: dict | None = None) -> dict:
+    """The held-out evidence on the test split's pairs (see rlhf.reward.figures), through the scoring path itself so
+    it describes the model PPO and the app will use. `meta`: the split's n_votes and agreement columns, if any."""
+    if not len(test):
+        return {"test_pairs": 0}
+    prompts = list(test["prompt"])
+    chosen_text = [m[-1]["content"] for m in test["chosen"]]
+    rejected_text = [m[-1]["content"] for m in test["rejected"]]
+    members_c = scorer.score_members(prompts, chosen_text, config.batch_size)  # (K, B)
+    members_r = scorer.score_members(prompts, rejected_text, config.batch_size)
+    chosen, rejected = members_c.mean(0), members_r.mean(0)  # (B,)
+    margin = torch.tensor(test["margin"]) if "margin" in test.column_names else None
+    groups = [_prompt_key(p) for p in prompts]
+    hits = figures.correct(chosen, rejected)
+    accuracy = figures.grouped_share_ci(hits.tolist(), groups, seed=config.seed)
+    out: dict = {
+        "test_pairs": len(test), "test_prompts": len(set(groups)), "accuracy": accuracy[0],
+        "accuracy_ci": list(accuracy[1:]), "eval_loss": figures.bradley_terry_loss(chosen, rejected, margin),
+        "mean_margin": figures.mean_margin(chosen, rejected),
+        "ece": figures.expected_calibration_error(chosen, rejected, config.ece_bins), "ece_bins": config.ece_bins,
+        **figures.length_bias(chosen, rejected, [_words(t) for t in chosen_text], [_words(t) for t in rejected_text],
+                              [((g, c), (g, r)) for g, c, r in zip(groups, chosen_text, rejected_text)]),
+    }
+    ceiling = None
+    if config.gold:
+        from rlhf.annotators import load_gold
+
+        gold = load_gold(config.gold)
+        plain = [_plain(p) for p in prompts]
+        gold_c, gold_r = list(gold(plain, chosen_text)), list(gold(plain, rejected_text))
+        agree = figures.agreement_with_gold(gold_c, gold_r)
+        ceiling = figures.grouped_share_ci(agree, groups, seed=config.seed)
+        out["ceiling"] = {"value": ceiling[0], "ci": list(ceiling[1:]), "pairs": len(agree),
+                          "source": f"labels that agree with the gold function {config.gold}"}
+        out["gold_accuracy"] = figures.gold_order_agreement(chosen, rejected, gold_c, gold_r)
+    elif meta and meta.get("n_votes"):
+        overlapped = [(a, g) for n, a, g in zip(meta["n_votes"], meta["agreement"], groups) if n and n >= 2]
+        if overlapped:
+            ceiling = figures.grouped_share_ci([a for a, _ in overlapped], [g for _, g in overlapped], seed=config.seed)
+            out["ceiling"] = {"value": ceiling[0], "ci": list(ceiling[1:]), "pairs": len(overlapped),
+                              "source": "inter-annotator agreement (votes that agree with the pair's label, on "
+                                        "pairs with 2+ votes)"}
+    if ceiling:
+        out["share_of_ceiling"] = accuracy[0] / ceiling[0] if ceiling[0] else None
+    if scorer.size > 1:
+        pair_spread = (members_c - members_r).std(0)  # (B,) how much the members disagree on r_c - r_r
+        out["ensemble"] = {
+            "members": scorer.size,
+            "member_accuracy": [figures.pairwise_accuracy(members_c[k], members_r[k]) for k in range(scorer.size)],
+            "mean_response_spread": float(torch.cat([members_c, members_r], 1).std(0).mean()),
+            "mean_pair_spread": float(pair_spread.mean()), **figures.spread_split_accuracy(hits, pair_spread)}
+    out["verdict"] = figures.verdict(accuracy, ceiling[0] if ceiling else None)
+    return out
+
+
+def _test_meta(config: RewardConfig) -> dict:
+    """The test split's vote counts and agreement (the export's n_votes and agreement columns), where it has them."""
+    from rlhf.data import load_preference_dataset
+
+    test = load_preference_dataset(config.data, test_size=config.test_size, seed=config.seed).get("test")
+    if test is None or "n_votes" not in test.column_names or "agreement" not in test.column_names:
+        return {}
+    return {"n_votes": list(test["n_votes"]), "agreement": list(test["agreement"])}
+
+
+def summary_line(metrics: dict) -> str:
+    """The held-out evidence in one line, for the CLI and the loop."""
+    if not metrics.get("test_pairs"):
+        return "no test pairs: nothing says whether this reward model generalises"
+    lo, hi = metrics["accuracy_ci"]
+    ceiling = metrics.get("ceiling")
+    beside = f", ceiling {ceiling['value']:.3f}" if ceiling else ""
+    return (f"held-out accuracy {metrics['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] on {metrics['test_pairs']} pairs "
+            f"({metrics['test_prompts']} prompts){beside}, loss {metrics['eval_loss']:.3f}, ECE {metrics['ece']:.3f}: "
+            f"{metrics['verdict']}")
+
+
 def run(config: RewardConfig) -> dict:
+    """Train the reward model (or each member of an ensemble), then write metrics.json with the held-out evidence."""
+    if config.ensemble > 1:
+        return _run_ensemble(config)
+    return _run_one(config)
+
+
+def _run_one(config: RewardConfig) -> dict:
     from transformers import TrainerCallback
 
     from rlhf.models import pick_device
@@ -367,25 +327,24 @@ def run(config: RewardConfig) -> dict:
     else:
         merge = getattr(trainer.model, "merge_and_unload", None)
         model = (merge() if merge else trainer.model).eval()
+    best = trainer.state.best_model_checkpoint
+    if trainer.args.load_best_model_at_end and not config.save_steps and trained.main:
+        # Checkpoints made only to find the best one: the model directory holds it now.
+        for checkpoint in out.glob("checkpoint-*"):
+            shutil.rmtree(checkpoint, ignore_errors=True)
 
-    # Held-out figures through the scoring path itself, so they describe the model that PPO and the app will use.
     scorer = RewardModel(model, tokenizer, str(out))
-    test = data["test"]
-    held_out: dict = {"test_pairs": len(test)}
-    if len(test):
-        chosen = scorer.score(test["prompt"], [m[-1]["content"] for m in test["chosen"]], config.batch_size)
-        rejected = scorer.score(test["prompt"], [m[-1]["content"] for m in test["rejected"]], config.batch_size)
-        margin = torch.tensor(test["margin"]) if "margin" in test.column_names else None
-        held_out.update(accuracy=pairwise_accuracy(chosen, rejected), mean_margin=mean_margin(chosen, rejected),
-                        ece=expected_calibration_error(chosen, rejected, config.ece_bins), ece_bins=config.ece_bins,
-                        eval_loss=bradley_terry_loss(chosen, rejected, margin))
+    evidence = held_out(config, scorer, data["test"], _test_meta(config) if not config.gold else None)
     normalization = _normalization(config, scorer, data, device)
 
     # Non-padding tokens of the chosen and rejected sequences that this call trained on.
     runtime = trained.result.metrics.get("train_runtime") or 0.0
     train_tokens = trainer.state.num_input_tokens_seen - counter.tokens_before
     metrics = {
-        **held_out,
+        **evidence,
+        "kept": ({"step": int(Path(best).name.split("-")[-1]), "eval_loss": trainer.state.best_metric,
+                  "rule": "lowest held-out loss"} if best
+                 else {"step": trainer.state.global_step, "rule": "last step"}),
         "train_loss": trained.result.training_loss, "steps": trainer.state.global_step, "steps_run": counter.steps,
         "resumed_from": resume_from, "train_pairs": n_kept,
         "train_pairs_over_max_length": n_train - n_kept, "uses_margin": "margin" in data["train"].column_names,
@@ -399,11 +358,47 @@ def run(config: RewardConfig) -> dict:
     }
     if not write_metrics(trainer, config, metrics):
         return metrics
-    figures = (f"held-out accuracy {held_out['accuracy']:.3f}, margin {held_out['mean_margin']:.3f}, "
-               f"ECE {held_out['ece']:.3f} on {len(test)} pairs" if len(test) else "no test pairs")
     loss = (f"loss {metrics['first']['loss']:.3f} -> {metrics['final']['loss']:.3f}" if len(trained.logs) > 1
             else f"mean loss {trained.result.training_loss:.3f}")
+    kept = (f"; kept step {metrics['kept']['step']} of {metrics['steps']} (lowest held-out loss)" if best else "")
     print(f"Reward model: {metrics['steps']} steps on {n_kept} pairs in {metrics['seconds']:.0f} s "
-          f"({metrics['tokens_per_second'] or 0:.0f} tokens/s); {loss}; {figures}; reward mean "
-          f"{normalization['mean']:.3f} std {normalization['std']:.3f} ({normalization['source']}) -> {out}")
+          f"({metrics['tokens_per_second'] or 0:.0f} tokens/s); {loss}{kept}; reward mean {normalization['mean']:.3f} "
+          f"std {normalization['std']:.3f} ({normalization['source']}) -> {out}\n  {summary_line(metrics)}")
+    return metrics
+
+
+def _run_ensemble(config: RewardConfig) -> dict:
+    """K members with seeds seed .. seed + K - 1 in output_dir/member-k, and ensemble.json naming them. With
+    `resume`, a member that finished (its metrics.json written) is kept; the others resume from their checkpoints."""
+    from rlhf.models import pick_device
+
+    start = time.perf_counter()
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [f"member-{k}" for k in range(config.ensemble)]
+    members = []
+    for k, name in enumerate(names):
+        member = replace(config, ensemble=1, seed=config.seed + k, output_dir=str(out / name))
+        done = out / name / "metrics.json"
+        if config.resume and done.is_file():
+            print(f"ensemble member {k + 1}/{config.ensemble}: done earlier, kept")
+            members.append(json.loads(done.read_text()))
+            continue
+        print(f"ensemble member {k + 1}/{config.ensemble} (seed {member.seed}):")
+        members.append(_run_one(replace(member, resume=config.resume if (out / name).is_dir() else "")))
+    (out / ENSEMBLE_FILE).write_text(json.dumps({"members": names, "seeds": [m["config"]["seed"] for m in members]},
+                                                indent=2) + "\n")
+    from rlhf.data import load_preference_dataset
+
+    scorer = RewardModel.load(str(out), device=config.device, precision=config.precision)
+    test = load_preference_dataset(config.data, test_size=config.test_size, seed=config.seed)["test"]
+    evidence = held_out(config, scorer, test, _test_meta(config) if not config.gold else None)
+    metrics = {**evidence, "members": [{"dir": n, **{k: m.get(k) for k in ("accuracy", "eval_loss", "seconds")}}
+                                       for n, m in zip(names, members)],
+               "normalization": {"source": "each member's own (metrics.json in its directory)"},
+               "train_seconds": round(sum(m.get("train_seconds") or 0.0 for m in members), 2),
+               "seconds": round(time.perf_counter() - start, 1), "config": asdict(config),
+               "device": str(pick_device(config.device))}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
+    print(f"Reward ensemble of {config.ensemble} in {metrics['seconds']:.0f} s -> {out}\n  {summary_line(metrics)}")
     return metrics

@@ -1,0 +1,195 @@
+"""A trained reward model (or an ensemble of them) scoring (prompt, response) pairs exactly as training saw them.
+
+Scoring formats text as TRL's RewardTrainer does: the chat template over prompt + response, no EOS added (TRL adds
+one only to non-conversational data, and our data is always conversational), right padding, no truncation (TRL
+drops over-long pairs instead; scoring keeps the first tokens only past the model's position limit).
+
+An ensemble (`rlhf reward --ensemble K`) is a directory with `ensemble.json` naming K member directories, each a
+reward model trained from the same backbone with its own seed. `score()` is the members' mean and
+`score_members()` each member's score; their spread is the ensemble's uncertainty (Coste et al. 2023, "Reward
+Model Ensembles Help Mitigate Overoptimization"; Lakshminarayanan et al. 2017 for seed ensembles).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+from rlhf.config import UserError
+
+ENSEMBLE_FILE = "ensemble.json"
+
+# Encoders ship no chat template: a turn is "role: content" between BERT's [CLS]/[SEP] markers, so the pooled
+# [CLS] token sees the whole exchange. A causal LM without one gets one turn per line (no EOS at the end: its pad
+# token is often the EOS, and the score is read at the last non-pad token).
+ENCODER_CHAT_TEMPLATE = (
+    "{{ cls_token }}{% for message in messages %}{{ message['role'] + ': ' + message['content'] }}{{ sep_token }}"
+    "{% endfor %}"
+)
+PLAIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + '\n' }}{% endfor %}"
+)
+
+
+def _messages(prompt: str | list[dict], response: str) -> list[dict]:
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    return messages + [{"role": "assistant", "content": response}]
+
+
+def _load_member(path: Path, device: str, precision: str):
+    """(model, tokenizer, mean, std) of one reward model directory."""
+    from rlhf.models import load
+
+    config_file = path / "config.json"
+    if config_file.is_file():
+        architectures = json.loads(config_file.read_text()).get("architectures") or []
+        if not any(a.endswith("ForSequenceClassification") for a in architectures):
+            raise UserError(f"{path} is not a reward model (architectures {architectures}); train one with "
+                            "`rlhf reward`")
+    loaded = load(str(path), head="score", device=device, precision=precision, padding_side="right")
+    mean, std = 0.0, 1.0
+    metrics_file = path / "metrics.json"
+    if metrics_file.is_file():
+        norm = json.loads(metrics_file.read_text()).get("normalization") or {}
+        mean, std = float(norm.get("mean", 0.0)), float(norm.get("std", 1.0))
+    return loaded.model, loaded.tokenizer, loaded.path, mean, std
+
+
+class RewardModel:
+    """One reward model, or an ensemble of members sharing a tokenizer; `model` is the first member (a critic is
+    initialised from it)."""
+
+    def __init__(self, model, tokenizer, path: str = "", mean: float = 0.0, std: float = 1.0):
+        self.models, self.means, self.stds = [model], [float(mean)], [float(std)]
+        self.tokenizer, self.path = tokenizer, path
+        self.paths = [path]  # each member's own directory (an ensemble's `path` is the one holding them)
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError(f"{path or 'this reward model'}: its tokenizer has no chat template (train it with "
+                            "`rlhf reward`, which gives encoders one)")
+        # Past the model's position limit a sequence must be cut: keep its first tokens (the [CLS] an encoder pools).
+        limits = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+        self.max_tokens = min(n for n in limits + [10**9] if isinstance(n, int) and n > 0)
+        self._warned = False
+
+    @property
+    def model(self):
+        return self.models[0]
+
+    @property
+    def mean(self) -> float:
+        return self.means[0]
+
+    @property
+    def std(self) -> float:
+        return self.stds[0]
+
+    @property
+    def size(self) -> int:
+        """Members: 1 for a single reward model."""
+        return len(self.models)
+
+    def add_member(self, model, mean: float = 0.0, std: float = 1.0, path: str = "") -> None:
+        self.paths.append(path)
+        self.models.append(model)
+        self.means.append(float(mean))
+        self.stds.append(float(std))
+
+    @classmethod
+    def load(cls, path: str, device: str = "auto", precision: str = "auto") -> RewardModel:
+        """Load a reward model directory (any `rlhf reward` output, an ensemble too) with its normalisation
+        statistics."""
+        model_dir = Path(path)
+        manifest = model_dir / ENSEMBLE_FILE
+        if not manifest.is_file():
+            model, tokenizer, resolved, mean, std = _load_member(model_dir, device, precision)
+            return cls(model, tokenizer, resolved, mean, std)
+        members = json.loads(manifest.read_text()).get("members") or []
+        if not members:
+            raise UserError(f"{manifest} names no members")
+        loaded = [_load_member(model_dir / m, device, precision) for m in members]
+        first = loaded[0]
+        ensemble = cls(first[0], first[1], str(model_dir), first[3], first[4])
+        ensemble.paths = [first[2]]
+        for model, tokenizer, resolved, mean, std in loaded[1:]:
+            if tokenizer.get_vocab() != first[1].get_vocab() or tokenizer.chat_template != first[1].chat_template:
+                raise UserError(f"{resolved}: an ensemble's members must share one tokenizer and chat template")
+            ensemble.add_member(model, mean, std, resolved)
+        return ensemble
+
+    def encode(self, prompt: str | list[dict], response: str) -> list[int]:
+        """Token ids of prompt + response exactly as TRL's RewardTrainer tokenizes a conversational pair."""
+        ids = self.tokenizer.apply_chat_template(_messages(prompt, response), tokenize=True, return_dict=True)
+        return list(ids["input_ids"])
+
+    @torch.no_grad()
+    def forward_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Raw rewards (K, B) float32 on the CPU of right-padded token ids (B, T), one row per member."""
+        device = next(self.model.parameters()).device
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        rows = []
+        for model in self.models:
+            was_training = model.training
+            model.eval()
+            rows.append(model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float().cpu())
+            model.train(was_training)
+        return torch.stack(rows)
+
+    def normalized(self, raw: torch.Tensor) -> torch.Tensor:
+        """(K, B) raw member rewards as (r - mean_k) / std_k, each member by its own statistics."""
+        means = torch.tensor(self.means).unsqueeze(1)  # (K, 1)
+        stds = torch.tensor(self.stds).clamp_min(1e-8).unsqueeze(1)
+        return (raw - means) / stds
+
+    def score_members(self, prompts: list[str | list[dict]], responses: list[str], batch_size: int = 16,
+                      normalize: bool = False) -> torch.Tensor:
+        """Rewards (K, B) of responses[i] to prompts[i] by each member; (r - mean) / std with `normalize`."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        encoded = [self.encode(p, r) for p, r in zip(prompts, responses)]
+        if any(len(ids) > self.max_tokens for ids in encoded) and not self._warned:
+            self._warned = True
+            warnings.warn(f"reward model {self.path}: inputs longer than {self.max_tokens} tokens keep their first "
+                          f"{self.max_tokens} tokens", stacklevel=2)
+        encoded = [ids[: self.max_tokens] for ids in encoded]
+        rewards = torch.zeros(self.size, len(encoded), dtype=torch.float32)
+        # Longest first, so each batch pads to similar lengths; results go back to the callers' order.
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+        pad_id = self.tokenizer.pad_token_id
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            width = max(len(encoded[i]) for i in rows)
+            # Right padding, as TRL's collator does: with left padding a causal LM would see shifted positions.
+            input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
+            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+            for j, i in enumerate(rows):
+                input_ids[j, : len(encoded[i])] = torch.tensor(encoded[i])
+                attention_mask[j, : len(encoded[i])] = 1
+            rewards[:, rows] = self.forward_ids(input_ids, attention_mask)
+        return self.normalized(rewards) if normalize else rewards
+
+    def score(self, prompts: list[str | list[dict]], responses: list[str], batch_size: int = 16,
+              normalize: bool = False) -> torch.Tensor:
+        """Rewards (B,) float32 on the CPU of responses[i] to prompts[i]: the members' mean for an ensemble."""
+        return self.score_members(prompts, responses, batch_size, normalize).mean(0)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached(path: str, stamp: float) -> RewardModel:
+    return RewardModel.load(path)
+
+
+def cached(model_dir: str) -> RewardModel:
+    """The reward model in `model_dir`, kept loaded between calls and reloaded when its files change."""
+    path = Path(model_dir).resolve()
+    marker = path / ENSEMBLE_FILE if (path / ENSEMBLE_FILE).is_file() else path / "model.safetensors"
+    return _cached(str(path), marker.stat().st_mtime if marker.is_file() else 0.0)
+
+
+def score(model_dir: str, prompt: str | list[dict], responses: list[str]) -> list[float]:
+    """Raw rewards of several responses to one prompt (an ensemble's mean); the probability that response A beats
+    B is sigmoid(r_A - r_B)."""
+    return cached(model_dir).score([prompt] * len(responses), list(responses)).tolist()
