@@ -233,7 +233,7 @@ def run(config: EvaluateConfig) -> dict:
             if versus is not None:
                 row["win_rate_human_vs_prompt"], row["win_rate_human_vs_prompt_ci"] = versus["mean"], versus["ci"]
     metrics = {"config": asdict(config), "n_prompts": len(prompts), "models": rows,
-               "arena": human if config.db else None,
+               "arena": human if config.db else None, "reward_model": _reward_evidence(config.reward),
                "best_prompt_baseline": best["label"] if best else None,
                "seconds": round(time.perf_counter() - start, 1)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -341,11 +341,62 @@ reward model: {e(config.reward or 'none')}. Win-rates count a tie as half; inter
 KL(aligned || base) is in nats per response.</p>
 <table>{table}</table>
 {plots}
+{_reward_section(metrics.get("reward_model"))}
 {_arena_section(metrics.get("arena"))}
 <h2>Samples</h2>
 <table>{header}{''.join(rows)}</table>
 </body></html>
 """
+
+
+_EVIDENCE = ("test_pairs", "test_prompts", "accuracy", "accuracy_ci", "eval_loss", "ece", "ceiling",
+             "share_of_ceiling", "gold_accuracy", "length_spearman", "longer_rejected_pairs",
+             "accuracy_longer_rejected", "ensemble", "kept", "verdict")
+
+
+def _reward_evidence(reward_dir: str) -> dict | None:
+    """The reward model's held-out evidence from its metrics.json (written by `rlhf reward`), if there is one."""
+    path = Path(reward_dir) / "metrics.json" if reward_dir else None
+    if path is None or not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    return {k: saved[k] for k in _EVIDENCE if k in saved}
+
+
+def _reward_section(evidence: dict | None) -> str:
+    """What the reward model is worth on held-out labels, in numbers and in words (a reward model at chance makes
+    every reward win-rate above meaningless)."""
+    if not evidence:
+        return ""
+    e = html.escape
+    if not evidence.get("test_pairs"):
+        return "<h2>Reward model</h2><p>No held-out pairs: nothing says whether the reward model generalises.</p>"
+    lo, hi = evidence["accuracy_ci"]
+    rows = [("held-out accuracy", f"{evidence['accuracy']:.3f} <small>[{lo:.3f}, {hi:.3f}]</small> on "
+                                  f"{evidence['test_pairs']} pairs ({evidence['test_prompts']} prompts)")]
+    ceiling = evidence.get("ceiling")
+    if ceiling:
+        rows.append(("ceiling", f"{ceiling['value']:.3f} <small>[{ceiling['ci'][0]:.3f}, {ceiling['ci'][1]:.3f}]: "
+                                f"{e(ceiling['source'])}</small>"))
+        if evidence.get("share_of_ceiling") is not None:
+            rows.append(("share of the ceiling", f"{evidence['share_of_ceiling']:.0%}"))
+    if "gold_accuracy" in evidence:
+        rows.append(("agreement with the gold itself", f"{evidence['gold_accuracy']:.3f}"))
+    rows.append(("loss / ECE", f"{evidence['eval_loss']:.3f} (ln 2 = 0.693 is a coin flip) / {evidence['ece']:.3f}"))
+    rho, longer = evidence.get("length_spearman"), evidence.get("accuracy_longer_rejected")
+    rows.append(("length bias", f"Spearman(reward, words) {rho:.2f}" + (
+        f"; accuracy {longer:.3f} on the {evidence['longer_rejected_pairs']} pairs whose longer response lost"
+        if longer is not None else "")))
+    if evidence.get("ensemble"):
+        ens = evidence["ensemble"]
+        low, high = ens.get("accuracy_low_spread"), ens.get("accuracy_high_spread")
+        rows.append(("ensemble", f"{ens['members']} members, mean spread of r_c - r_r {ens['mean_pair_spread']:.3f}"
+                                 + (f"; accuracy {low:.3f} where they agree most, {high:.3f} where least"
+                                    if low is not None else "")))
+    if isinstance(evidence.get("kept"), dict):
+        rows.append(("checkpoint kept", f"step {evidence['kept']['step']} ({e(evidence['kept']['rule'])})"))
+    table = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
+    return f"<h2>Reward model</h2><p><b>{e(evidence['verdict'])}</b></p><table>{table}</table>"
 
 
 def _arena_section(arena: dict | None) -> str:

@@ -3,7 +3,8 @@
 `rlhf generate` samples `n` responses per prompt from the policy in left-padded batches with the KV cache
 (rlhf.sample.generate_batch), stores them with the model name and generation parameters, and pairs them into
 labeling tasks (rlhf.pairing): a random pair among one model's samples, one response from each of two models,
-or, given a reward model, the closest-scored pair with a `random_share` of prompts kept random. The models load
+or, given a reward model, the closest-scored pair (given an ensemble, the pair its members disagree on most) with a
+`random_share` of prompts kept random. The models load
 before anything is written; then each prompt's responses and tasks are written in one transaction
 (Store.add_candidates) as soon as its batch is done, so Ctrl+C keeps everything finished so far and leaves nothing
 half-written. `backend: vllm` samples with vLLM where it is installed (rlhf.sample.load_for_sampling;
@@ -35,7 +36,8 @@ class GenerateConfig:
     # Model
     model: str = field(DEFAULT_MODEL, "The policy to sample from (spec or directory).")
     second_model: str = field("", "For pairing=across: the other model (e.g. the aligned one against the base).")
-    reward_model: str = field("", "For pairing=active: the reward model directory that scores candidates.")
+    reward_model: str = field("", "For pairing=active: the reward model directory that scores candidates (an "
+                              "ensemble: the pair its members disagree on most).")
     device: str = field("auto", "auto, cpu, cuda, mps.")
     precision: str = field("auto", "auto, fp32, bf16 or fp16.")
     # Data
@@ -144,8 +146,9 @@ def run(config: GenerateConfig) -> dict:
                     theirs = list(range(len(mine), len(answers)))
                     pairs = [(p, "across") for p in across_pairs(mine, theirs, rng, config.pairs_per_prompt)]
                 elif scorer is not None:
-                    rewards = scorer.score([prompt] * len(mine), [r["text"] for r in samples[i]]).tolist()
-                    pairs = [active_or_random_pair(mine, rewards, config.random_share, rng)]
+                    members = scorer.score_members([prompt] * len(mine), [r["text"] for r in samples[i]])
+                    pairs = [active_or_random_pair(mine, members.mean(0).tolist(), config.random_share, rng,
+                                                   members.tolist() if scorer.size > 1 else None)]
                 elif config.rank:
                     # One task of `rank` responses in a random order (the app shuffles them again per annotator).
                     pairs, kind = [(rng.sample(mine, config.rank), "random")], "rank"

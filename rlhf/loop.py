@@ -228,6 +228,10 @@ def _print_verdict(evaluation: dict, candidates: list[str], root: Path, config: 
 
     rows = {m["model"]: m for m in evaluation["models"]}
     print()
+    if evaluation.get("reward_model"):
+        from rlhf.reward import summary_line
+
+        print(f"REWARD model: {summary_line(evaluation['reward_model'])}")
     for path in candidates:
         row, name = rows[path], Path(path).name.upper()
         if "win_rate_gold" in row:

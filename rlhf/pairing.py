@@ -3,7 +3,8 @@
   random  a random pair among one model's samples (disjoint pairs when there are 4 or more)
   across  one response from each of two models (base vs aligned: what the arena and evaluation pairs use)
   active  the pair whose reward-model scores are closest (the most informative label, as in active preference
-          learning), except that a `random_share` of prompts keep a random pair so the labeled data stays an
+          learning), or with an ensemble the pair its members disagree on most (the spread of r_i - r_j over
+          members), except that a `random_share` of prompts keep a random pair so the labeled data stays an
           unbiased sample for evaluation
 """
 
@@ -36,9 +37,27 @@ def closest_pair(ids: list, rewards: list[float]) -> tuple:
     return ids[best[0]], ids[best[1]]
 
 
-def active_or_random_pair(ids: list, rewards: list[float], random_share: float,
-                          rng: random.Random) -> tuple[tuple, str]:
-    """One pair for a prompt, and how it was chosen ('active' or 'random')."""
+def most_uncertain_pair(ids: list, member_rewards: list[list[float]]) -> tuple:
+    """The pair whose reward difference the ensemble's members disagree on most: the largest sample std over
+    members of r_i - r_j (ties broken by order). `member_rewards` holds one list of rewards per member."""
+    if len(ids) < 2 or len(member_rewards) < 2:
+        raise ValueError("need at least two responses and two ensemble members")
+
+    def spread(ij):
+        diffs = [m[ij[0]] - m[ij[1]] for m in member_rewards]
+        mean = sum(diffs) / len(diffs)
+        return sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+
+    best = max(itertools.combinations(range(len(ids)), 2), key=spread)
+    return ids[best[0]], ids[best[1]]
+
+
+def active_or_random_pair(ids: list, rewards: list[float], random_share: float, rng: random.Random,
+                          member_rewards: list[list[float]] | None = None) -> tuple[tuple, str]:
+    """One pair for a prompt, and how it was chosen ('active' or 'random'). With `member_rewards` (an ensemble's,
+    one list per member) the active pair is the most uncertain one, else the closest-scored one."""
     if rng.random() < random_share:
         return random_pairs(ids, rng)[0], "random"
+    if member_rewards is not None and len(member_rewards) > 1:
+        return most_uncertain_pair(ids, member_rewards), "active"
     return closest_pair(ids, rewards), "active"

@@ -153,6 +153,29 @@ def test_reward_model_win_rates(tmp_path, tiny_model_dir, tiny_reward_dir):
     assert aligned["win_rate_reward"] == 0.5 and "mean_reward" in metrics["models"][0]
 
 
+def test_the_report_shows_the_reward_models_held_out_evidence(tmp_path, tiny_model_dir, tiny_reward_dir):
+    import shutil
+
+    reward = tmp_path / "reward"
+    shutil.copytree(tiny_reward_dir, reward)
+    evidence = {"test_pairs": 64, "test_prompts": 32, "accuracy": 0.55, "accuracy_ci": [0.45, 0.66],
+                "eval_loss": 0.71, "ece": 0.08, "ceiling": {"value": 0.9, "ci": [0.84, 0.95], "pairs": 64,
+                                                            "source": "labels that agree with <b>gold</b>"},
+                "share_of_ceiling": 0.61, "length_spearman": 0.4, "longer_rejected_pairs": 20,
+                "accuracy_longer_rejected": 0.3, "kept": {"step": 8, "rule": "lowest held-out loss"},
+                "verdict": "no better than chance on the held-out pairs (accuracy 0.550, ...)"}
+    (reward / "metrics.json").write_text(json.dumps({**evidence, "normalization": {"mean": 0.0, "std": 1.0}}))
+    metrics = run(_config(tmp_path, tiny_model_dir, tiny_model_dir, reward=str(reward), limit=4))
+    assert metrics["reward_model"]["verdict"] == evidence["verdict"]
+    page = (tmp_path / "eval" / "report.html").read_text()
+    section = page.split("<h2>Reward model</h2>", 1)[1].split("<h2>", 1)[0]
+    assert "<b>no better than chance on the held-out pairs" in section
+    assert "0.550 <small>[0.450, 0.660]</small> on 64 pairs (32 prompts)" in section
+    assert "labels that agree with &lt;b&gt;gold&lt;/b&gt;" in section  # escaped like everything else
+    assert "Spearman(reward, words) 0.40; accuracy 0.300 on the 20 pairs whose longer response lost" in section
+    assert "step 8 (lowest held-out loss)" in section
+
+
 def test_bradley_terry_by_hand():
     # Plain maximum likelihood: A beat B 3 times of 4, so p_A / p_B = 3 and A is 400 log10(3) = 190.8 above B.
     ratings = bradley_terry([("A", "B", 1.0)] * 3 + [("A", "B", 0.0)], prior=0)

@@ -17,7 +17,7 @@ from rlhf.store import Store
 def test_two_rounds_end_to_end_then_resume(tmp_path, tiny_model_dir, capsys):
     config = load_config(LoopConfig, name="ci", runs_dir=str(tmp_path), rounds=2, base_model=tiny_model_dir,
                          device="cpu", align="both", generate={"limit": 8, "max_new_tokens": 6, "batch_size": 8},
-                         dpo={"epochs": 1.0, "batch_size": 4, "max_length": 64},
+                         dpo={"epochs": 1.0, "batch_size": 4, "max_length": 64}, export={"test_size": 0.4},
                          reward={"model": "", "batch_size": 4, "max_length": 64},
                          ppo={"steps": 2, "batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1, "max_new_tokens": 6},
                          evaluate={"limit": 6, "max_new_tokens": 6})
@@ -42,7 +42,12 @@ def test_two_rounds_end_to_end_then_resume(tmp_path, tiny_model_dir, capsys):
     assert models[4][1] in (str(root / "round-1" / "dpo"), str(root / "round-1" / "ppo"))
     assert result["policy"] in (str(root / "round-2" / "dpo"), str(root / "round-2" / "ppo"))
     assert all("win_rate_reward" in m for m in result["evaluation"]["models"][1:])  # the round's reward model
+    # The reward model's held-out evidence, its ceiling from the simulated labels' gold, is in the report.
+    reward = json.loads((root / "round-2" / "reward" / "metrics.json").read_text())
+    assert reward["test_pairs"] > 0 and reward["ceiling"]["source"].endswith("gold function sentiment")
+    assert result["evaluation"]["reward_model"]["verdict"] == reward["verdict"]
     out = capsys.readouterr().out
+    assert "REWARD model: " in out
     assert "wall time per stage" in out and "report:" in out and "prompt baseline" in out
     assert "DPO vs base" in out and "PPO vs base" in out and "next round's policy" in out
 
