@@ -31,6 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 RECIPES = {
     "today": {"model": "minilm-l6", "learning_rate": 1e-4, "epochs": 4.0, "batch_size": 8, "keep_best": False},
     "minilm": {"model": "minilm-l6", "learning_rate": 1e-4, "epochs": 4.0, "batch_size": 8},
+    # Three seeds of the new default as one ensemble: is its spread an uncertainty worth having?
+    "minilm-x3": {"model": "minilm-l6", "learning_rate": 1e-4, "epochs": 4.0, "batch_size": 8, "ensemble": 3},
+    "minilm-nomargin": {"model": "minilm-l6", "learning_rate": 1e-4, "epochs": 4.0, "batch_size": 8,
+                        "use_margin": False},
     "minilm-3e-5": {"model": "minilm-l6", "learning_rate": 3e-5, "epochs": 4.0, "batch_size": 8},
     # The policy's own backbone: one epoch (a step costs ~10x MiniLM's on a CPU).
     "smollm2": {"model": "smollm2-135m-instruct", "learning_rate": 1e-5, "epochs": 1.0, "batch_size": 8},
@@ -141,6 +145,13 @@ def main() -> None:
               f"{r['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]  {r['eval_loss']:>6.3f}{r['ceiling']['value']:>9.3f}"
               f"{r['share_of_ceiling']:>7.0%}{r['gold_accuracy']:>9.3f}{r['length_spearman']:>8.2f}{kept!s:>6}"
               f"{r['seconds']:>8.1f}")
+    for r in rows:
+        if r.get("ensemble"):
+            e = r["ensemble"]
+            members = ", ".join(f"{a:.3f}" for a in e["member_accuracy"])
+            print(f"  {r['recipe']} seed {r['seed']}: members' accuracy {members}; "
+                  f"accuracy where they agree most {e.get('accuracy_low_spread', float('nan')):.3f}, least "
+                  f"{e.get('accuracy_high_spread', float('nan')):.3f}")
     print("\nper recipe: worst share of the ceiling over seeds (goal >= 90 % on every seed), median training time")
     for name in args.recipes.split(","):
         mine = [r for r in rows if r["recipe"] == name]

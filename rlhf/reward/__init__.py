@@ -395,6 +395,7 @@ def _run_ensemble(config: RewardConfig) -> dict:
     evidence = held_out(config, scorer, test, _test_meta(config) if not config.gold else None)
     metrics = {**evidence, "members": [{"dir": n, **{k: m.get(k) for k in ("accuracy", "eval_loss", "seconds")}}
                                        for n, m in zip(names, members)],
+               "train_pairs": members[0].get("train_pairs"),
                "normalization": {"source": "each member's own (metrics.json in its directory)"},
                "train_seconds": round(sum(m.get("train_seconds") or 0.0 for m in members), 2),
                "seconds": round(time.perf_counter() - start, 1), "config": asdict(config),

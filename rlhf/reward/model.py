@@ -81,11 +81,20 @@ class RewardModel:
 
     @property
     def mean(self) -> float:
+        """The first member's normalisation mean (the only one for a single model)."""
         return self.means[0]
+
+    @mean.setter
+    def mean(self, value: float) -> None:
+        self.means[0] = float(value)
 
     @property
     def std(self) -> float:
         return self.stds[0]
+
+    @std.setter
+    def std(self, value: float) -> None:
+        self.stds[0] = float(value)
 
     @property
     def size(self) -> int:
