@@ -349,7 +349,7 @@ KL(aligned || base) is in nats per response.</p>
 """
 
 
-_EVIDENCE = ("test_pairs", "test_prompts", "accuracy", "accuracy_ci", "eval_loss", "ece", "ceiling",
+_EVIDENCE = ("test_pairs", "test_prompts", "accuracy", "accuracy_ci", "eval_loss", "plain_loss", "ece", "ceiling",
              "share_of_ceiling", "gold_accuracy", "length_spearman", "longer_rejected_pairs",
              "accuracy_longer_rejected", "ensemble", "kept", "verdict")
 
@@ -382,7 +382,9 @@ def _reward_section(evidence: dict | None) -> str:
             rows.append(("share of the ceiling", f"{evidence['share_of_ceiling']:.0%}"))
     if "gold_accuracy" in evidence:
         rows.append(("agreement with the gold itself", f"{evidence['gold_accuracy']:.3f}"))
-    rows.append(("loss / ECE", f"{evidence['eval_loss']:.3f} (ln 2 = 0.693 is a coin flip) / {evidence['ece']:.3f}"))
+    plain = evidence.get("plain_loss", evidence["eval_loss"])
+    rows.append(("loss / ECE", f"{plain:.3f} (ln 2 = 0.693 is a coin flip; with the margins "
+                               f"{evidence['eval_loss']:.3f}) / {evidence['ece']:.3f}"))
     rho, longer = evidence.get("length_spearman"), evidence.get("accuracy_longer_rejected")
     rows.append(("length bias", f"Spearman(reward, words) {rho:.2f}" + (
         f"; accuracy {longer:.3f} on the {evidence['longer_rejected_pairs']} pairs whose longer response lost"

@@ -159,8 +159,9 @@ def test_the_report_shows_the_reward_models_held_out_evidence(tmp_path, tiny_mod
     reward = tmp_path / "reward"
     shutil.copytree(tiny_reward_dir, reward)
     evidence = {"test_pairs": 64, "test_prompts": 32, "accuracy": 0.55, "accuracy_ci": [0.45, 0.66],
-                "eval_loss": 0.71, "ece": 0.08, "ceiling": {"value": 0.9, "ci": [0.84, 0.95], "pairs": 64,
-                                                            "source": "labels that agree with <b>gold</b>"},
+                "eval_loss": 0.91, "plain_loss": 0.71, "ece": 0.08,
+                "ceiling": {"value": 0.9, "ci": [0.84, 0.95], "pairs": 64,
+                            "source": "labels that agree with <b>gold</b>"},
                 "share_of_ceiling": 0.61, "length_spearman": 0.4, "longer_rejected_pairs": 20,
                 "accuracy_longer_rejected": 0.3, "kept": {"step": 8, "rule": "lowest held-out loss"},
                 "verdict": "no better than chance on the held-out pairs (accuracy 0.550, ...)"}
@@ -174,6 +175,7 @@ def test_the_report_shows_the_reward_models_held_out_evidence(tmp_path, tiny_mod
     assert "labels that agree with &lt;b&gt;gold&lt;/b&gt;" in section  # escaped like everything else
     assert "Spearman(reward, words) 0.40; accuracy 0.300 on the 20 pairs whose longer response lost" in section
     assert "step 8 (lowest held-out loss)" in section
+    assert "0.710 (ln 2 = 0.693 is a coin flip; with the margins 0.910) / 0.080" in section
 
 
 def test_bradley_terry_by_hand():

@@ -367,6 +367,8 @@ def test_held_out_ceiling_from_the_gold_and_the_chance_verdict(tmp_path, tiny_mo
     assert metrics["share_of_ceiling"] == pytest.approx(metrics["accuracy"] / 0.75)
     for key in ("gold_accuracy", "length_spearman", "accuracy_longer_rejected", "ece", "eval_loss"):
         assert key in metrics
+    # The data has no margins here, so the plain Bradley-Terry loss is the loss.
+    assert metrics["plain_loss"] == pytest.approx(metrics["eval_loss"])
     out = capsys.readouterr().out
     assert "ceiling 0.750" in out and metrics["verdict"] in out
     if lo <= 0.5:  # two steps of training: usually still at chance, and the line says so

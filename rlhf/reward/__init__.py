@@ -225,6 +225,9 @@ def held_out(config: RewardConfig, scorer: RewardModel, test, meta: dict | None 
     out: dict = {
         "test_pairs": len(test), "test_prompts": len(set(groups)), "accuracy": accuracy[0],
         "accuracy_ci": list(accuracy[1:]), "eval_loss": figures.bradley_terry_loss(chosen, rejected, margin),
+        # Without the margin term: the loss that ln 2 (a coin flip) is the yardstick for; with margins of 0.5 a
+        # model that scores every pair even already costs ln(1 + e^0.5) = 0.97.
+        "plain_loss": figures.bradley_terry_loss(chosen, rejected),
         "mean_margin": figures.mean_margin(chosen, rejected),
         "ece": figures.expected_calibration_error(chosen, rejected, config.ece_bins), "ece_bins": config.ece_bins,
         **figures.length_bias(chosen, rejected, [_words(t) for t in chosen_text], [_words(t) for t in rejected_text],
@@ -280,7 +283,8 @@ def summary_line(metrics: dict) -> str:
     ceiling = metrics.get("ceiling")
     beside = f", ceiling {ceiling['value']:.3f}" if ceiling else ""
     return (f"held-out accuracy {metrics['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] on {metrics['test_pairs']} pairs "
-            f"({metrics['test_prompts']} prompts){beside}, loss {metrics['eval_loss']:.3f}, ECE {metrics['ece']:.3f}: "
+            f"({metrics['test_prompts']} prompts){beside}, loss {metrics.get('plain_loss', metrics['eval_loss']):.3f} "
+            f"(ln 2 = 0.693: a coin flip), ECE {metrics['ece']:.3f}: "
             f"{metrics['verdict']}")
 
 
