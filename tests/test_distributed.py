@@ -99,7 +99,7 @@ def _relative_gap(one: dict, two: dict, start: dict) -> float:
 # 1000x and 100x above that. A wrong global batch changes the number of optimizer steps (checked exactly) or the
 # data of a step, which puts the weights a whole learning-rate-sized step apart (of the order of 1e-1 of the
 # distance trained in 6 steps); the bf16 autocast that configs/accelerate/ddp.yaml used to force on the reward
-# stage (rlhf/reward.py now keeps the stage's precision) left its weights 8e-2 apart.
+# stage (rlhf/reward/ now keeps the stage's precision) left its weights 8e-2 apart.
 WEIGHT_GAP = 1e-3
 METRIC_REL = 1e-4
 
