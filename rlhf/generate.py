@@ -4,8 +4,8 @@
 (rlhf.sample.generate_batch), stores them with the model name and generation parameters, and pairs them into
 labeling tasks (rlhf.pairing): a random pair among one model's samples, one response from each of two models,
 or, given a reward model, the closest-scored pair (given an ensemble, the pair its members disagree on most) with a
-`random_share` of prompts kept random. The models load
-before anything is written; then each prompt's responses and tasks are written in one transaction
+`random_share` of prompts kept random. The models load before anything is written; then each prompt's responses and
+tasks are written in one transaction
 (Store.add_candidates) as soon as its batch is done, so Ctrl+C keeps everything finished so far and leaves nothing
 half-written. `backend: vllm` samples with vLLM where it is installed (rlhf.sample.load_for_sampling;
 transformers otherwise, with a warning).

@@ -19,6 +19,7 @@ import torch
 
 from rlhf import losses
 from rlhf.config import UserError
+from rlhf.reward.model import right_padded
 
 # ---------------------------------------------------------------- prompts
 
@@ -284,13 +285,8 @@ class RewardScorer:
         else:
             rows = [(p + r + self.suffix)[: self.rm.max_tokens] for p, r in zip(prompt_ids, response_ids)]
             width = min(round_up(max(len(r) for r in rows)), self.rm.max_tokens)
-            pad = self.rm.tokenizer.pad_token_id
             # Right padding and default positions, as RewardModel.score feeds the model.
-            input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for i, r in enumerate(rows):
-                input_ids[i, : len(r)], attention_mask[i, : len(r)] = torch.tensor(r), 1
-            members = self.rm.forward_ids(input_ids, attention_mask)  # (K, B)
+            members = self.rm.forward_ids(*right_padded(rows, self.rm.tokenizer.pad_token_id, width))  # (K, B)
             if self.normalize:
                 members = self.rm.normalized(members)
         self.spread = members.std(0) if len(members) > 1 else None

@@ -375,6 +375,18 @@ def test_held_out_ceiling_from_the_gold_and_the_chance_verdict(tmp_path, tiny_mo
         assert "no better than chance" in out
 
 
+def test_without_a_gold_the_ceiling_is_the_annotators_agreement(tmp_path, tiny_model_dir):
+    # An export's vote columns: pairs with one vote say nothing about agreement; the rest average 0.75 here.
+    data = _write_data(tmp_path / "votes")
+    rows = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()]
+    for i, row in enumerate(rows):
+        row["n_votes"], row["agreement"] = (1, 1.0) if i % 2 else (3, [2 / 3, 5 / 6][i % 4 // 2])
+    (data / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    metrics = run(_config(tmp_path, tiny_model_dir, data=str(data), max_steps=2))
+    assert metrics["ceiling"]["pairs"] == 20 and metrics["ceiling"]["value"] == pytest.approx(0.75)
+    assert metrics["ceiling"]["source"].startswith("inter-annotator agreement")
+
+
 def test_an_ensemble_scores_the_mean_and_its_members_disagree(tmp_path, tiny_model_dir):
     metrics = run(_config(tmp_path, tiny_model_dir, ensemble=2, max_steps=3, seed=5))
     out = tmp_path / "rm"

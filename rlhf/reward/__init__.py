@@ -52,6 +52,8 @@ from rlhf.reward.model import (  # noqa: F401  (re-exported: callers import the 
 )
 from rlhf.trl_stage import TRLStageConfig, lora_config, train_and_save, training_args, write_metrics
 
+VOTE_COLUMNS = ("n_votes", "agreement")  # an export's: how many voted on a pair, and the share behind its label
+
 
 @dataclass
 class RewardConfig(TRLStageConfig):
@@ -107,7 +109,6 @@ class RewardConfig(TRLStageConfig):
 
 
 # ---------------------------------------------------------------- training
-
 
 
 def _prompt_key(prompt) -> str:
@@ -168,7 +169,11 @@ def build_trainer(config: RewardConfig):
 
     data = load_preference_dataset(config.data, test_size=config.test_size, seed=config.seed)
     keep = ["prompt", "chosen", "rejected"] + (["margin"] if config.use_margin else [])
-    data = data.remove_columns([c for c in data["train"].column_names if c not in keep])
+    # The test split keeps its vote counts and agreement for the ceiling (held_out); the trainer never sees them.
+    for split, extra in (("train", ()), ("test", VOTE_COLUMNS)):
+        if split in data:
+            data[split] = data[split].remove_columns(
+                [c for c in data[split].column_names if c not in keep and c not in extra])
     if "margin" in data["train"].column_names:
         # A missing margin is no margin.
         data = data.map(lambda row: {"margin": float(row["margin"] or 0.0)})
@@ -197,8 +202,9 @@ def build_trainer(config: RewardConfig):
                          center_rewards_coefficient=config.center_rewards_coefficient or None,
                          include_num_input_tokens_seen="non_padding")
     model.train()
+    eval_data = data["test"].remove_columns([c for c in VOTE_COLUMNS if c in data["test"].column_names])
     trainer = trl.RewardTrainer(model=model, args=args, train_dataset=data["train"],
-                                eval_dataset=data["test"] if has_test else None, processing_class=tokenizer,
+                                eval_dataset=eval_data if has_test else None, processing_class=tokenizer,
                                 peft_config=peft_config)
     return trainer, data
 
@@ -207,9 +213,10 @@ def _words(text: str) -> int:
     return len(text.split())
 
 
-def held_out(config: RewardConfig, scorer: RewardModel, test, meta: dict | None = None) -> dict:
+def held_out(config: RewardConfig, scorer: RewardModel, test) -> dict:
     """The held-out evidence on the test split's pairs (see rlhf.reward.figures), through the scoring path itself so
-    it describes the model PPO and the app will use. `meta`: the split's n_votes and agreement columns, if any."""
+    it describes the model PPO and the app will use. Without a gold, the ceiling comes from the split's n_votes and
+    agreement columns (an export's), where several people voted."""
     if not len(test):
         return {"test_pairs": 0}
     prompts = list(test["prompt"])
@@ -245,8 +252,8 @@ def held_out(config: RewardConfig, scorer: RewardModel, test, meta: dict | None 
         out["ceiling"] = {"value": ceiling[0], "ci": list(ceiling[1:]), "pairs": len(agree),
                           "source": f"labels that agree with the gold function {config.gold}"}
         out["gold_accuracy"] = figures.gold_order_agreement(chosen, rejected, gold_c, gold_r)
-    elif meta and meta.get("n_votes"):
-        overlapped = [(a, g) for n, a, g in zip(meta["n_votes"], meta["agreement"], groups) if n and n >= 2]
+    elif all(c in test.column_names for c in VOTE_COLUMNS):
+        overlapped = [(a, g) for n, a, g in zip(test["n_votes"], test["agreement"], groups) if n and n >= 2]
         if overlapped:
             ceiling = figures.grouped_share_ci([a for a, _ in overlapped], [g for _, g in overlapped], seed=config.seed)
             out["ceiling"] = {"value": ceiling[0], "ci": list(ceiling[1:]), "pairs": len(overlapped),
@@ -263,16 +270,6 @@ def held_out(config: RewardConfig, scorer: RewardModel, test, meta: dict | None 
             "mean_pair_spread": float(pair_spread.mean()), **figures.spread_split_accuracy(hits, pair_spread)}
     out["verdict"] = figures.verdict(accuracy, ceiling[0] if ceiling else None)
     return out
-
-
-def _test_meta(config: RewardConfig) -> dict:
-    """The test split's vote counts and agreement (the export's n_votes and agreement columns), where it has them."""
-    from rlhf.data import load_preference_dataset
-
-    test = load_preference_dataset(config.data, test_size=config.test_size, seed=config.seed).get("test")
-    if test is None or "n_votes" not in test.column_names or "agreement" not in test.column_names:
-        return {}
-    return {"n_votes": list(test["n_votes"]), "agreement": list(test["agreement"])}
 
 
 def summary_line(metrics: dict) -> str:
@@ -338,7 +335,7 @@ def _run_one(config: RewardConfig) -> dict:
             shutil.rmtree(checkpoint, ignore_errors=True)
 
     scorer = RewardModel(model, tokenizer, str(out))
-    evidence = held_out(config, scorer, data["test"], _test_meta(config) if not config.gold else None)
+    evidence = held_out(config, scorer, data["test"])
     normalization = _normalization(config, scorer, data, device)
 
     # Non-padding tokens of the chosen and rejected sequences that this call trained on.
@@ -396,7 +393,7 @@ def _run_ensemble(config: RewardConfig) -> dict:
 
     scorer = RewardModel.load(str(out), device=config.device, precision=config.precision)
     test = load_preference_dataset(config.data, test_size=config.test_size, seed=config.seed)["test"]
-    evidence = held_out(config, scorer, test, _test_meta(config) if not config.gold else None)
+    evidence = held_out(config, scorer, test)
     metrics = {**evidence, "members": [{"dir": n, **{k: m.get(k) for k in ("accuracy", "eval_loss", "seconds")}}
                                        for n, m in zip(names, members)],
                "train_pairs": members[0].get("train_pairs"),

@@ -40,6 +40,17 @@ def _messages(prompt: str | list[dict], response: str) -> list[dict]:
     return messages + [{"role": "assistant", "content": response}]
 
 
+def right_padded(rows: list[list[int]], pad_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id rows as (input_ids, attention_mask), each (B, width), padded on the right as TRL's collator pads
+    (with left padding a causal LM would see shifted positions); width defaults to the longest row."""
+    width = width or max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, : len(r)], attention_mask[i, : len(r)] = torch.tensor(r, dtype=torch.long), 1
+    return input_ids, attention_mask
+
+
 def _load_member(path: Path, device: str, precision: str):
     """(model, tokenizer, mean, std) of one reward model directory."""
     from rlhf.models import load
@@ -167,16 +178,9 @@ class RewardModel:
         rewards = torch.zeros(self.size, len(encoded), dtype=torch.float32)
         # Longest first, so each batch pads to similar lengths; results go back to the callers' order.
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-        pad_id = self.tokenizer.pad_token_id
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            width = max(len(encoded[i]) for i in rows)
-            # Right padding, as TRL's collator does: with left padding a causal LM would see shifted positions.
-            input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
-            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
-            for j, i in enumerate(rows):
-                input_ids[j, : len(encoded[i])] = torch.tensor(encoded[i])
-                attention_mask[j, : len(encoded[i])] = 1
+            input_ids, attention_mask = right_padded([encoded[i] for i in rows], self.tokenizer.pad_token_id)
             rewards[:, rows] = self.forward_ids(input_ids, attention_mask)
         return self.normalized(rewards) if normalize else rewards
 
