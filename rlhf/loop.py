@@ -1,8 +1,9 @@
 """Rounds of the whole loop: generate -> label -> export -> align -> evaluate -> next round's policy.
 
-Align is DPO on the exported pairs, or a reward model trained on them and then PPO against it, or both side by
-side (`align: both`): evaluation then compares both with the base, and the one with the higher gold win-rate
-(the reward model's, without a gold function) becomes the next round's policy.
+Align is a list of methods run side by side on the same pairs: `dpo` on the exported pairs, and RL against a reward
+model trained on them (trained once, shared): `ppo` (a critic and GAE), `rloo`, `grpo` and `reinforce_pp` (no
+critic; `rlhf ppo --estimator`). Evaluation compares each with the base and the prompt baselines, and the one with
+the higher gold win-rate (the reward model's, without a gold function) becomes the next round's policy.
 
 Each round writes under `runs/<name>/round-<k>/`; a step that finished leaves `<step>.json` there, so running
 the same command again resumes where it stopped (a half-done generation continues with the prompts that have no
@@ -10,8 +11,8 @@ task yet). Labels come from simulated annotators (a gold function with Bradley-T
 the labeling app: then the loop waits, printing a progress line, until the round's tasks have their votes.
 
 `rlhf demo` is this loop on the embedded SmolLM2-135M-Instruct with the controlled-sentiment task of the DPO
-paper (§6.1): VADER sentiment as the gold function, prompts asking for film reviews, one round of DPO and of PPO,
-and a report of both aligned models vs base and vs a prompt baseline.
+paper (§6.1): VADER sentiment as the gold function, prompts asking for film reviews, one round of DPO and of RL
+with a reward model, and a report of both aligned models vs base and vs a prompt baseline.
 
 Each stage is configured by a section of the loop's config holding that stage's own options (`ppo: {steps: 20}`
 in YAML, `--ppo.steps 20` on the command line), merged over the stage's defaults.
@@ -29,6 +30,10 @@ from pathlib import Path
 
 from rlhf.config import UserError, check_sections, field, load_config, section
 from rlhf.models import DEFAULT_MODEL
+
+# The loop's alignment methods: DPO, or RL with a reward model and the estimator (rlhf.ppo) each names.
+RL_ESTIMATORS = {"ppo": "gae", "rloo": "rloo", "grpo": "grpo", "reinforce_pp": "reinforce_pp"}
+ALIGN_METHODS = ("dpo", *RL_ESTIMATORS)
 
 
 @dataclass
@@ -53,7 +58,9 @@ class LoopConfig:
     # Labeling and alignment
     labeler: str = field("simulated", "simulated (gold + Bradley-Terry noise) or human (wait for the app's votes).")
     poll_seconds: float = field(10.0, "With labeler=human: seconds between progress checks.")
-    align: str = field("both", "dpo, ppo (reward model, then PPO against it) or both (compared in the report).")
+    align: list[str] = field(["dpo", "ppo"], "Alignment methods, compared side by side in the report: dpo, and RL "
+                             "against a reward model trained on the same pairs: ppo, rloo, grpo, reinforce_pp (the "
+                             "`ppo` section configures every RL method; `rlhf ppo --estimator`). 'both' = dpo ppo.")
     # The stages, each with its own options
     generate: dict = section(
         "rlhf.generate:GenerateConfig", "Candidates for labeling (`rlhf generate`); `limit` = prompts per round.",
@@ -66,21 +73,22 @@ class LoopConfig:
         "rlhf.data:ExportConfig", "Training data from every vote so far (`rlhf data export`).", {},
         fixed=("db", "out", "seed"))
     dpo: dict = section(
-        "rlhf.dpo:DPOConfig", "DPO on the exported pairs (`rlhf dpo`), with align dpo or both.",
+        "rlhf.dpo:DPOConfig", "DPO on the exported pairs (`rlhf dpo`), with dpo in align.",
         {"learning_rate": 5e-5, "beta": 0.1, "epochs": 1.0, "batch_size": 8, "lora": False, "max_length": 160,
          "logging_steps": 4},
         fixed=("model", "data", "output_dir", "device", "precision", "seed"))
     reward: dict = section(
-        "rlhf.reward:RewardConfig", "The reward model on the exported pairs (`rlhf reward`), with align ppo or both; "
+        "rlhf.reward:RewardConfig", "The reward model on the exported pairs (`rlhf reward`), for the RL methods; "
         "model '' = the round's policy (the critic then starts from the reward model; with another backbone, from "
         "the policy with a zero value head).",
         {"model": "minilm-l6", "learning_rate": 1e-4, "epochs": 4.0, "batch_size": 8, "max_length": 160},
         fixed=("data", "output_dir", "device", "precision", "seed", "gold"))
     ppo: dict = section(
-        "rlhf.ppo:PPOConfig", "PPO against the round's reward model (`rlhf ppo`), with align ppo or both.",
+        "rlhf.ppo:PPOConfig", "RL against the round's reward model (`rlhf ppo`), for every RL method in align (the "
+        "method sets the estimator); gold is the loop's with labeler=simulated, scored every step.",
         {"prompt_split": "train", "max_new_tokens": 48, "steps": 12, "batch_size": 16, "mini_batch_size": 8,
          "ppo_epochs": 1, "learning_rate": 6e-5, "kl_coef": 0.05},
-        fixed=("model", "reward_model", "prompts", "output_dir", "device", "precision", "seed"))
+        fixed=("model", "reward_model", "prompts", "output_dir", "device", "precision", "seed", "estimator", "gold"))
     evaluate: dict = section(
         "rlhf.evaluate:EvaluateConfig", "Aligned vs base and the prompt baselines (`rlhf evaluate`); `limit` = "
         "held-out prompts.",
@@ -92,8 +100,11 @@ class LoopConfig:
     def __post_init__(self):
         if self.labeler not in ("simulated", "human"):
             raise ValueError("labeler must be simulated or human")
-        if self.align not in ("dpo", "ppo", "both"):
-            raise ValueError("align must be dpo, ppo or both")
+        self.align = [m for a in self.align for m in (("dpo", "ppo") if a == "both" else (a,))]
+        unknown = [m for m in self.align if m not in ALIGN_METHODS]
+        if not self.align or unknown or len(set(self.align)) < len(self.align):
+            raise ValueError(f"align must list distinct methods from {', '.join(ALIGN_METHODS)} (or 'both' = dpo "
+                             f"ppo), not {' '.join(self.align) or 'nothing'}")
         if self.rounds < 1:
             raise ValueError("rounds must be >= 1")
         check_sections(self)
@@ -163,27 +174,29 @@ def _round(config: LoopConfig, k: int, policy: str, db: str, store, rd: Path, ti
     _step(rd, "export", timings, lambda: run_export(stage_config(
         config, "export", ExportConfig, db=db, out=str(rd / "export"), seed=config.seed)))
     aligned = []
-    if config.align in ("dpo", "both"):
-        _step(rd, "dpo", timings, lambda: run_dpo(stage_config(
-            config, "dpo", DPOConfig, model=policy, data=str(rd / "export"), output_dir=str(rd / "dpo"),
-            seed=config.seed, **shared)))
-        aligned.append(str(rd / "dpo"))
-    if config.align in ("ppo", "both"):
-        _step(rd, "reward", timings, lambda: run_reward(stage_config(
-            config, "reward", RewardConfig, model=config.reward.get("model") or policy, data=str(rd / "export"),
-            output_dir=str(rd / "reward"), seed=config.seed, gold=config.gold if config.labeler == "simulated" else "",
-            **shared)))
-        _step(rd, "ppo", timings, lambda: run_ppo(stage_config(
-            config, "ppo", PPOConfig, model=policy, reward_model=str(rd / "reward"), prompts=config.prompts,
-            output_dir=str(rd / "ppo"), seed=config.seed, **shared)))
-        aligned.append(str(rd / "ppo"))
+    gold = config.gold if config.labeler == "simulated" else ""
+    rl = [m for m in config.align if m in RL_ESTIMATORS]
+    for method in config.align:
+        if method == "dpo":
+            _step(rd, "dpo", timings, lambda: run_dpo(stage_config(
+                config, "dpo", DPOConfig, model=policy, data=str(rd / "export"), output_dir=str(rd / "dpo"),
+                seed=config.seed, **shared)))
+        else:
+            if method == rl[0]:  # one reward model for every RL method
+                _step(rd, "reward", timings, lambda: run_reward(stage_config(
+                    config, "reward", RewardConfig, model=config.reward.get("model") or policy,
+                    data=str(rd / "export"), output_dir=str(rd / "reward"), seed=config.seed, gold=gold, **shared)))
+            _step(rd, method, timings, lambda m=method: run_ppo(stage_config(
+                config, "ppo", PPOConfig, model=policy, reward_model=str(rd / "reward"), prompts=config.prompts,
+                output_dir=str(rd / m), seed=config.seed, estimator=RL_ESTIMATORS[m], gold=gold, **shared)))
+        aligned.append(str(rd / method))
     candidates = list(aligned)
     if policy != config.base_model:
         aligned.append(policy)  # last round's policy, to see this round's gain
     # With a reward model, the report shows its win-rates beside the gold's: a gap between them is reward hacking.
     evaluation = _step(rd, "evaluate", timings, lambda: run_evaluate(stage_config(
         config, "evaluate", EvaluateConfig, base=config.base_model, aligned=aligned, gold=config.gold,
-        prompts=config.prompts, reward=str(rd / "reward") if config.align != "dpo" else "",
+        prompts=config.prompts, reward=str(rd / "reward") if rl else "",
         output_dir=str(rd / "eval"), seed=config.seed, **shared)))
     return evaluation, candidates
 

@@ -1,5 +1,6 @@
-"""PPO-for-RLHF math as pure torch functions: masked statistics, log-probs, KL estimators, the KL-shaped reward,
-a reward ensemble's aggregate, GAE, the clipped policy and value losses, and the adaptive KL controller.
+"""RL-for-RLHF math as pure torch functions: masked statistics, log-probs, KL estimators, the KL-shaped reward,
+a reward ensemble's aggregate, GAE, the clipped policy and value losses, the adaptive KL controller, and the
+critic-free advantage estimators (RLOO, GRPO, REINFORCE++) with GRPO's KL loss.
 
 Every function takes and returns tensors (or floats), holds no state and imports only torch, so `rlhf/ppo.py`
 reads as the algorithm and `tests/test_losses.py` checks each function against numbers worked out by hand.
@@ -160,3 +161,70 @@ def ensemble_reward(member_scores: torch.Tensor, how: str = "mean", std_coef: fl
     if how == "worst":
         return member_scores.min(0).values
     raise ValueError(f"ensemble aggregate must be mean, conservative or worst, not {how!r}")
+
+
+# ---------------------------------------------------------------- critic-free advantage estimators
+# Rows come in groups of k consecutive samples of one prompt (rlhf.ppo samples them so): row i belongs to prompt
+# i // k. Each estimator returns one advantage per row (B,), which the caller spreads over the row's tokens, or
+# per-token advantages (B, T).
+
+
+def _groups(values: torch.Tensor, k: int) -> torch.Tensor:
+    if k < 1 or values.shape[0] % k:
+        raise ValueError(f"{values.shape[0]} rows do not make groups of {k} samples per prompt")
+    return values.reshape(-1, k)
+
+
+def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """REINFORCE leave-one-out (Ahmadian et al. 2024, "Back to Basics"; Kool et al. 2019): each sample's
+    baseline is the mean reward of the other k - 1 samples of its prompt, A_i = r_i - 1/(k-1) sum_{j != i} r_j,
+    which equals k/(k-1) (r_i - mean_j r_j). rewards (B,) are sequence-level (score - beta * KL, KL in the reward as
+    the paper does). (B,) -> (B,)."""
+    if k < 2:
+        raise ValueError("RLOO needs at least 2 samples per prompt")
+    grouped = _groups(rewards, k)
+    baseline = (grouped.sum(1, keepdim=True) - grouped) / (k - 1)
+    return (grouped - baseline).reshape(-1)
+
+
+def grpo_advantages(rewards: torch.Tensor, k: int, eps: float = 1e-4) -> torch.Tensor:
+    """Group Relative Policy Optimization with outcome supervision (Shao et al. 2024, "DeepSeekMath", sec. 4.1.2):
+    A_i = (r_i - mean(r)) / std(r) over the k samples of a prompt (sample std; `eps` keeps a group of equal
+    rewards at 0 rather than 0/0). The KL is not in these rewards: GRPO adds it to the loss (`kl_loss`). (B,) ->
+    (B,)."""
+    if k < 2:
+        raise ValueError("GRPO needs at least 2 samples per prompt")
+    grouped = _groups(rewards, k)
+    return ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + eps)).reshape(-1)
+
+
+def reward_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """G_t = sum_{s >= t} gamma^(s-t) r_s per row, zero where masked out: (B, T) -> (B, T)."""
+    mask = mask.to(rewards.dtype)
+    rewards = rewards * mask
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = (rewards[:, t] + gamma * running) * mask[:, t]
+        returns[:, t] = running
+    return returns
+
+
+def reinforce_pp_advantages(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float, k: int = 1,
+                            gamma: float = 1.0) -> torch.Tensor:
+    """REINFORCE++ (Hu et al. 2025, "REINFORCE++"): the token-level return of the KL-shaped reward,
+    A_t = r(x, y) - beta * sum_{s >= t} KL_s, normalised over the whole batch (global, not per prompt). With k > 1
+    samples per prompt ("REINFORCE++ w/ baseline") each score first has its prompt's mean score subtracted.
+    scores (B,), kl (B, T) -> (B, T), zero where masked out."""
+    if k > 1:
+        grouped = _groups(scores, k)
+        scores = (grouped - grouped.mean(1, keepdim=True)).reshape(-1)
+    returns = reward_to_go(shaped_rewards(scores, kl, mask, kl_coef), mask, gamma)
+    return whiten(returns, mask)
+
+
+def kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The KL as a loss term, as GRPO adds it (Shao et al. 2024, eq. 4): the k3 estimator
+    pi_ref/pi - log(pi_ref/pi) - 1 of the current policy's log-probs, a masked mean over tokens. Its gradient
+    pulls the policy towards the reference; the loss is beta * this."""
+    return masked_mean(kl_estimate(logprobs, ref_logprobs, "k3"), mask)

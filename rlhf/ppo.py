@@ -38,6 +38,7 @@ one CPU, one GPU, DDP; configs for DeepSpeed ZeRO-2 and FSDP are in configs/acce
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -118,9 +119,30 @@ class PPOConfig:
     adaptive_kl: bool = field(False, "Adapt beta towards kl_target (Ziegler et al. 2019) instead of keeping it fixed.")
     kl_target: float = field(6.0, "Adaptive controller: target KL per response (nats).")
     kl_horizon: int = field(10000, "Adaptive controller: horizon in episodes (responses).")
+    # Advantage estimator
+    estimator: Literal["gae", "rloo", "grpo", "reinforce_pp"] = field(
+        "gae", "Advantage estimator: gae (PPO: a critic and GAE), rloo (leave-one-out baseline over a prompt's "
+        "samples; Ahmadian et al. 2024), grpo (rewards normalised within a prompt's samples; Shao et al. 2024) or "
+        "reinforce_pp (returns normalised over the batch; Hu et al. 2025). Only gae loads and trains a critic.")
+    samples_per_prompt: int = field(0, "k responses sampled per prompt in a step; batch_size counts responses, so a "
+                                    "step covers batch_size / k prompts. 0 = 4 for rloo, grpo and reinforce_pp, 1 "
+                                    "for gae.")
+    kl_penalty: Literal["auto", "reward", "loss"] = field(
+        "auto", "Where beta * KL goes: 'reward' (subtracted from the reward, as PPO, RLOO and REINFORCE++ do) or "
+        "'loss' (a k3 term added to the policy loss, as GRPO does); auto = as the estimator's paper does.")
+    # Over-optimisation guard
+    gold: str = field("", "A gold function (sentiment, keyword:w1,w2, length:N, module:function) scored on every "
+                      "step's responses beside the reward model (objective/gold in metrics.jsonl); '' = none.")
+    guard_gap: float = field(0.0, "Stop when the proxy-gold gap passes this: the reward model's gain since step 1 "
+                             "minus the gold's, each in units of its step-1 spread over responses, averaged over "
+                             "the last 3 steps (needs gold; 0: off). The policy kept is the one with the best gold.")
+    guard_spread: float = field(0.0, "Stop when the ensemble members' spread on the responses (normalised reward "
+                                "units), averaged over the last 3 steps, passes this (needs an ensemble reward "
+                                "model; 0: off). The policy kept is the one with the best mean - spread.")
     # Optimization
-    steps: int = field(100, "PPO steps (each: one rollout batch, then ppo_epochs of updates).")
-    batch_size: int = field(16, "Prompts (rollouts) per step per process.")
+    steps: int = field(100, "RL steps (each: one rollout batch, then ppo_epochs of updates).")
+    batch_size: int = field(16, "Responses (rollouts) per step per process: batch_size / samples_per_prompt "
+                            "prompts.")
     mini_batch_size: int = field(8, "Rollouts per optimizer update per process.")
     gradient_accumulation_steps: int = field(1, "Micro-batches per minibatch (micro-batch = mini_batch_size / this).")
     ppo_epochs: int = field(4, "Passes over each rollout batch, reshuffled every pass.")
@@ -133,7 +155,8 @@ class PPOConfig:
     cliprange: float = field(0.2, "PPO ratio clip epsilon.")
     cliprange_value: float = field(0.2, "Value clip: new values stay within this of the rollout's values.")
     vf_coef: float = field(0.1, "Weight of the value loss.")
-    whiten_advantages: bool = field(True, "Whiten advantages over each rollout batch.")
+    whiten_advantages: bool = field(True, "Whiten gae's and rloo's advantages over each rollout batch (grpo and "
+                                    "reinforce_pp normalise as their papers do).")
     seed: int = field(0, "Random seed (prompt order, sampling, minibatch shuffles).")
     # Output
     output_dir: str = field("runs/ppo", "Where the trained policy, metrics.json, metrics.jsonl and checkpoints go.")
@@ -169,8 +192,39 @@ class PPOConfig:
             raise ValueError("kl_estimator must be k1 or k3, lr_schedule linear or constant")
         if self.save_steps < 0 or self.logging_steps < 1 or (self.lora and min(self.lora_r, self.lora_alpha) < 1):
             raise ValueError("save_steps must be >= 0, logging_steps >= 1, lora_r and lora_alpha >= 1")
+        if self.estimator not in ("gae", "rloo", "grpo", "reinforce_pp") or self.kl_penalty not in ("auto", "reward",
+                                                                                                   "loss"):
+            raise ValueError("estimator must be gae, rloo, grpo or reinforce_pp; kl_penalty auto, reward or loss")
+        if self.samples_per_prompt < 0:
+            raise ValueError("samples_per_prompt must be >= 0 (0: the estimator's default)")
+        if self.estimator in ("rloo", "grpo") and self.k < 2:
+            raise ValueError(f"{self.estimator} compares a prompt's samples: samples_per_prompt must be >= 2")
+        if self.batch_size % self.k:
+            raise ValueError(f"batch_size ({self.batch_size} responses) must be a multiple of samples_per_prompt "
+                             f"({self.k})")
+        if self.guard_gap < 0 or self.guard_spread < 0:
+            raise ValueError("guard_gap and guard_spread must be >= 0")
+        if self.guard_gap and not self.gold:
+            raise ValueError("guard_gap compares the reward model with a gold function: give gold")
+
+    @property
+    def k(self) -> int:
+        """Samples per prompt, the default resolved."""
+        return self.samples_per_prompt or (1 if self.estimator == "gae" else 4)
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.estimator == "gae"
+
+    @property
+    def kl_in_loss(self) -> bool:
+        return self.kl_penalty == "loss" or (self.kl_penalty == "auto" and self.estimator == "grpo")
 
 
+
+
+# How each estimator's run is named in progress bars, summaries and the loop's report.
+METHOD_NAMES = {"gae": "PPO", "rloo": "RLOO", "grpo": "GRPO", "reinforce_pp": "REINFORCE++"}
 
 
 # ---------------------------------------------------------------- the run's parts
@@ -196,6 +250,8 @@ class PPORun:
     kl_coef: float
     policy_lora: Any = None  # the policy's LoraConfig, to merge the adapter into the fp32 base on save
     frozen_base: bool = False  # LoRA on a base held in the compute precision
+    gold_fn: Callable | None = None  # config.gold, scored beside the reward every step
+    guard: Guard | None = None  # the over-optimisation guard, when one is on
 
     @property
     def rank(self) -> int:
@@ -212,6 +268,11 @@ class PPORun:
     @property
     def micro_batch_size(self) -> int:
         return self.config.mini_batch_size // self.config.gradient_accumulation_steps
+
+    @property
+    def policy(self):
+        """The trained policy module (unwrapped from DDP)."""
+        return self.accelerator.unwrap_model(self.model).policy
 
 
 @dataclass
@@ -233,12 +294,71 @@ class Rollout:
     values: torch.Tensor | None = None  # (B, R); the first training micro-batch's rows are filled by `update`
     scores: torch.Tensor | None = None  # (B,), after the EOS penalty and clipping
     kl: torch.Tensor | None = None  # (B, R), masked
-    rewards: torch.Tensor | None = None  # (B, R), shaped
+    rewards: torch.Tensor | None = None  # (B, R), shaped (score at the last token, and -beta * KL_t when the KL is
+    # in the reward)
+    texts: list[str] | None = None  # the decoded responses, as scored
+    gold: torch.Tensor | None = None  # (B,), config.gold's scores, when set
+    advantages: torch.Tensor | None = None  # (B, R), once estimated
 
 
 def _gather_mean(accelerator, value) -> float:
     tensor = torch.as_tensor(value, dtype=torch.float32, device=accelerator.device).reshape(1)
     return float(accelerator.gather(tensor).mean())
+
+
+@dataclass
+class Guard:
+    """The over-optimisation guard (Gao et al. 2022: past some KL the proxy reward keeps rising while the gold
+    reward falls; Coste et al. 2023: the ensemble's members then disagree). Fed each step's metrics, it says whether
+    this step's policy (the one that sampled the step, before its update) is the best so far and whether to stop.
+    The signals are averaged over the last `window` steps, as one step's batch is small."""
+
+    gap_limit: float = 0.0
+    spread_limit: float = 0.0
+    window: int = 3
+    start: dict | None = None  # step 1's means and spreads of the proxy and gold scores
+    signals: list = dataclasses.field(default_factory=list)  # (gap, spread) per step
+    best: float = -math.inf
+    best_step: int = 0
+    best_state: dict | None = None  # the best policy's trained parameters, on the CPU
+    stopped: str = ""  # why it stopped, once it has
+
+    def observe(self, metrics: dict) -> bool:
+        """Record a step; returns whether its policy is the best so far (then `best_step` is its step)."""
+        proxy, gold = metrics["objective/scores"], metrics.get("objective/gold")
+        spread = metrics.get("objective/reward_spread", 0.0)
+        if self.start is None:
+            self.start = {"proxy": proxy, "proxy_std": max(metrics["objective/scores_std"], 1e-6),
+                          "gold": gold, "gold_std": max(metrics.get("objective/gold_std", 1.0), 1e-6)}
+        gap = 0.0
+        if gold is not None:
+            gap = ((proxy - self.start["proxy"]) / self.start["proxy_std"]
+                   - (gold - self.start["gold"]) / self.start["gold_std"])
+        self.signals.append((gap, spread))
+        recent = self.signals[-self.window:]
+        mean_gap, mean_spread = (sum(x[i] for x in recent) / len(recent) for i in (0, 1))
+        metrics["guard/gap"], metrics["guard/spread"] = mean_gap, mean_spread
+        if self.gap_limit and mean_gap > self.gap_limit:
+            self.stopped = f"proxy-gold gap {mean_gap:.2f} > guard_gap {self.gap_limit:g}"
+        elif self.spread_limit and mean_spread > self.spread_limit:
+            self.stopped = f"ensemble spread {mean_spread:.3f} > guard_spread {self.spread_limit:g}"
+        value = gold if self.gap_limit else proxy - spread
+        if value > self.best and not self.stopped:
+            self.best, self.best_step = value, metrics["step"]
+            return True
+        return False
+
+
+def policy_snapshot(run: PPORun) -> dict:
+    """The policy's trained parameters (all of them, or the LoRA adapters), copied to the CPU."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in run.policy.named_parameters() if p.requires_grad}
+
+
+def restore_policy(run: PPORun, snapshot: dict) -> None:
+    params = dict(run.policy.named_parameters())
+    with torch.no_grad():
+        for name, value in snapshot.items():
+            params[name].copy_(value)
 
 
 # ---------------------------------------------------------------- prepare
@@ -249,6 +369,7 @@ def prepare(config: PPOConfig, reward_fn: Callable | None = None) -> PPORun:
     the prompts, rendered through the policy's chat template and tokenized once."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState, PartialState
+    from accelerate.utils import DistributedType
 
     from rlhf.models import pick_device, pick_dtype
     from rlhf.sample import render_prompt
@@ -272,6 +393,17 @@ def prepare(config: PPOConfig, reward_fn: Callable | None = None) -> PPORun:
         reward_fn = load_gold(config.reward_fn)
     if reward_fn is None and not config.reward_model:
         raise UserError("no reward: give reward_model or reward_fn")
+    gold_fn = None
+    if config.gold:
+        from rlhf.annotators import load_gold
+
+        gold_fn = load_gold(config.gold)
+    guard = None
+    if config.guard_gap or config.guard_spread:
+        if accelerator.distributed_type == DistributedType.FSDP:
+            raise UserError("the over-optimisation guard keeps the best policy's weights, which FSDP shards: run "
+                            "it without FSDP, or set guard_gap and guard_spread to 0")
+        guard = Guard(gap_limit=config.guard_gap, spread_limit=config.guard_spread)
     parts = _load_models(config, accelerator, reward_fn)
     model = PolicyAndCritic(parts["policy"], parts["critic"], eager_training=not config.gradient_checkpointing)
     # The fused AdamW (one kernel over all parameters, as transformers' Trainer defaults to) is faster than the
@@ -298,7 +430,7 @@ def prepare(config: PPOConfig, reward_fn: Callable | None = None) -> PPORun:
                                                      config.reward_ensemble, config.ensemble_std_coef),
                   eos_ids=parts["eos_ids"], prompts=[prompts[i] for i in keep], encoded=[encoded[i] for i in keep],
                   device=device, mixed=mixed, kl_coef=config.kl_coef, policy_lora=parts["policy_lora"],
-                  frozen_base=parts["frozen_base"])
+                  frozen_base=parts["frozen_base"], gold_fn=gold_fn, guard=guard)
 
 
 def _load_models(config: PPOConfig, accelerator, reward_fn: Callable | None) -> dict:
@@ -323,13 +455,15 @@ def _load_models(config: PPOConfig, accelerator, reward_fn: Callable | None) -> 
 
         rm = RewardModel.load(config.reward_model, device=str(device), precision=config.precision)
         rm.model.eval().requires_grad_(False)
-    critic = build_critic(config.critic_model, rm, policy_loaded.path, tokenizer, device, base_precision)
+    critic = None
+    if config.uses_critic:
+        critic = build_critic(config.critic_model, rm, policy_loaded.path, tokenizer, device, base_precision)
     ref = None
     if config.ref_model or not config.lora:
         ref = load(config.ref_model or config.model, device=str(device), precision=config.precision).model
         ref.eval().requires_grad_(False)
         disable_dropout(ref)
-    for m in (policy, critic):
+    for m in (policy, critic) if critic is not None else (policy,):
         disable_dropout(m)
         if config.gradient_checkpointing:
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -343,9 +477,10 @@ def _load_models(config: PPOConfig, accelerator, reward_fn: Callable | None) -> 
 
         policy_lora = lora_config(config.lora_r, config.lora_alpha, "CAUSAL_LM")
         policy = get_peft_model(policy, policy_lora)
-        critic = get_peft_model(critic, lora_config(config.lora_r, config.lora_alpha, "SEQ_CLS",
-                                                    modules_to_save=["score"]))
-        for p in [*policy.parameters(), *critic.parameters()]:
+        if critic is not None:
+            critic = get_peft_model(critic, lora_config(config.lora_r, config.lora_alpha, "SEQ_CLS",
+                                                        modules_to_save=["score"]))
+        for p in [*policy.parameters(), *(critic.parameters() if critic is not None else ())]:
             if p.requires_grad:  # trained weights in fp32 (the optimizer's updates would vanish in bf16)
                 p.data = p.data.float()
     return {"policy": policy, "critic": critic, "ref": ref, "rm": rm, "tokenizer": tokenizer, "eos_ids": eos_ids,
@@ -363,11 +498,13 @@ def _prompt_order(seed: int, n: int, epoch: int) -> tuple[int, ...]:
 
 
 def prompt_indices(run: PPORun, step: int) -> list[int]:
-    """This process's prompts for `step`: a fresh shuffle per pass over the prompts, a function of the seed and
+    """This process's prompts for `step`, each repeated samples_per_prompt times in consecutive rows (the groups
+    the critic-free estimators compare): a fresh shuffle per pass over the prompts, a function of the seed and
     step alone so that a resumed run sees the same prompts."""
-    n, size = len(run.prompts), run.config.batch_size
-    first = step * run.per_step + run.rank * size
-    return [_prompt_order(run.config.seed, n, k // n)[k % n] for k in range(first, first + size)]
+    n, k = len(run.prompts), run.config.k
+    size = run.config.batch_size // k
+    first = step * (run.per_step // k) + run.rank * size
+    return [_prompt_order(run.config.seed, n, j // n)[j % n] for j in range(first, first + size) for _ in range(k)]
 
 
 def sample_rollout(run: PPORun, step: int) -> Rollout:
@@ -414,12 +551,15 @@ def minibatch_orders(config: PPOConfig, step: int, n: int) -> list[torch.Tensor]
 
 
 def rollout_forward(run: PPORun, rollout: Rollout, valued_later: torch.Tensor) -> None:
-    """Phase 2: the reference's log-probs of the sampled tokens, and the critic's values of every row but
-    `valued_later`: the first training micro-batch's rows, whose forward (on the same weights) values them."""
+    """Phase 2: the reference's log-probs of the sampled tokens, and (with a critic) the critic's values of every
+    row but `valued_later`: the first training micro-batch's rows, whose forward (on the same weights) values
+    them."""
     T, B, R = run.config.temperature, *rollout.responses.shape
     valued_here = torch.ones(B, dtype=torch.bool)
     valued_here[valued_later] = False
-    rollout.ref_logprobs, rollout.values = torch.empty_like(rollout.logprobs), torch.zeros_like(rollout.logprobs)
+    critic = run.config.uses_critic
+    rollout.ref_logprobs = torch.empty_like(rollout.logprobs)
+    rollout.values = torch.zeros_like(rollout.logprobs) if critic else None
     chunk = run.config.mini_batch_size
     with torch.no_grad():
         for i in range(0, B, chunk):
@@ -433,43 +573,66 @@ def rollout_forward(run: PPORun, rollout: Rollout, valued_later: torch.Tensor) -
             rollout.ref_logprobs[s] = losses.logprobs_from_logits(ref_logits.float() / T, rollout.responses[s])
             del ref_logits
             rows = torch.arange(B)[s][valued_here[s]].to(run.device)
-            if len(rows):  # the same rows on every process (the order is not per process)
+            if critic and len(rows):  # the same rows on every process (the order is not per process)
                 rollout.values[rows] = run.model(rollout.input_ids[rows], rollout.attention_mask[rows],
                                                  rollout.position_ids[rows], R, mode="values")
 
 
 def score(run: PPORun, rollout: Rollout) -> torch.Tensor:
-    """Phase 3: the reward of each response (B,), from the reward model or the reward function."""
+    """Phase 3: the reward of each response (B,), from the reward model or the reward function; the gold
+    function's scores (config.gold) beside it, for the guard and metrics.jsonl."""
     lengths = rollout.mask.sum(1).tolist()
     response_ids = [rollout.responses[i, : lengths[i] - int(rollout.ended[i])].tolist()
                     for i in range(len(rollout.indices))]
     # The text as the store holds generated responses (rlhf.sample.generate_batch): specials dropped, stripped.
     texts = [t.strip() for t in run.tokenizer.batch_decode(response_ids, skip_special_tokens=True)]
     prompts = [run.prompts[i] for i in rollout.indices]
+    rollout.texts = texts
+    if run.gold_fn is not None:
+        rollout.gold = torch.tensor([float(g) for g in run.gold_fn(prompts, texts)], dtype=torch.float32)
     return run.scorer(prompts, [run.encoded[i] for i in rollout.indices], response_ids, texts).to(run.device)
 
 
 def shape_rewards(config: PPOConfig, rollout: Rollout, scores: torch.Tensor, kl_coef: float) -> None:
-    """Phase 4, where the KL penalty is applied: the score (+ EOS penalty, clipping) at the last response token and
-    -beta * KL_t on every token (Ziegler et al. 2019, eq. 2; Ouyang et al. 2022, eq. 2)."""
+    """Phase 4, where the KL penalty is applied when it is in the reward: the score (+ EOS penalty, clipping) at the
+    last response token and -beta * KL_t on every token (Ziegler et al. 2019, eq. 2; Ouyang et al. 2022, eq. 2).
+    With the KL as a loss term (GRPO) the reward is the score alone; the KL is still measured."""
     if config.missing_eos_penalty:
         scores = scores - config.missing_eos_penalty * (~rollout.ended).float()
     if config.reward_clip:
         scores = scores.clamp(-config.reward_clip, config.reward_clip)
     kl = losses.kl_estimate(rollout.logprobs, rollout.ref_logprobs, config.kl_estimator) * rollout.mask  # (B, R)
-    rewards = losses.shaped_rewards(scores, kl, rollout.mask, kl_coef)
+    rewards = losses.shaped_rewards(scores, kl, rollout.mask, 0.0 if config.kl_in_loss else kl_coef)
     if config.whiten_rewards:
         rewards = losses.whiten(rewards, rollout.mask, shift_mean=False)
     rollout.scores, rollout.kl, rollout.rewards = scores, kl, rewards
 
 
-def estimate_advantages(config: PPOConfig, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Phase 5, the seam for advantage estimators: per-token advantages (B, R) and the critic's targets (B, R), or
-    None for an estimator without a critic. GAE (Schulman et al. 2016, eq. 16) over the shaped rewards and the
-    rollout's values, whitened over the batch. Called once every rollout value is known."""
-    advantages, returns = losses.gae(rollout.rewards, rollout.values, rollout.mask, config.gamma, config.lam)
+def estimate_advantages(config: PPOConfig, rollout: Rollout, kl_coef: float) -> tuple[torch.Tensor,
+                                                                                     torch.Tensor | None]:
+    """Phase 5: per-token advantages (B, R) and the critic's targets (B, R), or None without a critic.
+      gae           GAE (Schulman et al. 2016, eq. 16) over the shaped rewards and the critic's rollout values;
+                    called once every rollout value is known (the first training micro-batch completes them);
+      rloo          the leave-one-out advantage of each response's sequence reward (score - beta * KL);
+      grpo          the group-normalised score (the KL is in the loss);
+      reinforce_pp  the token-level return of the KL-shaped reward, normalised over the batch.
+    The sequence-level ones hold one value over a response's tokens. gae's and rloo's are whitened over the
+    batch when whiten_advantages is set."""
+    mask, k = rollout.mask, config.k
+    if config.estimator == "gae":
+        advantages, returns = losses.gae(rollout.rewards, rollout.values, mask, config.gamma, config.lam)
+    elif config.estimator == "reinforce_pp":
+        beta = 0.0 if config.kl_in_loss else kl_coef
+        return losses.reinforce_pp_advantages(rollout.scores, rollout.kl, mask, beta, k, config.gamma), None
+    else:
+        sequence_reward = rollout.rewards.sum(1)  # (B,): the score, minus beta * KL when the KL is in the reward
+        per_row = (losses.rloo_advantages(sequence_reward, k) if config.estimator == "rloo"
+                   else losses.grpo_advantages(sequence_reward, k))
+        advantages, returns = per_row[:, None] * mask.to(per_row.dtype), None
+        if config.estimator == "grpo":
+            return advantages, None
     if config.whiten_advantages:
-        advantages = losses.whiten(advantages, rollout.mask)
+        advantages = losses.whiten(advantages, mask)
     return advantages, returns
 
 
@@ -477,18 +640,20 @@ def learning_rate(config: PPOConfig, step: int) -> float:
     return config.learning_rate * (1 - step / config.steps if config.lr_schedule == "linear" else 1.0)
 
 
-STAT_KEYS = ("pg", "vf", "clip", "vclip", "approxkl", "ratio", "ent")
+STAT_KEYS = ("pg", "vf", "clip", "vclip", "approxkl", "ratio", "ent", "klloss")
 
 
 def update(run: PPORun, rollout: Rollout, orders: list[torch.Tensor], lr: float) -> dict[str, float]:
     """Phase 6: PPO epochs over reshuffled minibatches of micro-batches (the optimizer steps once per minibatch,
-    through accelerate's gradient accumulation); returns the mean of each loss statistic over the micro-batches."""
+    through accelerate's gradient accumulation): the clipped policy loss, plus the clipped value loss with a
+    critic, plus beta * the KL loss when the KL is a loss term. Returns the mean of each loss statistic over the
+    micro-batches (the ones that apply)."""
     config, model, accelerator, T = run.config, run.model, run.accelerator, run.config.temperature
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     model.train()
     stats: dict[str, list[float]] = {k: [] for k in STAT_KEYS}
-    advantages = returns = None
+    advantages, returns = rollout.advantages, None  # known already unless gae waits for this step's first forward
     size = run.micro_batch_size
     for order in orders:
         for start in range(0, len(order), size):
@@ -499,26 +664,35 @@ def update(run: PPORun, rollout: Rollout, orders: list[torch.Tensor], lr: float)
                                            rollout.position_ids[idx, cols], width)
                 if advantages is None:  # phase 5, with the rollout values this forward completes
                     rollout.values[idx, :width] = new_values.detach()
-                    advantages, returns = estimate_advantages(config, rollout)
+                    advantages, returns = estimate_advantages(config, rollout, run.kl_coef)
+                    rollout.advantages = advantages
                 logits = logits.float() / T
                 new_logprobs = losses.logprobs_from_logits(logits, rollout.responses[idx, :width])
                 m = rollout.mask[idx, :width]
                 pg_loss, pg = losses.policy_loss(new_logprobs, rollout.logprobs[idx, :width],
                                                  advantages[idx, :width], m, config.cliprange)
-                vf_loss, vf = losses.value_loss(new_values, rollout.values[idx, :width], returns[idx, :width], m,
-                                                config.cliprange_value)
-                accelerator.backward(pg_loss + config.vf_coef * vf_loss)
+                loss, step_stats = pg_loss, {"pg": pg_loss, "clip": pg["clipfrac"], "approxkl": pg["approxkl"],
+                                             "ratio": pg["ratio"]}
+                if new_values is not None:
+                    vf_loss, vf = losses.value_loss(new_values, rollout.values[idx, :width], returns[idx, :width], m,
+                                                    config.cliprange_value)
+                    loss = loss + config.vf_coef * vf_loss
+                    step_stats.update(vf=vf_loss, vclip=vf["clipfrac"])
+                if config.kl_in_loss:
+                    kl_term = losses.kl_loss(new_logprobs, rollout.ref_logprobs[idx, :width], m)
+                    loss = loss + run.kl_coef * kl_term
+                    step_stats["klloss"] = kl_term
+                accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
                 run.optimizer.step()
                 run.optimizer.zero_grad()
             with torch.no_grad():
-                entropy = losses.masked_mean(losses.entropy_from_logits(logits), m)
-            for key, value in (("pg", pg_loss), ("vf", vf_loss), ("clip", pg["clipfrac"]), ("vclip", vf["clipfrac"]),
-                               ("approxkl", pg["approxkl"]), ("ratio", pg["ratio"]), ("ent", entropy)):
+                step_stats["ent"] = losses.masked_mean(losses.entropy_from_logits(logits), m)
+            for key, value in step_stats.items():
                 stats[key].append(float(value.detach()))
-            del logits, new_values, new_logprobs, pg_loss, vf_loss
-    return {k: sum(v) / len(v) for k, v in stats.items()}
+            del logits, new_values, new_logprobs, loss, pg_loss, step_stats
+    return {k: sum(v) / len(v) for k, v in stats.items() if v}
 
 
 def _micro_batch_columns(rollout: Rollout, idx: torch.Tensor) -> tuple[slice, int]:
@@ -532,7 +706,8 @@ def _micro_batch_columns(rollout: Rollout, idx: torch.Tensor) -> tuple[slice, in
 
 def step_metrics(run: PPORun, rollout: Rollout, stats: dict[str, float], step: int, lr: float,
                  step_start: float) -> dict:
-    """Phase 7: the step's figures, means over processes, named as TRL's PPO trainer named them."""
+    """Phase 7: the step's figures, means over processes, named as TRL's PPO trainer named them (loss/value_avg
+    and val/clipfrac_avg with a critic only; objective/gold with a gold function)."""
     accelerator, kl_coef, mask = run.accelerator, run.kl_coef, rollout.mask
     seq_kl = float(rollout.kl.sum(1).mean())
     metrics = {"step": step + 1, "episode": (step + 1) * run.per_step}
@@ -546,12 +721,18 @@ def step_metrics(run: PPORun, rollout: Rollout, stats: dict[str, float], step: i
         "policy/clipfrac_avg": stats["clip"],
         "policy/entropy_avg": stats["ent"],
         "loss/policy_avg": stats["pg"],
-        "loss/value_avg": stats["vf"],
-        "val/clipfrac_avg": stats["vclip"],
         "val/ratio": stats["ratio"],
         "val/response_length": float(mask.sum(1).float().mean()),
         "val/eos_fraction": float(rollout.ended.float().mean()),
     }
+    local["objective/scores_std"] = float(rollout.scores.std()) if len(rollout.scores) > 1 else 0.0
+    if "vf" in stats:
+        local.update({"loss/value_avg": stats["vf"], "val/clipfrac_avg": stats["vclip"]})
+    if "klloss" in stats:
+        local["loss/kl_avg"] = stats["klloss"]
+    if rollout.gold is not None:  # the gold function beside the proxy: their gap is over-optimisation
+        local["objective/gold"] = float(rollout.gold.mean())
+        local["objective/gold_std"] = float(rollout.gold.std()) if len(rollout.gold) > 1 else 0.0
     if run.scorer.spread is not None:  # an ensemble's disagreement on this step's responses (Coste et al. 2023)
         local["objective/reward_spread"] = float(run.scorer.spread.mean())
     metrics.update({k: _gather_mean(accelerator, v) for k, v in local.items()})
@@ -564,15 +745,23 @@ def step_metrics(run: PPORun, rollout: Rollout, stats: dict[str, float], step: i
 
 
 def train_step(run: PPORun, step: int) -> dict:
-    """One PPO step, phase by phase; returns its metrics (beta is adapted afterwards, by `run`)."""
+    """One RL step, phase by phase; returns its metrics (beta is adapted afterwards, by `run`). With the guard on,
+    the policy that sampled the step is kept when the guard finds it the best so far."""
     step_start = time.perf_counter()
+    config = run.config
     rollout = sample_rollout(run, step)
-    orders = minibatch_orders(run.config, step, len(rollout.indices))
+    orders = minibatch_orders(config, step, len(rollout.indices))
     rollout_forward(run, rollout, valued_later=orders[0][: run.micro_batch_size])
-    shape_rewards(run.config, rollout, score(run, rollout), run.kl_coef)
-    lr = learning_rate(run.config, step)
+    shape_rewards(config, rollout, score(run, rollout), run.kl_coef)
+    if not config.uses_critic:  # gae's advantages wait for the first training forward's values
+        rollout.advantages, _ = estimate_advantages(config, rollout, run.kl_coef)
+    before = policy_snapshot(run) if run.guard is not None else None
+    lr = learning_rate(config, step)
     stats = update(run, rollout, orders, lr)
-    return step_metrics(run, rollout, stats, step, lr, step_start)
+    metrics = step_metrics(run, rollout, stats, step, lr, step_start)
+    if run.guard is not None and run.guard.observe(metrics):
+        run.guard.best_state = before
+    return metrics
 
 
 # ---------------------------------------------------------------- checkpoints and the saved policy
@@ -649,12 +838,13 @@ def run(config: PPOConfig, reward_fn: Callable | None = None) -> dict:
     accelerator = r.accelerator
     metrics_file = out / "metrics.jsonl"
     start_step, history = _resume(r, resume_from, metrics_file)
+    kept_history = list(history)
     if config.report_to != "none":
         accelerator.init_trackers("rlhf-ppo", config={k: v for k, v in asdict(config).items()
                                                      if isinstance(v, (int, float, str, bool))})
     # On a CPU the step's large tensors are reused rather than mapped afresh (see reuse_freed_memory).
     with (reuse_freed_memory(r.device.type == "cpu"),
-          tqdm(total=config.steps, initial=start_step, desc="PPO",
+          tqdm(total=config.steps, initial=start_step, desc=METHOD_NAMES[config.estimator],
                disable=not accelerator.is_local_main_process) as bar):
         for step in range(start_step, config.steps):
             metrics = train_step(r, step)
@@ -668,28 +858,44 @@ def run(config: PPOConfig, reward_fn: Callable | None = None) -> dict:
             if config.report_to != "none" and (step + 1) % config.logging_steps == 0:
                 accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=step + 1)
             bar.update(1)
-            bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+            bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}",
+                            **({"gold": f"{metrics['objective/gold']:.3f}"} if "objective/gold" in metrics else {}))
+            if r.guard is not None and r.guard.stopped:
+                break
             if config.save_steps and (step + 1) % config.save_steps == 0 and step + 1 < config.steps:
                 _save_checkpoint(accelerator, out, step + 1, r.kl_coef)
 
+    guard = None
+    if r.guard is not None:
+        guard = {"stopped": r.guard.stopped or None, "best_step": r.guard.best_step,
+                 "kept": "final policy"}
+        if r.guard.stopped and r.guard.best_state is not None:
+            # The policy that sampled the best step: the parameters it had before that step's update.
+            restore_policy(r, r.guard.best_state)
+            guard["kept"] = f"the policy that sampled step {r.guard.best_step}"
     save_policy(r, out)
     summary = {
-        "steps": config.steps, "steps_run": config.steps - start_step,
+        "method": METHOD_NAMES[config.estimator], "estimator": config.estimator,
+        "samples_per_prompt": config.k, "steps": config.steps, "steps_run": len(history) - len(kept_history),
         "resumed_from": str(resume_from) if resume_from else None,
         "first": history[0] if history else {}, "final": history[-1] if history else {},
         "kl_coef": r.kl_coef, "prompts": len(r.prompts), "processes": r.world,
         "reward": "reward_fn" if r.scorer.fn is not None else config.reward_model,
         "reward_scoring": "token ids" if r.scorer.suffix is not None else "text",
         "seconds": round(time.perf_counter() - start, 1), "config": asdict(config), "device": str(r.device),
-        "precision": r.mixed if r.mixed != "no" else "fp32",
+        "precision": r.mixed if r.mixed != "no" else "fp32", "critic": config.uses_critic, "guard": guard,
     }
     if accelerator.is_main_process:
         (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
         first, final = summary["first"], summary["final"]
-        print(f"PPO: {config.steps} steps ({summary['steps_run']} run here) in {summary['seconds']:.0f} s on "
-              f"{r.device}; score {first.get('objective/scores', math.nan):.3f} -> "
-              f"{final.get('objective/scores', math.nan):.3f}, KL {final.get('objective/kl', math.nan):.3f}, "
+        gold = (f", gold {first['objective/gold']:.3f} -> {final['objective/gold']:.3f}"
+                if "objective/gold" in final else "")
+        print(f"{summary['method']}: {len(history)} of {config.steps} steps ({summary['steps_run']} run here) in "
+              f"{summary['seconds']:.0f} s on {r.device}; score {first.get('objective/scores', math.nan):.3f} -> "
+              f"{final.get('objective/scores', math.nan):.3f}{gold}, KL {final.get('objective/kl', math.nan):.3f}, "
               f"beta {r.kl_coef:.4f} -> {out}")
+        if guard and guard["stopped"]:
+            print(f"  stopped early: {guard['stopped']}; kept {guard['kept']}")
     if config.report_to != "none":
         accelerator.end_training()
     if r.world == 1:  # let a later run in this process build its own Accelerator

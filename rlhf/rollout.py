@@ -72,8 +72,9 @@ class PolicyAndCritic(torch.nn.Module):
       reference  the policy's logits with its LoRA adapter switched off: the reference model, for free
       generate   `policy.generate(**generate_kwargs)`"""
 
-    def __init__(self, policy, critic, eager_training: bool = False):
+    def __init__(self, policy, critic=None, eager_training: bool = False):
         super().__init__()
+        # critic None: a critic-free estimator; `train` then returns (logits, None).
         self.policy, self.critic = policy, critic
         # Off under gradient checkpointing, whose backward recomputes the forward outside the switch.
         self.eager_training = eager_training
@@ -95,9 +96,10 @@ class PolicyAndCritic(torch.nn.Module):
                 return policy_logits(self.policy, input_ids, attention_mask, position_ids, width)
         if mode == "values":
             return self.values(input_ids, attention_mask, position_ids, width)
-        with eager_attention([_base(self.policy), _base(self.critic)], input_ids, self.eager_training):
+        models = [_base(self.policy)] + ([_base(self.critic)] if self.critic is not None else [])
+        with eager_attention(models, input_ids, self.eager_training):
             return (policy_logits(self.policy, input_ids, attention_mask, position_ids, width),
-                    self.values(input_ids, attention_mask, position_ids, width))
+                    self.values(input_ids, attention_mask, position_ids, width) if self.critic is not None else None)
 
 
 # PyTorch's CPU flash attention (sdpa) is slow to train through in bf16, so CPU training forwards under autocast use

@@ -16,7 +16,8 @@ from rlhf.store import Store
 @pytest.mark.slow
 def test_two_rounds_end_to_end_then_resume(tmp_path, tiny_model_dir, capsys):
     config = load_config(LoopConfig, name="ci", runs_dir=str(tmp_path), rounds=2, base_model=tiny_model_dir,
-                         device="cpu", align="both", generate={"limit": 8, "max_new_tokens": 6, "batch_size": 8},
+                         device="cpu", align=["dpo", "ppo"],
+                         generate={"limit": 8, "max_new_tokens": 6, "batch_size": 8},
                          dpo={"epochs": 1.0, "batch_size": 4, "max_length": 64}, export={"test_size": 0.4},
                          reward={"model": "", "batch_size": 4, "max_length": 64},
                          ppo={"steps": 2, "batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1, "max_new_tokens": 6},
@@ -67,9 +68,35 @@ def test_next_policy_is_the_higher_win_rate_by_gold_else_by_reward():
     assert _next_policy(evaluation, ["r/ppo"]) == "r/ppo"
 
 
+@pytest.mark.slow
+def test_several_rl_methods_share_one_reward_model_and_are_compared_in_one_report(tmp_path, tiny_model_dir, capsys):
+    config = load_config(LoopConfig, name="rl", runs_dir=str(tmp_path), base_model=tiny_model_dir, device="cpu",
+                         align=["rloo", "grpo"], generate={"limit": 8, "max_new_tokens": 6, "batch_size": 8},
+                         export={"test_size": 0.4}, reward={"model": "", "batch_size": 4, "max_length": 64},
+                         ppo={"steps": 2, "batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1,
+                              "max_new_tokens": 6, "samples_per_prompt": 2},
+                         evaluate={"limit": 6, "max_new_tokens": 6})
+    result = run(config)
+    rd = tmp_path / "rl" / "round-1"
+    assert not (rd / "dpo.json").exists() and not (rd / "ppo.json").exists()
+    for method in ("rloo", "grpo"):
+        summary = json.loads((rd / f"{method}.json").read_text())
+        assert summary["estimator"] == method and summary["critic"] is False
+        assert summary["reward"] == str(rd / "reward") and summary["samples_per_prompt"] == 2
+        # the simulated labels' gold is scored beside the reward model on every step
+        assert all("objective/gold" in json.loads(line) for line in (rd / method / "metrics.jsonl").open())
+    models = [m["model"] for m in result["evaluation"]["models"]]
+    assert models[2:] == [str(rd / "rloo"), str(rd / "grpo")]
+    out = capsys.readouterr().out
+    assert "RLOO vs base" in out and "GRPO vs base" in out and out.count("[round-1] reward ...") == 1
+
+
 def test_loop_options_are_checked():
+    assert load_config(LoopConfig, align=["both", "rloo"]).align == ["dpo", "ppo", "rloo"]
+    with pytest.raises(UserError, match="distinct"):
+        load_config(LoopConfig, align=["dpo", "dpo"])
     with pytest.raises(UserError):
-        load_config(LoopConfig, align="rlaif")
+        load_config(LoopConfig, align=["rlaif"])
     with pytest.raises(UserError):
         load_config(LoopConfig, labeler="crowd")
     with pytest.raises(UserError, match="generate: "):
@@ -102,7 +129,7 @@ def test_demo_help_lists_its_options(capsys):
 def test_a_round_on_postgresql(tmp_path, tiny_model_dir, store_url, capsys):
     """The loop keeps its tasks and votes in PostgreSQL when given a URL (as a team sharing one store would)."""
     config = load_config(LoopConfig, name="pg", runs_dir=str(tmp_path), rounds=1, base_model=tiny_model_dir,
-                         device="cpu", align="dpo", db=store_url,
+                         device="cpu", align=["dpo"], db=store_url,
                          generate={"limit": 6, "max_new_tokens": 6, "batch_size": 6},
                          dpo={"epochs": 1.0, "batch_size": 3, "max_length": 64},
                          evaluate={"limit": 4, "max_new_tokens": 6})

@@ -144,3 +144,65 @@ def test_adaptive_kl_controller_moves_beta_the_right_way():
         up = losses.adaptive_kl_coef(up, kl=20.0, target=6.0, horizon=1000, n_steps=64)
         down = losses.adaptive_kl_coef(down, kl=1.0, target=6.0, horizon=1000, n_steps=64)
     assert up > 0.15 and down < 0.06
+
+
+# ---------------------------------------------------------------- critic-free estimators
+
+
+def test_rloo_advantages_leave_each_sample_out():
+    # Prompt 1's rewards 1, 2, 3: baselines (2 + 3) / 2 = 2.5, (1 + 3) / 2 = 2, (1 + 2) / 2 = 1.5; prompt 2's are
+    # equal, so their advantages are 0.
+    rewards = torch.tensor([1.0, 2.0, 3.0, 4.0, 4.0, 4.0])
+    assert close(losses.rloo_advantages(rewards, 3), [-1.5, 0.0, 1.5, 0.0, 0.0, 0.0])
+    # k = 2: each sample's baseline is the other one.
+    assert close(losses.rloo_advantages(torch.tensor([1.0, 5.0]), 2), [-4.0, 4.0])
+    with pytest.raises(ValueError, match="groups"):
+        losses.rloo_advantages(rewards, 4)
+    with pytest.raises(ValueError, match="2 samples"):
+        losses.rloo_advantages(rewards, 1)
+
+
+def test_grpo_advantages_normalise_within_each_prompt():
+    # 1, 2, 3: mean 2, sample std sqrt((1 + 0 + 1) / 2) = 1 -> -1, 0, 1 (over 1 + 1e-4); 2, 6: mean 4, std
+    # sqrt((4 + 4) / 1) = 2 sqrt 2 -> -/+ 2 / 2.8285.
+    assert close(losses.grpo_advantages(torch.tensor([1.0, 2.0, 3.0]), 3), [-1 / 1.0001, 0.0, 1 / 1.0001])
+    assert close(losses.grpo_advantages(torch.tensor([2.0, 6.0]), 2), [-2 / (8**0.5 + 1e-4), 2 / (8**0.5 + 1e-4)])
+    # equal rewards: 0, not 0 / 0
+    assert close(losses.grpo_advantages(torch.tensor([5.0, 5.0, 1.0, 1.0]), 2), [0.0, 0.0, 0.0, 0.0])
+
+
+def test_reward_to_go_stops_at_the_mask():
+    rewards = torch.tensor([[1.0, 2.0, 3.0], [1.0, 1.0, 1.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    assert close(losses.reward_to_go(rewards, mask), [[3.0, 2.0, 0.0], [3.0, 2.0, 1.0]])
+    assert close(losses.reward_to_go(rewards, mask, gamma=0.5), [[2.0, 2.0, 0.0], [1.75, 1.5, 1.0]])
+
+
+def test_reinforce_pp_advantages_by_hand():
+    # scores 1, 3; KL 0.5 on both of row 0's tokens, beta 1; row 1 has one token. Shaped rewards: row 0
+    # [-0.5, -0.5 + 1], row 1 [3]; returns row 0 [0, 0.5], row 1 [3]. Over the batch's three tokens: mean 7/6,
+    # deviations -7/6, -2/3, 11/6, squares 49/36 + 16/36 + 121/36 = 186/36, unbiased var 186/72, std 1.60728.
+    scores, kl = torch.tensor([1.0, 3.0]), torch.tensor([[0.5, 0.5], [0.0, 0.0]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    std = (186 / 72) ** 0.5
+    expected = [[(0 - 7 / 6) / std, (0.5 - 7 / 6) / std], [(3 - 7 / 6) / std, 0.0]]
+    assert close(losses.reinforce_pp_advantages(scores, kl, mask, 1.0), expected, tol=1e-4)
+    # Both rows one prompt's samples (k = 2): the mean score 2 is subtracted first, so the scores are -1 and 1 and
+    # the returns [-2, -1.5] and [1]; their deviations from their mean -5/6 are again -7/6, -2/3, 11/6, so the
+    # normalised advantages are the same as above.
+    assert close(losses.reinforce_pp_advantages(scores, kl, mask, 1.0, k=2), expected, tol=1e-4)
+    # beta 0, k 1: the score alone on every token, normalised: 1, 1, 3 -> mean 5/3, std sqrt((4/9*2 + 16/9) / 2)
+    alone = losses.reinforce_pp_advantages(scores, kl, mask, 0.0)
+    std0 = ((4 / 9 * 2 + 16 / 9) / 2) ** 0.5
+    assert close(alone, [[(1 - 5 / 3) / std0, (1 - 5 / 3) / std0], [(3 - 5 / 3) / std0, 0.0]], tol=1e-4)
+
+
+def test_kl_loss_is_k3_of_the_current_policy():
+    # log pi = -1, log pi_ref = -2: log r = -1, k3 = e^-1 - 1 + 1 = 0.36788; masked token ignored.
+    logprobs, ref = torch.tensor([[-1.0, -1.0]]), torch.tensor([[-2.0, 0.0]])
+    assert close(losses.kl_loss(logprobs, ref, torch.tensor([[1, 0]])), math.exp(-1))
+    # Its gradient pulls log pi towards log pi_ref: d/d logpi (e^(ref - lp) - (ref - lp) - 1) = 1 - e^(ref - lp) > 0
+    # here, so a descent step lowers log pi (from -1 towards -2).
+    lp = logprobs.clone().requires_grad_(True)
+    losses.kl_loss(lp, ref, torch.tensor([[1, 0]])).backward()
+    assert close(lp.grad, [[1 - math.exp(-1), 0.0]])

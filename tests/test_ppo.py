@@ -1,5 +1,6 @@
-"""PPO (rlhf/ppo.py) on the tiny models: rollout log-probs, reward formatting, a rule reward that rises (and
-falls with the advantage's sign flipped), resume == uninterrupted, LoRA, DDP on two CPU processes."""
+"""RL (rlhf/ppo.py) on the tiny models: rollout log-probs, reward formatting, a rule reward that rises (and
+falls with the advantage's sign flipped) for every estimator, critic-free runs without a critic, the
+over-optimisation guard, resume == uninterrupted, LoRA, DDP on two CPU processes."""
 
 from __future__ import annotations
 
@@ -58,6 +59,18 @@ def test_config_checks():
         load_config(PPOConfig, batch_size=6, mini_batch_size=4)
     with pytest.raises(UserError, match="temperature"):
         load_config(PPOConfig, temperature=0.0)
+    with pytest.raises(UserError, match="samples_per_prompt must be >= 2"):
+        load_config(PPOConfig, estimator="rloo", samples_per_prompt=1)
+    with pytest.raises(UserError, match="multiple of samples_per_prompt"):
+        load_config(PPOConfig, estimator="grpo", batch_size=6, mini_batch_size=2)  # k defaults to 4
+    with pytest.raises(UserError, match="gold"):
+        load_config(PPOConfig, guard_gap=1.0)
+    with pytest.raises(UserError, match="estimator"):
+        load_config(PPOConfig, estimator="ppo2")
+    assert PPOConfig(estimator="rloo").k == 4 and PPOConfig().k == 1
+    assert PPOConfig(samples_per_prompt=3, batch_size=6, mini_batch_size=6).k == 3
+    assert PPOConfig(estimator="grpo").kl_in_loss and not PPOConfig(estimator="rloo").kl_in_loss
+    assert PPOConfig(estimator="rloo", kl_penalty="loss").kl_in_loss
 
 
 # ---------------------------------------------------------------- whole runs
@@ -110,7 +123,7 @@ def test_the_first_micro_batch_values_its_rows_for_the_rollout(tmp_path, tiny_mo
     # The values advantages were estimated from: the first micro-batch's rows now hold its training forward's.
     mask = batch.mask.bool()
     assert torch.allclose(batch.values[mask], every_row.values[mask], atol=1e-5)
-    assert set(stats) == set(ppo.STAT_KEYS) and all(v == v for v in stats.values())
+    assert set(stats) == set(ppo.STAT_KEYS) - {"klloss"} and all(v == v for v in stats.values())
 
 
 def test_phases_shape_rewards_and_estimate_advantages_by_hand():
@@ -128,7 +141,7 @@ def test_phases_shape_rewards_and_estimate_advantages_by_hand():
     assert batch.scores.tolist() == [1.0, 3.0]  # the first never ended: penalised
     assert batch.kl.tolist() == [[0.5, 0.0, -0.5], [0.0, -1.0, 0.0]]
     assert batch.rewards.tolist() == [[-0.25, 0.0, 0.25 + 1.0], [0.0, 0.5 + 3.0, 0.0]]
-    advantages, returns = ppo.estimate_advantages(config, batch)
+    advantages, returns = ppo.estimate_advantages(config, batch, config.kl_coef)
     assert advantages.tolist() == [[1.0, 1.25, 1.25], [3.5, 3.5, 0.0]]
     assert torch.equal(returns, advantages)  # zero values
 
@@ -147,6 +160,138 @@ def test_ppo_in_bf16_updates_the_policy_and_the_critic(tmp_path, tiny_model_dir,
     start_policy, start_critic = weights(tiny_model_dir), weights(tiny_reward_dir)
     assert all(not torch.equal(state[f"policy.{k}"], v) for k, v in start_policy.items() if "norm" not in k)
     assert all(not torch.equal(state[f"critic.{k}"], v) for k, v in start_critic.items() if "norm" not in k)
+
+
+def test_critic_free_estimators_by_hand():
+    """Two prompts with two samples each (consecutive rows): RLOO's advantage is the sequence reward (score - beta
+    * KL) minus the other sample's; GRPO's the group-normalised score with the KL left to the loss."""
+    mask = torch.tensor([[1, 1], [1, 0], [1, 1], [1, 1]])
+    logprobs = torch.zeros(4, 2)
+    ref = torch.tensor([[-1.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])  # KL_t = log pi - log pi_ref: 1 on row 0
+    scores = torch.tensor([1.0, 2.0, 5.0, 5.0])
+
+    def batch():
+        return ppo.Rollout(indices=[0, 0, 1, 1], prompt_ids=None, prompt_mask=None, responses=None,
+                           logprobs=logprobs, mask=mask, ended=torch.ones(4, dtype=torch.bool), input_ids=None,
+                           attention_mask=None, position_ids=None, ref_logprobs=ref)
+
+    rloo = PPOConfig(reward_model="", reward_fn="length:8", estimator="rloo", samples_per_prompt=2, batch_size=4,
+                     mini_batch_size=4, kl_coef=0.5, whiten_advantages=False)
+    b = batch()
+    ppo.shape_rewards(rloo, b, scores, rloo.kl_coef)
+    advantages, returns = ppo.estimate_advantages(rloo, b, rloo.kl_coef)
+    # sequence rewards: 1 - 0.5 * 1 = 0.5, 2, 5, 5 -> leave-one-out 0.5 - 2 = -1.5, 1.5, 0, 0, on every token
+    assert returns is None
+    assert advantages.tolist() == [[-1.5, -1.5], [1.5, 0.0], [0.0, 0.0], [0.0, 0.0]]
+
+    grpo = PPOConfig(reward_model="", reward_fn="length:8", estimator="grpo", samples_per_prompt=2, batch_size=4,
+                     mini_batch_size=4, kl_coef=0.5)
+    b = batch()
+    ppo.shape_rewards(grpo, b, scores, grpo.kl_coef)
+    assert b.rewards.sum(1).tolist() == scores.tolist()  # the KL is not in GRPO's reward ...
+    assert b.kl.sum(1).tolist() == [1.0, 0.0, 0.0, 0.0]  # ... though it is measured
+    advantages, _ = ppo.estimate_advantages(grpo, b, grpo.kl_coef)
+    # 1, 2: mean 1.5, sample std 0.7071 -> -/+ 0.5 / 0.7072; 5, 5: 0
+    a = 0.5 / (0.5**0.5 + 1e-4)
+    assert torch.allclose(advantages, torch.tensor([[-a, -a], [a, 0.0], [0.0, 0.0], [0.0, 0.0]]))
+
+
+def test_a_critic_free_run_builds_no_critic(tmp_path, tiny_model_dir, tiny_reward_dir, monkeypatch):
+    """With a reward model a PPO run builds its critic from it; RLOO must not build, train or save one, and its
+    samples come in groups of k per prompt."""
+    def no_critic(*args, **kwargs):
+        raise AssertionError("a critic-free estimator built a critic")
+
+    monkeypatch.setattr(ppo, "build_critic", no_critic)
+    config = tiny_config(tmp_path, tiny_model_dir, reward_model=tiny_reward_dir, reward_fn="", estimator="rloo",
+                         samples_per_prompt=2, batch_size=4, mini_batch_size=4, steps=2, save_steps=1)
+    run = ppo.prepare(config)
+    assert run.model.critic is None
+    assert ppo.prompt_indices(run, 0)[0::2] == ppo.prompt_indices(run, 0)[1::2]  # each prompt twice, in a row
+    assert len(set(ppo.prompt_indices(run, 0))) == 2
+    result = ppo.run(config)
+    assert result["critic"] is False and result["method"] == "RLOO"
+    final = result["history"][-1]
+    assert "loss/value_avg" not in final and final["loss/policy_avg"] == final["loss/policy_avg"]
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(config.output_dir) / "checkpoint-1" / "model.safetensors"))
+    assert state and not any(k.startswith("critic.") for k in state)
+    trained, start = weights(config.output_dir), weights(tiny_model_dir)
+    assert any(not torch.equal(trained[k], start[k]) for k in start)
+
+
+def test_grpo_adds_the_kl_to_the_loss(tmp_path, tiny_model_dir):
+    config = tiny_config(tmp_path, tiny_model_dir, estimator="grpo", samples_per_prompt=2, batch_size=4,
+                         mini_batch_size=4, steps=2, kl_coef=0.1)
+    final = ppo.run(config, reward_fn=count_a)["history"][-1]
+    assert final["loss/kl_avg"] >= 0 and final["objective/kl_coef"] == 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("estimator", ["rloo", "grpo", "reinforce_pp"])
+@pytest.mark.parametrize("sign", [1, -1], ids=["advantage", "flipped-advantage"])
+def test_each_critic_free_estimator_raises_a_rule_reward_and_lowers_it_when_flipped(tmp_path, tiny_model_dir,
+                                                                                     monkeypatch, estimator, sign):
+    if sign < 0:
+        policy_loss = losses.policy_loss
+        monkeypatch.setattr(losses, "policy_loss",
+                            lambda lp, old, adv, mask, clip: policy_loss(lp, old, -adv, mask, clip))
+    config = tiny_config(tmp_path, tiny_model_dir, estimator=estimator, steps=30, batch_size=16, mini_batch_size=8,
+                         max_new_tokens=16, kl_coef=0.1)
+    history = ppo.run(config, reward_fn=count_a)["history"]
+    first = sum(h["objective/scores"] for h in history[:5]) / 5
+    last = sum(h["objective/scores"] for h in history[-5:]) / 5
+    if sign > 0:
+        assert last > first + 0.75, (first, last)
+    else:
+        assert last < first, (first, last)
+
+
+def fewer_a(prompts, responses):
+    """A gold function the proxy `count_a` over-optimises: it rewards what count_a punishes."""
+    return [-float(r.count("a")) for r in responses]
+
+
+def test_the_guard_stops_on_the_proxy_gold_gap_and_keeps_the_best_policy(tmp_path, tiny_model_dir):
+    """count_a as the proxy and its opposite as gold: the proxy climbs while gold falls, so the gap passes the
+    limit within a few steps; the policy saved is the one that sampled the best-gold step."""
+    config = tiny_config(tmp_path, tiny_model_dir, estimator="rloo", steps=30, batch_size=16, mini_batch_size=8,
+                         max_new_tokens=16, kl_coef=0.1, gold="test_ppo:fewer_a", guard_gap=1.0, save_steps=1)
+    result = ppo.run(config, reward_fn=count_a)
+    history, guard = result["history"], result["guard"]
+    assert guard["stopped"] and "gap" in guard["stopped"] and len(history) < 30
+    assert all("objective/gold" in h and "guard/gap" in h for h in history)
+    golds = {h["step"]: h["objective/gold"] for h in history}
+    assert guard["best_step"] == max(golds, key=golds.get)
+    best = guard["best_step"]
+    # the policy that sampled step b is the one after b - 1 updates (checkpoint-(b-1)), or the start for b = 1
+    if best == 1:
+        expected = weights(tiny_model_dir)
+    else:
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(config.output_dir) / f"checkpoint-{best - 1}" / "model.safetensors"))
+        expected = {k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")}
+    saved = weights(config.output_dir)
+    assert set(saved) == set(expected) and all(torch.equal(saved[k], expected[k]) for k in expected)
+
+
+def test_the_guard_on_the_ensemble_spread():
+    guard = ppo.Guard(spread_limit=0.5)
+    steps = [(0.0, 0.1), (0.5, 0.2), (1.0, 0.3), (1.5, 0.9), (2.0, 1.2)]  # (proxy, spread)
+    best = []
+    for step, (proxy, spread) in enumerate(steps, 1):
+        metrics = {"step": step, "objective/scores": proxy, "objective/scores_std": 1.0,
+                   "objective/reward_spread": spread}
+        if guard.observe(metrics):
+            best.append(step)
+        if guard.stopped:
+            break
+    # mean spread of the last 3 steps: 0.2, 0.467 at step 4 ((0.2 + 0.3 + 0.9) / 3), 0.8 at step 5 -> stops at 5;
+    # proxy - spread: -0.1, 0.3, 0.7, 0.6 -> step 3 is the best
+    assert step == 5 and "spread" in guard.stopped and guard.best_step == 3 and best == [1, 2, 3]
+    assert metrics["guard/spread"] == pytest.approx(0.8)
 
 
 @pytest.mark.slow
