@@ -235,11 +235,38 @@ def run(config: EvaluateConfig) -> dict:
     metrics = {"config": asdict(config), "n_prompts": len(prompts), "models": rows,
                "arena": human if config.db else None, "reward_model": _reward_evidence(config.reward),
                "best_prompt_baseline": best["label"] if best else None,
-               "seconds": round(time.perf_counter() - start, 1)}
+               "rl_curves": rl_curves(rows), "seconds": round(time.perf_counter() - start, 1)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out / "report.html").write_text(render_report(metrics, prompts, samples, config))
     _print_summary(metrics, out)
     return metrics
+
+
+def rl_curves(rows: list[dict]) -> dict:
+    """Per RL-trained model (a directory with the `rlhf ppo` metrics.jsonl), its training steps as the reward
+    model and the gold saw them: KL, proxy score, gold score (when the run scored one) and the ensemble's spread.
+    Gains are in units of step 1's spread over responses, so proxy and gold share an axis (as the guard measures
+    them): a proxy that keeps rising while the gold falls is over-optimisation (Gao et al. 2022, fig. 1)."""
+    curves = {}
+    for row in rows:
+        path = Path(str(row["model"])) / "metrics.jsonl"
+        if not row["label"].startswith("aligned") or not path.is_file():
+            continue
+        steps = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if not steps or "objective/scores" not in steps[0]:
+            continue
+        first = steps[0]
+
+        def gain(step: dict, key: str, first: dict = first) -> float | None:
+            if key not in step:
+                return None
+            return (step[key] - first[key]) / max(first.get(f"{key}_std", 1.0), 1e-6)
+
+        curves[row["label"]] = [{"step": m["step"], "kl": m["objective/kl"], "proxy": m["objective/scores"],
+                                 "gold": m.get("objective/gold"), "spread": m.get("objective/reward_spread"),
+                                 "proxy_gain": gain(m, "objective/scores"), "gold_gain": gain(m, "objective/gold")}
+                                for m in steps]
+    return curves
 
 
 # ---------------------------------------------------------------- report
@@ -285,6 +312,27 @@ def _plots(metrics: dict) -> list[tuple[str, str]]:
         ax.set_ylabel(score_key.replace("_", " "))
         ax.set_title("Reward vs KL frontier")
         plots.append(("Reward vs KL", _png(fig)))
+        plt.close(fig)
+    curves = metrics.get("rl_curves") or {}
+    if curves:
+        fig, ax = plt.subplots(figsize=(5.5, 3.5))
+        colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        has_gold = False
+        for i, (label, steps) in enumerate(curves.items()):
+            name = next((Path(str(m["model"])).name for m in aligned if m["label"] == label), label)
+            colour = colours[i % len(colours)]
+            kls = [s["kl"] for s in steps]
+            ax.plot(kls, [s["proxy_gain"] for s in steps], "-", color=colour, label=f"{name}: reward model")
+            if all(s["gold_gain"] is not None for s in steps):
+                has_gold = True
+                ax.plot(kls, [s["gold_gain"] for s in steps], "--", color=colour, label=f"{name}: gold")
+        ax.axhline(0, color="grey", linewidth=0.8)
+        ax.set_xlabel("KL(policy || reference) during training, nats per response")
+        ax.set_ylabel("gain since step 1 (step-1 std units)")
+        ax.set_title("Proxy vs gold reward during RL" if has_gold else "Reward-model score during RL")
+        ax.legend(fontsize=7)
+        plots.append(("Proxy and gold reward against KL, per RL step (the shape of Gao et al. 2022, fig. 1)",
+                      _png(fig)))
         plt.close(fig)
     return plots
 

@@ -1,39 +1,51 @@
-"""PPO with a reward model (Ziegler et al. 2019; Ouyang et al. 2022), the project's own since TRL 1.13 removed its
-PPOTrainer. `run` reads top to bottom: `prepare` (models, optimizer, prompts), then per step `train_step`, whose
-phases are functions of their own that a test can call:
-  1. `sample_rollout`: a response per prompt at `temperature` (left padding, KV cache); log pi(y_t) is taken from
-     the same logits the sampler used, divided by the temperature; everything after the first EOS is masked out;
-  2. `rollout_forward`: the reference's log-probs and the critic's values of the sampled tokens;
+"""RL with a reward model: PPO (Ziegler et al. 2019; Ouyang et al. 2022) and the critic-free estimators RLOO
+(Ahmadian et al. 2024), GRPO (Shao et al. 2024) and REINFORCE++ (Hu et al. 2025), one trainer of the project's own
+(TRL 1.13 removed its PPOTrainer; its GRPO and RLOO trainers are separate code paths). `estimator` picks how
+advantages are estimated; everything else (sampling, scoring, the clipped update, checkpoints) is shared. `run`
+reads top to bottom: `prepare` (models, optimizer, prompts), then per step `train_step`, whose phases are
+functions of their own that a test can call:
+  1. `sample_rollout`: `samples_per_prompt` responses per prompt (consecutive rows) at `temperature` (left
+     padding, KV cache); log pi(y_t) is taken from the same logits the sampler used, divided by the temperature;
+     everything after the first EOS is masked out;
+  2. `rollout_forward`: the reference's log-probs and (gae only) the critic's values of the sampled tokens;
   3. `score`: the reward model's score of the chat-formatted prompt + response (normalised with the statistics the
-     reward stage saved), or a Python reward such as a gold oracle;
+     reward stage saved), or a Python reward such as a gold oracle; a `gold` function is scored beside it;
   4. `shape_rewards`: minus `missing_eos_penalty` for responses that never ended, optional clipping, then the
-     per-token reward -beta * KL_t plus the score at the last response token (beta fixed or adaptive);
-  5. `estimate_advantages`: GAE (gamma 1, lambda 0.95), whitened: the seam where other estimators plug in;
-  6. `update`: `ppo_epochs` passes over shuffled minibatches: clipped policy loss + vf_coef * clipped value loss,
-     with gradient accumulation and clipping;
-  7. `step_metrics`, then the KL controller, metrics.jsonl and `_save_checkpoint`; at the end `save_policy`.
-Four models: the policy (actor, trained), the critic (value model, trained; initialised from the reward model's
-weights, its score head applied to every hidden state), a frozen reference (or, with LoRA, the policy with its
-adapter switched off) and a frozen reward model (or a `reward_fn`). The math lives in `rlhf/losses.py` as pure
-functions, the pieces of a rollout in `rlhf/rollout.py`. The implementation details of "The N Implementation
+     per-token reward -beta * KL_t plus the score at the last response token (beta fixed or adaptive); with the KL
+     as a loss term (GRPO) the score alone;
+  5. `estimate_advantages`: GAE over the critic's values, or RLOO's leave-one-out, GRPO's group-normalised or
+     REINFORCE++'s batch-normalised advantages (the math in rlhf/losses.py);
+  6. `update`: `ppo_epochs` passes over shuffled minibatches: the clipped policy loss, + vf_coef * the clipped
+     value loss with a critic, + beta * the k3 KL with the KL as a loss term; gradient accumulation and clipping;
+  7. `step_metrics`, then the over-optimisation `Guard` (optional: stop when the proxy-gold gap or the ensemble's
+     spread grows past a limit, keeping the best policy), the KL controller, metrics.jsonl and
+     `_save_checkpoint`; at the end `save_policy`.
+Up to four models: the policy (actor, trained), the critic (gae only: value model, trained; initialised from the
+reward model's weights, its score head applied to every hidden state), a frozen reference (or, with LoRA, the policy
+with its adapter switched off) and a frozen reward model (or a `reward_fn`). The math lives in `rlhf/losses.py` as
+pure functions, the pieces of a rollout in `rlhf/rollout.py`. The implementation details of "The N Implementation
 Details of RLHF with PPO" (Huang et al. 2024) all apply: dropout off, logits / temperature, left padding with
-position ids from the attention mask, reward normalisation, advantage whitening, the EOS penalty, value
-clipping, minibatches reshuffled every epoch.
+position ids from the attention mask, reward normalisation, advantage whitening, the EOS penalty, value clipping,
+minibatches reshuffled every epoch.
 
 Where this departs from the papers and from TRL 1.12's PPOTrainer: the score sits on the last response token (the
 EOS when there is one), not on the token after it; logits are computed only for response positions (the prompt's
 vocabulary projection is never needed); the reward model is fed token ids directly when it shares the policy's
 tokenizer and chat template (same formatting as `RewardModel.score`, without a decode/re-encode round trip); the
 first training micro-batch's critic forward (on the rollout's weights) gives its rows' rollout values, so the
-rollout's critic pass covers only the other rows. For speed on a CPU (docs/performance.md): training forwards
-under bf16 autocast use eager attention, sequence widths are rounded up to multiples of 8, AdamW is the fused one,
-and glibc keeps freed memory for the next micro-batch's tensors (`rlhf.models.reuse_freed_memory`). With LoRA the
-frozen base is held in the compute precision.
+rollout's critic pass covers only the other rows. The critic-free estimators keep PPO's clipped ratio (with one
+minibatch and ppo_epochs 1 the ratio is 1 at the only update, and the loss is plain REINFORCE as Ahmadian et al.
+train), and every loss is a mean over the batch's tokens, not GRPO's mean of per-response means. The guard's state
+is not in checkpoints: a resumed run's guard starts afresh. For speed on a CPU (docs/performance.md): training
+forwards under bf16 autocast use eager attention, sequence widths are rounded up to multiples of 8, AdamW is the
+fused one, and glibc keeps freed memory for the next micro-batch's tensors (`rlhf.models.reuse_freed_memory`). With
+LoRA the frozen base is held in the compute precision.
 
 Runs under accelerate (`accelerate launch --config_file configs/accelerate/ddp.yaml -m rlhf.cli ppo ...`):
 one CPU, one GPU, DDP; configs for DeepSpeed ZeRO-2 and FSDP are in configs/accelerate/.
 
     rlhf ppo --config configs/ppo.yaml --reward_model runs/reward --steps 20 --batch_size 8 --max_new_tokens 32
+    rlhf ppo --reward_model runs/reward --estimator rloo --samples_per_prompt 4 --batch_size 16
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from rlhf.evaluate import (
     bradley_terry,
     distinct_n,
     response_logprobs,
+    rl_curves,
     run,
     win_rate,
 )
@@ -104,6 +105,26 @@ def test_report_escapes_model_output(tmp_path, tiny_model_dir):
     page = (tmp_path / "eval" / "report.html").read_text()
     assert "<script>alert" not in page and "<img src=x" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_rl_curves_put_proxy_and_gold_gains_on_one_axis_and_the_report_plots_them(tmp_path, tiny_model_dir):
+    rl = tmp_path / "rloo"
+    shutil.copytree(tiny_model_dir, rl)
+    steps = [{"step": 1, "objective/kl": 0.0, "objective/scores": 0.5, "objective/scores_std": 2.0,
+              "objective/gold": 0.1, "objective/gold_std": 0.5},
+             {"step": 2, "objective/kl": 3.0, "objective/scores": 1.5, "objective/scores_std": 2.0,
+              "objective/gold": 0.0, "objective/gold_std": 0.5}]
+    (rl / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in steps))
+    rows = [{"label": "base", "model": tiny_model_dir}, {"label": "aligned 1", "model": tiny_model_dir},
+            {"label": "aligned 2", "model": str(rl)}]
+    curves = rl_curves(rows)
+    assert list(curves) == ["aligned 2"]  # a model without RL metrics has no curve
+    # step 2: proxy (1.5 - 0.5) / 2 = 0.5 std up, gold (0.0 - 0.1) / 0.5 = 0.2 std down
+    assert [(c["kl"], c["proxy_gain"], c["gold_gain"]) for c in curves["aligned 2"]] == [(0.0, 0.0, 0.0),
+                                                                                       (3.0, 0.5, -0.2)]
+    metrics = run(_config(tmp_path, tiny_model_dir, str(rl), limit=2))
+    assert metrics["rl_curves"]["aligned"][1]["gold_gain"] == pytest.approx(-0.2)
+    assert "Proxy and gold reward against KL" in (tmp_path / "eval" / "report.html").read_text()
 
 
 def test_bad_config_is_rejected():
