@@ -11,8 +11,9 @@ task yet). Labels come from simulated annotators (a gold function with Bradley-T
 the labeling app: then the loop waits, printing a progress line, until the round's tasks have their votes.
 
 `rlhf demo` is this loop on the embedded SmolLM2-135M-Instruct with the controlled-sentiment task of the DPO
-paper (§6.1): VADER sentiment as the gold function, prompts asking for film reviews, one round of DPO and of RL
-with a reward model, and a report of both aligned models vs base and vs a prompt baseline.
+paper (§6.1): VADER sentiment as the gold function, prompts asking for film reviews, one round of DPO and of RLOO
+with a reward model (the critic-free estimator that measured best: docs/performance.md), and a report of both
+aligned models vs base and vs a prompt baseline.
 
 Each stage is configured by a section of the loop's config holding that stage's own options (`ppo: {steps: 20}`
 in YAML, `--ppo.steps 20` on the command line), merged over the stage's defaults.
@@ -58,7 +59,7 @@ class LoopConfig:
     # Labeling and alignment
     labeler: str = field("simulated", "simulated (gold + Bradley-Terry noise) or human (wait for the app's votes).")
     poll_seconds: float = field(10.0, "With labeler=human: seconds between progress checks.")
-    align: list[str] = field(["dpo", "ppo"], "Alignment methods, compared side by side in the report: dpo, and RL "
+    align: list[str] = field(["dpo", "rloo"], "Alignment methods, compared side by side in the report: dpo, and RL "
                              "against a reward model trained on the same pairs: ppo, rloo, grpo, reinforce_pp (the "
                              "`ppo` section configures every RL method; `rlhf ppo --estimator`). 'both' = dpo ppo.")
     # The stages, each with its own options

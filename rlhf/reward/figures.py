@@ -126,7 +126,7 @@ def verdict(accuracy_ci: tuple[float, float, float], ceiling: float | None) -> s
     acc, lo, hi = accuracy_ci
     if lo <= 0.5:
         return (f"no better than chance on the held-out pairs (accuracy {acc:.3f}, 95 % interval [{lo:.3f}, "
-                f"{hi:.3f}] includes 0.5): PPO would optimise noise")
+                f"{hi:.3f}] includes 0.5): on this evidence, RL against it may optimise noise")
     near = f", {acc / ceiling:.0%} of the labels' own agreement with the gold ({ceiling:.3f})" if ceiling else ""
     return f"better than chance (accuracy {acc:.3f} [{lo:.3f}, {hi:.3f}]){near}"
 
