@@ -417,6 +417,9 @@ def prepare(config: PPOConfig, reward_fn: Callable | None = None) -> PPORun:
                             "it without FSDP, or set guard_gap and guard_spread to 0")
         guard = Guard(gap_limit=config.guard_gap, spread_limit=config.guard_spread)
     parts = _load_models(config, accelerator, reward_fn)
+    if config.guard_spread and (parts["rm"] is None or parts["rm"].size < 2):
+        raise UserError("guard_spread watches an ensemble's members disagree: give a reward model trained with "
+                        "`rlhf reward --ensemble K` (K >= 2), or set guard_spread to 0")
     model = PolicyAndCritic(parts["policy"], parts["critic"], eager_training=not config.gradient_checkpointing)
     # The fused AdamW (one kernel over all parameters, as transformers' Trainer defaults to) is faster than the
     # for-each one and allocates no parameter-sized temporaries.

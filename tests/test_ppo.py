@@ -277,6 +277,11 @@ def test_the_guard_stops_on_the_proxy_gold_gap_and_keeps_the_best_policy(tmp_pat
     assert set(saved) == set(expected) and all(torch.equal(saved[k], expected[k]) for k in expected)
 
 
+def test_the_spread_guard_needs_an_ensemble(tmp_path, tiny_model_dir, tiny_reward_dir):
+    with pytest.raises(UserError, match="ensemble"):
+        ppo.prepare(tiny_config(tmp_path, tiny_model_dir, reward_model=tiny_reward_dir, reward_fn="", guard_spread=0.5))
+
+
 def test_the_guard_on_the_ensemble_spread():
     guard = ppo.Guard(spread_limit=0.5)
     steps = [(0.0, 0.1), (0.5, 0.2), (1.0, 0.3), (1.5, 0.9), (2.0, 1.2)]  # (proxy, spread)
