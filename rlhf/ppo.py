@@ -81,6 +81,9 @@ from rlhf.rollout import (
     round_up,
 )
 
+# How each estimator's run is named in progress bars, summaries and the loop's report.
+METHOD_NAMES = {"gae": "PPO", "rloo": "RLOO", "grpo": "GRPO", "reinforce_pp": "REINFORCE++"}
+
 
 @dataclass
 class PPOConfig:
@@ -204,8 +207,7 @@ class PPOConfig:
             raise ValueError("kl_estimator must be k1 or k3, lr_schedule linear or constant")
         if self.save_steps < 0 or self.logging_steps < 1 or (self.lora and min(self.lora_r, self.lora_alpha) < 1):
             raise ValueError("save_steps must be >= 0, logging_steps >= 1, lora_r and lora_alpha >= 1")
-        if self.estimator not in ("gae", "rloo", "grpo", "reinforce_pp") or self.kl_penalty not in ("auto", "reward",
-                                                                                                   "loss"):
+        if self.estimator not in METHOD_NAMES or self.kl_penalty not in ("auto", "reward", "loss"):
             raise ValueError("estimator must be gae, rloo, grpo or reinforce_pp; kl_penalty auto, reward or loss")
         if self.samples_per_prompt < 0:
             raise ValueError("samples_per_prompt must be >= 0 (0: the estimator's default)")
@@ -233,10 +235,6 @@ class PPOConfig:
         return self.kl_penalty == "loss" or (self.kl_penalty == "auto" and self.estimator == "grpo")
 
 
-
-
-# How each estimator's run is named in progress bars, summaries and the loop's report.
-METHOD_NAMES = {"gae": "PPO", "rloo": "RLOO", "grpo": "GRPO", "reinforce_pp": "REINFORCE++"}
 
 
 # ---------------------------------------------------------------- the run's parts
@@ -308,7 +306,6 @@ class Rollout:
     kl: torch.Tensor | None = None  # (B, R), masked
     rewards: torch.Tensor | None = None  # (B, R), shaped (score at the last token, and -beta * KL_t when the KL is
     # in the reward)
-    texts: list[str] | None = None  # the decoded responses, as scored
     gold: torch.Tensor | None = None  # (B,), config.gold's scores, when set
     advantages: torch.Tensor | None = None  # (B, R), once estimated
 
@@ -602,7 +599,6 @@ def score(run: PPORun, rollout: Rollout) -> torch.Tensor:
     # The text as the store holds generated responses (rlhf.sample.generate_batch): specials dropped, stripped.
     texts = [t.strip() for t in run.tokenizer.batch_decode(response_ids, skip_special_tokens=True)]
     prompts = [run.prompts[i] for i in rollout.indices]
-    rollout.texts = texts
     if run.gold_fn is not None:
         rollout.gold = torch.tensor([float(g) for g in run.gold_fn(prompts, texts)], dtype=torch.float32)
     return run.scorer(prompts, [run.encoded[i] for i in rollout.indices], response_ids, texts).to(run.device)
