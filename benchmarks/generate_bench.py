@@ -1,11 +1,15 @@
-"""Batched generation (one left-padded batch, KV cache) against one prompt at a time, same model and tokens.
+"""transformers' batched `generate` against rlhf.sampler, same model, prompts, batch and token count, side by side.
 
-    python benchmarks/generate_bench.py                      # SmolLM2-135M-Instruct, batch 16, 32 new tokens
-    python benchmarks/generate_bench.py --model PATH --batch 8 --new-tokens 64 --repeats 3
+    python benchmarks/generate_bench.py                        # SmolLM2-135M-Instruct, batches 16 and 32, 48 tokens
+    python benchmarks/generate_bench.py --model PATH --batch 8 32 64 --new-tokens 64 --repeats 5
 
-Both sides generate exactly `--new-tokens` tokens per prompt (EOS suppressed by min_new_tokens), greedy, on the
-same prompts, interleaved over repeats so machine noise hits both; prints tokens/s and the speed-up.
-Target on a 2-core CPU with SmolLM2-135M: batched >= 4x.
+Both sides sample exactly `--new-tokens` tokens per row (transformers: min_new_tokens; the sampler: no EOS) at
+temperature 0.8, with top_p 1.0 (as RL rollouts sample) and 0.95 (as `rlhf generate` samples candidates), from the
+same left-padded batch, alternating over the repeats so that machine noise hits both; prints medians and ranges of
+tokens/s and the ratio. Beside them, two ceilings measured in the same run: compute-bound (2 FLOP per parameter
+per token at the machine's measured matmul rate in the model's dtype) and memory-bound (every weight read once per
+decoding step at the measured read bandwidth, the tighter one for small batches).
+Target on a 2-core CPU with SmolLM2-135M: sampler >= 3x transformers at batch 16 to 32.
 """
 
 from __future__ import annotations
@@ -20,46 +24,86 @@ import torch
 
 from rlhf.models import DEFAULT_MODEL, load
 from rlhf.sample import render_prompt
+from rlhf.sampler import sample
 
 PROMPTS = Path(__file__).resolve().parent.parent / "rlhf" / "data" / "sentiment_prompts.jsonl"
 
 
 @torch.no_grad()
-def timed_generate(model, tokenizer, texts: list[str], new_tokens: int) -> float:
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+def timed(side: str, model, enc, new_tokens: int, top_p: float, pad_id: int) -> float:
     start = time.perf_counter()
-    out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id)
+    if side == "hf":
+        out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
+                             temperature=0.8, top_p=top_p, top_k=None, pad_token_id=pad_id)
+        width = out.shape[1] - enc["input_ids"].shape[1]
+    else:
+        width = sample(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=new_tokens, temperature=0.8,
+                       top_p=top_p, pad_id=pad_id).tokens.shape[1]
     elapsed = time.perf_counter() - start
-    assert out.shape[1] - enc["input_ids"].shape[1] == new_tokens
+    assert width == new_tokens
     return elapsed
+
+
+def ceilings(model) -> tuple[float, float]:
+    """(matmul GFLOP/s in the model's dtype, read bandwidth GB/s), measured here."""
+    dtype = model.dtype
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    big = torch.ones(256 * 1024 * 1024 // 4, dtype=torch.float32)  # 256 MiB, past every cache
+    rates = []
+    for _ in range(3):
+        start = time.perf_counter()
+        a @ b
+        flops = 2 * 2048**3 / (time.perf_counter() - start)
+        start = time.perf_counter()
+        big.sum()
+        rates.append((flops / 1e9, big.numel() * 4 / (time.perf_counter() - start) / 1e9))
+    return max(r[0] for r in rates), max(r[1] for r in rates)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--batch", type=int, nargs="+", default=[16, 32])
+    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--top-p", type=float, nargs="+", default=[1.0, 0.95])
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="auto")
     args = ap.parse_args()
 
-    loaded = load(args.model, device=args.device)
-    prompts = [json.loads(line)["prompt"] for line in PROMPTS.read_text().splitlines()][: args.batch]
-    texts = [render_prompt(loaded.tokenizer, p) for p in prompts]
-    timed_generate(loaded.model, loaded.tokenizer, texts[:2], 4)  # warm-up
-
-    batched, single = [], []
-    for _ in range(args.repeats):
-        batched.append(timed_generate(loaded.model, loaded.tokenizer, texts, args.new_tokens))
-        single.append(sum(timed_generate(loaded.model, loaded.tokenizer, [t], args.new_tokens) for t in texts))
-    tokens = len(texts) * args.new_tokens
-    b, s = statistics.median(batched), statistics.median(single)
-    print(f"model {args.model} on {loaded.model.device}, {len(texts)} prompts x {args.new_tokens} new tokens, "
-          f"median of {args.repeats}, torch threads {torch.get_num_threads()}")
-    print(f"{'one prompt at a time':<24} {s:8.2f} s  {tokens / s:8.1f} tokens/s")
-    print(f"{'batched (left-padded)':<24} {b:8.2f} s  {tokens / b:8.1f} tokens/s")
-    print(f"speed-up batched / one-at-a-time: {s / b:.2f}x (target >= 4x)")
+    loaded = load(args.model, device=args.device, precision=args.precision)
+    model, tok = loaded.model, loaded.tokenizer
+    prompts = [json.loads(line)["prompt"] for line in PROMPTS.read_text().splitlines()]
+    tok.padding_side = "left"
+    gflops, bandwidth = ceilings(model)
+    params = sum(p.numel() for p in model.parameters())
+    weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
+                       if isinstance(m, torch.nn.Linear))
+    print(f"model {args.model} ({params / 1e6:.0f} M parameters, {model.dtype}) on {model.device}, "
+          f"{args.new_tokens} new tokens, median [range] of {args.repeats}, torch threads {torch.get_num_threads()}")
+    print(f"measured here: matmul {gflops:.0f} GFLOP/s, read bandwidth {bandwidth:.1f} GB/s, "
+          f"{weight_bytes / 1e6:.0f} MB of linear weights read per decoding step")
+    print(f"{'batch':>5} {'top_p':>5}  {'transformers tok/s':>22}  {'rlhf.sampler tok/s':>22}  {'ratio':>6}  "
+          f"{'compute-bound':>13}  {'memory-bound':>12}")
+    for batch in args.batch:
+        texts = [render_prompt(tok, p) for p in (prompts * (batch // len(prompts) + 1))[:batch]]
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        for top_p in args.top_p:
+            for side in ("hf", "sampler"):  # warm-up
+                timed(side, model, enc, 4, top_p, tok.pad_token_id)
+            times = {"hf": [], "sampler": []}
+            for _ in range(args.repeats):
+                for side in times:
+                    times[side].append(timed(side, model, enc, args.new_tokens, top_p, tok.pad_token_id))
+            tokens = batch * args.new_tokens
+            rate = {side: sorted(tokens / t for t in ts) for side, ts in times.items()}
+            cell = {side: f"{statistics.median(r):7.0f} [{r[0]:.0f}, {r[-1]:.0f}]" for side, r in rate.items()}
+            ratio = statistics.median(times["hf"]) / statistics.median(times["sampler"])
+            compute_bound = gflops * 1e9 / (2 * params)
+            memory_bound = batch * bandwidth * 1e9 / weight_bytes
+            print(f"{batch:>5} {top_p:>5}  {cell['hf']:>22}  {cell['sampler']:>22}  {ratio:5.2f}x  "
+                  f"{compute_bound:13.0f}  {memory_bound:12.0f}", flush=True)
+    print("target: ratio >= 3x at batch 16 to 32")
 
 
 if __name__ == "__main__":

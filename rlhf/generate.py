@@ -7,8 +7,8 @@ or, given a reward model, the closest-scored pair (given an ensemble, the pair i
 `random_share` of prompts kept random. The models load before anything is written; then each prompt's responses and
 tasks are written in one transaction
 (Store.add_candidates) as soon as its batch is done, so Ctrl+C keeps everything finished so far and leaves nothing
-half-written. `backend: vllm` samples with vLLM where it is installed (rlhf.sample.load_for_sampling;
-transformers otherwise, with a warning).
+half-written. The default `backend: sampler` samples with rlhf.sampler, `hf` with transformers' generate, `vllm`
+with vLLM where it is installed (rlhf.sample.load_for_sampling; the sampler otherwise, with a warning).
 
     rlhf generate --model smollm2-135m-instruct --prompts sentiment --limit 32 --n 2 --max_new_tokens 48
 """
@@ -27,7 +27,7 @@ from rlhf.config import field
 from rlhf.data import read_prompts
 from rlhf.models import DEFAULT_MODEL
 from rlhf.pairing import across_pairs, active_or_random_pair, random_pairs
-from rlhf.sample import generate_batch, load_for_sampling, render_prompt
+from rlhf.sample import BACKEND_HELP, BACKENDS, generate_batch, load_for_sampling, render_prompt
 from rlhf.store import Store, masked_url
 
 
@@ -53,8 +53,7 @@ class GenerateConfig:
     top_p: float = field(0.95, "Nucleus sampling.")
     batch_size: int = field(16, "Sequences generated per batch.")
     seed: int = field(0, "Random seed (sampling and pairing).")
-    backend: Literal["hf", "vllm"] = field("hf", "hf (transformers) or vllm (`pip install vllm`, GPU; falls back "
-                                           "to hf with a warning where vllm is not installed).")
+    backend: Literal["sampler", "hf", "vllm"] = field("sampler", BACKEND_HELP)
     # Tasks
     pairing: str = field("random", "random (within one model), across (one per model) or active (closest reward).")
     random_share: float = field(0.25, "With pairing=active: share of prompts that keep a random pair (unbiased eval).")
@@ -66,8 +65,8 @@ class GenerateConfig:
     skip_existing: bool = field(False, "Skip prompts that already have a task in this round (resume a generation).")
 
     def __post_init__(self):
-        if self.backend not in ("hf", "vllm"):
-            raise ValueError("backend must be hf or vllm")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}")
         if self.pairing not in ("random", "across", "active"):
             raise ValueError("pairing must be random, across or active")
         if self.pairing == "across" and not self.second_model:
@@ -91,7 +90,7 @@ def _generate_for(loaded, prompts: list, config: GenerateConfig, seed: int) -> t
     for start in range(0, len(texts), config.batch_size):
         results += generate_batch(loaded.model, loaded.tokenizer, texts[start : start + config.batch_size],
                                   max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                                  top_p=config.top_p, generator_seed=seed + start)
+                                  top_p=config.top_p, generator_seed=seed + start, backend=config.backend)
     grouped = [results[i * config.n : (i + 1) * config.n] for i in range(len(prompts))]
     return grouped, sum(r["new_tokens"] for r in results)
 
@@ -116,9 +115,10 @@ def run(config: GenerateConfig) -> dict:
         kept = [(p, i) for p, i in zip(prompts, prompt_ids) if i not in done]
         prompts, prompt_ids = [p for p, _ in kept], [i for _, i in kept]
     params = {k: getattr(config, k) for k in ("temperature", "top_p", "max_new_tokens", "seed", "system")}
-    # The backend that actually sampled (a vllm request without vllm installed samples with hf): same seed,
-    # different samples.
-    params["backend"] = "hf" if isinstance(policy.model, torch.nn.Module) else "vllm"
+    # The backend that actually sampled (a vllm request without vllm installed samples with the sampler): same
+    # seed, different samples.
+    params["backend"] = "vllm" if not isinstance(policy.model, torch.nn.Module) else (
+        "hf" if config.backend == "hf" else "sampler")
     rng = random.Random(config.seed)
     written = {"prompts": 0, "responses": 0, "tasks": 0}
     start = time.perf_counter()

@@ -63,7 +63,7 @@ from typing import Any, Literal
 
 import torch
 
-from rlhf import losses
+from rlhf import losses, sampler
 from rlhf.config import UserError, field, resume_checkpoint
 from rlhf.models import DEFAULT_MODEL
 from rlhf.rollout import (
@@ -118,6 +118,9 @@ class PPOConfig:
     temperature: float = field(0.7, "Sampling temperature; log-probs are computed from logits / temperature.")
     stop_at_eos: bool = field(True, "Stop sampling a response at its EOS (false: always sample max_new_tokens; "
                               "tokens after the first EOS are masked out either way).")
+    sampler: Literal["sampler", "hf"] = field(
+        "sampler", "Rollout sampling: sampler (rlhf.sampler, our decode loop) or hf (transformers' generate). "
+        "Under FSDP or DeepSpeed rollouts use hf: every process must run each forward in step.")
     # Reward
     normalize_reward: bool = field(True, "Normalise reward-model scores with the mean/std the reward stage saved.")
     reward_ensemble: Literal["mean", "conservative", "worst"] = field(
@@ -532,17 +535,26 @@ def sample_rollout(run: PPORun, step: int) -> Rollout:
     prompt_ids, prompt_mask = prompt_ids.to(run.device), prompt_mask.to(run.device)
     Q = prompt_ids.shape[1]
     run.model.eval()
-    recorder = SampledLogprobs(config.temperature)
-    with torch.no_grad():
-        sequences = run.model(
-            prompt_ids, prompt_mask, mode="generate", max_new_tokens=config.max_new_tokens, do_sample=True,
-            temperature=config.temperature, top_k=0, top_p=1.0, repetition_penalty=1.0,
-            eos_token_id=run.eos_ids if config.stop_at_eos else None, pad_token_id=tokenizer.pad_token_id,
-            logits_processor=LogitsProcessorList([recorder]),
-            # With sharded weights every process must run the same number of decoding steps (each gathers them).
-            synced_gpus=run.accelerator.distributed_type == DistributedType.FSDP)
-    responses = sequences[:, Q:]  # (B, R)
-    logprobs = recorder.result(responses)  # (B, R)
+    eos_ids = run.eos_ids if config.stop_at_eos else None
+    if config.sampler == "hf" or run.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        recorder = SampledLogprobs(config.temperature)
+        with torch.no_grad():
+            sequences = run.model(
+                prompt_ids, prompt_mask, mode="generate", max_new_tokens=config.max_new_tokens, do_sample=True,
+                temperature=config.temperature, top_k=0, top_p=1.0, repetition_penalty=1.0, eos_token_id=eos_ids,
+                pad_token_id=tokenizer.pad_token_id, logits_processor=LogitsProcessorList([recorder]),
+                # With sharded weights every process must run the same number of decoding steps (each gathers them).
+                synced_gpus=run.accelerator.distributed_type == DistributedType.FSDP)
+        responses = sequences[:, Q:]  # (B, R)
+        logprobs = recorder.result(responses)  # (B, R)
+    else:
+        # The unwrapped policy (under DDP its weights are the wrapped one's), in the training forward's autocast.
+        policy = run.accelerator.unwrap_model(run.model).policy
+        with run.accelerator.autocast():
+            drawn = sampler.sample(policy, prompt_ids, prompt_mask, max_new_tokens=config.max_new_tokens,
+                                   temperature=config.temperature, eos_ids=eos_ids or (),
+                                   pad_id=tokenizer.pad_token_id)
+        responses, logprobs = drawn.tokens, drawn.logprobs  # (B, R), (B, R)
     mask, ended = response_mask(responses, run.eos_ids)  # (B, R), (B,)
     # When every response stopped early, pad the columns up to a bucketed width too (masked out).
     extra = min(config.max_new_tokens, round_up(responses.shape[1])) - responses.shape[1]

@@ -344,7 +344,7 @@ def test_the_checkpoint_with_the_lowest_held_out_loss_is_the_one_kept(tmp_path, 
                                "rule": "lowest held-out loss"}
     # The saved model is that checkpoint: its held-out loss, through the scoring path, is the best one logged.
     assert metrics["eval_loss"] == pytest.approx(log[best_step], abs=1e-4)
-    reloaded = RewardModel.load(str(tmp_path / "rm"))
+    reloaded = RewardModel.load(str(tmp_path / "rm"), precision="fp32")  # as trained: `auto` may be bf16
     test = [json.loads(line) for line in (tmp_path / "flipped" / "test.jsonl").read_text().splitlines()]
     chosen = reloaded.score([r["prompt"] for r in test], [r["chosen"] for r in test])
     rejected = reloaded.score([r["prompt"] for r in test], [r["rejected"] for r in test])

@@ -54,19 +54,19 @@ def test_cli_sample_from_a_fresh_process(tiny_model_dir, tmp_path):
     assert "### Hello there" in out.stdout and "tokens" in out.stdout
 
 
-def test_vllm_backend_falls_back_to_hf_with_one_warning(tiny_model_dir, monkeypatch):
+def test_vllm_backend_falls_back_to_the_sampler_with_one_warning(tiny_model_dir, monkeypatch):
     from rlhf import sample
 
     # None in sys.modules makes `import vllm` fail, as where vllm is not installed (it is imported only when asked).
     monkeypatch.setitem(sys.modules, "vllm", None)
     monkeypatch.setattr(sample, "_warned_no_vllm", False)
     common = dict(model=tiny_model_dir, prompt=["a", "b"], n=2, max_new_tokens=6, device="cpu", temperature=0.9)
-    hf = run(load_config(SampleConfig, **common))
+    default = run(load_config(SampleConfig, **common))
     with pytest.warns(UserWarning, match="vllm is not installed") as caught:
         first = run(load_config(SampleConfig, backend="vllm", **common))
         second = run(load_config(SampleConfig, backend="vllm", **common))
     assert len([w for w in caught if "vllm" in str(w.message)]) == 1  # warned once per process
-    assert first == second == hf
+    assert first == second == default
 
 
 def test_generate_batch_takes_a_vllm_engine(tiny_model_dir, monkeypatch):
@@ -99,3 +99,17 @@ def test_generate_batch_takes_a_vllm_engine(tiny_model_dir, monkeypatch):
     assert (seen["params"][0].max_tokens, seen["params"][0].temperature, seen["params"][0].top_p) == (4, 0.7, 0.9)
     assert out[0] == {"text": "Hello", "token_ids": hello + [eos], "new_tokens": len(hello) + 1, "ended_with_eos": True}
     assert out[1]["ended_with_eos"] is False and out[1]["token_ids"] == hello + hello
+
+
+def test_a_generation_config_rule_the_sampler_lacks_samples_with_transformers(tiny_model_dir, monkeypatch):
+    from rlhf import sample
+
+    monkeypatch.setattr(sample, "_warned_settings", [])
+    loaded = load(tiny_model_dir, device="cpu")
+    tok = loaded.tokenizer
+    texts = [render_prompt(tok, p) for p in ["Hi", "Hello there"]]
+    # Every token but EOS suppressed: transformers' generate must stop at once; ignoring the rule would not.
+    loaded.model.generation_config.suppress_tokens = [i for i in range(len(tok)) if i != tok.eos_token_id]
+    with pytest.warns(UserWarning, match="suppress_tokens"):
+        out = generate_batch(loaded.model, tok, texts, max_new_tokens=8, temperature=0.9, generator_seed=0)
+    assert [r["new_tokens"] for r in out] == [1, 1] and all(r["ended_with_eos"] for r in out)

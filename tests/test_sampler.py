@@ -1,0 +1,137 @@
+"""rlhf.sampler: the same distribution as transformers' sampling, the same tokens and log-probs as a full forward,
+reproducible seeds, EOS handling, and packed bf16 weights that follow the model's updates."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from rlhf import losses, rollout
+from rlhf.models import load
+from rlhf.sample import render_prompt
+from rlhf.sampler import _packs, draw, next_tokens, nucleus, packed_linears, sample
+
+PROMPTS = ["Hi", "Write a short review of the film Alien, in some detail please.", "What is the capital of France?"]
+
+
+def _batch(tok):
+    rows = [tok(render_prompt(tok, p), add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    assert len({len(r) for r in rows}) == 3  # really padded
+    return rollout.left_pad(rows, tok.pad_token_id)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 0.9), (0.7, 0.5), (1.3, 0.99), (0.8, 0.05)])
+def test_nucleus_is_transformers_top_p(temperature, top_p):
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    logits = torch.randn(6, 500, generator=torch.Generator().manual_seed(0)) * 3
+    scaled = logits / temperature
+    ours = torch.zeros_like(logits)
+    # k=4 is too few for most rows: the search must widen until every nucleus ends inside.
+    kept, ids = nucleus(torch.softmax(scaled, -1), top_p, k=4)
+    ours.scatter_(1, ids, kept)
+    ours /= ours.sum(-1, keepdim=True)
+    warped = TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(temperature)(None, logits.clone()))
+    assert torch.allclose(ours, torch.softmax(warped, -1), atol=1e-6)
+    sizes = (ours > 0).sum(-1)
+    assert (sizes > 4).any() if top_p >= 0.5 else (sizes == 1).all()  # the widening mattered; or one token left
+
+
+def test_draw_follows_the_probabilities():
+    probs = torch.tensor([0.5, 0.0, 0.2, 0.25, 0.0, 0.05])
+    n = 200_000
+    drawn = draw(probs.expand(n, -1) * 3.0, torch.Generator().manual_seed(1))  # unnormalised is fine
+    freq = torch.bincount(drawn, minlength=6).double() / n
+    assert freq[1] == freq[4] == 0  # zero-probability tokens never come out
+    sigma = (probs.double() * (1 - probs.double()) / n).sqrt()
+    assert ((freq - probs.double()).abs() <= 5 * sigma + 1e-12).all(), freq
+
+
+def test_next_tokens_records_the_temperature_log_prob_before_the_nucleus():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(2))
+    token, logp = next_tokens(logits, 0.7, top_p=0.8, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(logp, torch.log_softmax(logits / 0.7, -1).gather(1, token[:, None]).squeeze(1))
+    greedy, _ = next_tokens(logits, 0.0)
+    assert torch.equal(greedy, logits.argmax(-1))
+
+
+def test_greedy_equals_transformers_generate_on_padded_rows(tiny_model_dir):
+    loaded = load(tiny_model_dir, device="cpu", precision="fp32")
+    model, tok = loaded.model, loaded.tokenizer
+    ids, mask = _batch(tok)
+    hf = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[:, ids.shape[1]:]
+    ours = sample(model, ids, mask, max_new_tokens=16, temperature=0.0, eos_ids=[tok.eos_token_id],
+                  pad_id=tok.pad_token_id)
+    assert torch.equal(ours.tokens, hf[:, : ours.tokens.shape[1]])
+
+
+def test_sampled_log_probs_equal_a_full_forward_and_seeds_reproduce(tiny_model_dir):
+    loaded = load(tiny_model_dir, device="cpu", precision="fp32")
+    model, tok = loaded.model, loaded.tokenizer
+    ids, mask = _batch(tok)
+
+    def draw_with(seed):
+        return sample(model, ids, mask, max_new_tokens=12, temperature=0.7, eos_ids=[tok.eos_token_id],
+                      pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(seed))
+
+    first = draw_with(0)
+    assert torch.equal(first.tokens, draw_with(0).tokens)
+    assert not torch.equal(first.tokens, draw_with(1).tokens)
+    responses = first.tokens
+    response_mask, ended = rollout.response_mask(responses, [tok.eos_token_id])
+    assert torch.equal(ended, first.ended) and torch.equal(response_mask.sum(1), first.lengths)
+    attention = torch.cat([mask, response_mask], 1)
+    with torch.no_grad():
+        logits = rollout.policy_logits(model, torch.cat([ids, responses], 1), attention,
+                                       rollout.positions(attention), responses.shape[1])
+    forward = losses.logprobs_from_logits(logits / 0.7, responses)
+    assert torch.allclose(first.logprobs, forward * response_mask, atol=1e-4)
+
+
+def test_rows_stop_at_their_eos_and_the_loop_at_the_last(tiny_model_dir):
+    loaded = load(tiny_model_dir, device="cpu", precision="fp32")
+    model, tok = loaded.model, loaded.tokenizer
+    ids, mask = _batch(tok)
+    vocab = model.config.vocab_size
+    every = sample(model, ids, mask, max_new_tokens=10, temperature=1.0, eos_ids=range(vocab), pad_id=tok.pad_token_id)
+    assert every.tokens.shape == (3, 1) and every.ended.all() and every.lengths.tolist() == [1, 1, 1]
+    half = list(range(0, vocab, 2))
+    out = sample(model, ids.repeat(4, 1), mask.repeat(4, 1), max_new_tokens=10, temperature=1.5, eos_ids=half,
+                 pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0))
+    assert len(set(out.lengths.tolist())) > 1  # rows ended at different steps
+    for row, logp, length, ended in zip(out.tokens, out.logprobs, out.lengths, out.ended):
+        is_eos = torch.isin(row, torch.tensor(half)) & (row != tok.pad_token_id)
+        assert bool(ended) == bool(is_eos[:length].any())
+        if ended:
+            assert int(is_eos.nonzero()[0, 0]) == length - 1  # the first EOS ends the row
+        assert (row[length:] == tok.pad_token_id).all() and (logp[length:] == 0).all() and (logp[:length] < 0).all()
+    never = sample(model, ids, mask, max_new_tokens=7, temperature=1.0, pad_id=tok.pad_token_id)
+    assert never.tokens.shape == (3, 7) and not never.ended.any()
+
+
+def test_packed_bf16_linears_match_and_follow_weight_updates(tiny_model_dir):
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this CPU has no oneDNN bf16 kernels, so nothing is packed")
+    model = load(tiny_model_dir, device="cpu", precision="bf16").model
+    ids = torch.randint(0, model.config.vocab_size, (4, 9))
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+
+    def logits(packed: bool):
+        with torch.no_grad(), packed_linears(model, 4) if packed else contextlib.nullcontext():
+            if packed:
+                assert all("forward" in m.__dict__ for m in linears)
+            return model(input_ids=ids).logits.float()
+
+    old = logits(True)
+    assert torch.allclose(old, logits(False), atol=0.05, rtol=0.02)
+    assert not any("forward" in m.__dict__ for m in linears)  # restored after the block
+    before = _packs[model][1][0][0]
+    with torch.no_grad():
+        linears[0].weight.mul_(-1.0)  # an optimizer step, in place: the packs must be made again
+    updated = logits(True)
+    assert _packs[model][1][0][0] is not before
+    assert torch.allclose(updated, logits(False), atol=0.05, rtol=0.02)
+    assert not torch.allclose(updated, old, atol=0.05)  # the update changed the output, so stale packs would show
