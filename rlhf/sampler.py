@@ -6,7 +6,7 @@ mostly not arithmetic. transformers draws each token with `torch.multinomial`, w
 per vocabulary entry (16 x 49,152 for SmolLM2 at batch 16, every step), and every bf16 linear layer lays its weight
 out again for oneDNN at every call. This loop draws one uniform number per row and inverts the cumulative
 distribution (the same distribution, `draw`), and on a CPU in bf16 runs the linear layers on weights packed for
-oneDNN once (`packed_linears`), packed again only when they change (after an RL update). What that buys, measured:
+oneDNN once per call (`packed_linears`). What that buys, measured:
 docs/performance.md and benchmarks/generate_bench.py.
 
 The log-prob of every sampled token at the sampling temperature is recorded as it is drawn (RL needs it as the
@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -99,10 +98,6 @@ def unimplemented_settings(model) -> list[str]:
 
 # ---------------------------------------------------------------- packed linear layers (CPU, bf16)
 
-# model -> (what the packs were made from, the packed weights and biases): a model's packs live as long as it does.
-_packs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def _pack_dtype(model: torch.nn.Module) -> torch.dtype | None:
     """The dtype the linear layers compute in during sampling when packing pays, else None. Only bf16 on a CPU with
     oneDNN's bf16 kernels: for fp32, oneDNN's packed path measured slower than the default (docs/performance.md)."""
@@ -124,30 +119,21 @@ def _packed_forward(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torc
 @contextlib.contextmanager
 def packed_linears(model: torch.nn.Module, rows: int):
     """Within the block, every plain `nn.Linear` of `model` runs on a copy of its weight packed for oneDNN
-    (a no-op where `_pack_dtype` says packing does not pay). The packs are kept with the model and made again
-    when any weight or bias has changed since (tensor version counters: an optimizer step or a load bumps them).
-    `rows`: the decoding batch, oneDNN's layout hint."""
+    (a no-op where `_pack_dtype` says packing does not pay). Packed afresh on every entry: a decode saves more than
+    the packing costs, and no cheaper test tells reliably that weights changed (the fused AdamW that RL trains with
+    updates them without bumping their version counters). `rows`: the decoding batch, oneDNN's layout hint."""
     dtype = _pack_dtype(model)
     if dtype is None:
         yield
         return
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]  # subclasses (quantised ones) as they are
-    made_from = (dtype, tuple((id(m.weight), m.weight._version, None if m.bias is None else m.bias._version)
-                              for m in linears))
-    entry = _packs.get(model)
-    if entry is None or entry[0] != made_from:
-        packs = []
-        for m in linears:
-            try:
-                weight = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach().to(dtype), rows)
-            except RuntimeError:  # a shape or layout oneDNN will not pack: that layer runs unchanged
-                packs.append(None)
-                continue
-            packs.append((weight, None if m.bias is None else m.bias.detach().to(dtype)))
-        entry = _packs[model] = (made_from, packs)
-    for m, pack in zip(linears, entry[1]):
-        if pack is not None:
-            m.forward = functools.partial(_packed_forward, pack[0], pack[1], dtype)
+    for m in linears:
+        try:
+            weight = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach().to(dtype), rows)
+        except RuntimeError:  # a shape or layout oneDNN will not pack: that layer runs unchanged
+            continue
+        bias = None if m.bias is None else m.bias.detach().to(dtype)
+        m.forward = functools.partial(_packed_forward, weight, bias, dtype)
     try:
         yield
     finally:

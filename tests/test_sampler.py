@@ -11,7 +11,7 @@ import torch
 from rlhf import losses, rollout
 from rlhf.models import load
 from rlhf.sample import render_prompt
-from rlhf.sampler import _packs, draw, next_tokens, nucleus, packed_linears, sample
+from rlhf.sampler import draw, next_tokens, nucleus, packed_linears, sample
 
 PROMPTS = ["Hi", "Write a short review of the film Alien, in some detail please.", "What is the capital of France?"]
 
@@ -112,15 +112,17 @@ def test_rows_stop_at_their_eos_and_the_loop_at_the_last(tiny_model_dir):
     assert never.tokens.shape == (3, 7) and not never.ended.any()
 
 
-def test_packed_bf16_linears_match_and_follow_weight_updates(tiny_model_dir):
+def test_packed_bf16_linears_match_and_follow_a_fused_adamw_step(tiny_model_dir):
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         pytest.skip("this CPU has no oneDNN bf16 kernels, so nothing is packed")
-    model = load(tiny_model_dir, device="cpu", precision="bf16").model
+    # As RL trains: fp32 weights, bf16 autocast, the fused AdamW (which does not bump tensor version counters).
+    model = load(tiny_model_dir, device="cpu", precision="fp32").model
     ids = torch.randint(0, model.config.vocab_size, (4, 9))
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
 
     def logits(packed: bool):
-        with torch.no_grad(), packed_linears(model, 4) if packed else contextlib.nullcontext():
+        packing = packed_linears(model, 4) if packed else contextlib.nullcontext()
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16), packing:
             if packed:
                 assert all("forward" in m.__dict__ for m in linears)
             return model(input_ids=ids).logits.float()
@@ -128,10 +130,9 @@ def test_packed_bf16_linears_match_and_follow_weight_updates(tiny_model_dir):
     old = logits(True)
     assert torch.allclose(old, logits(False), atol=0.05, rtol=0.02)
     assert not any("forward" in m.__dict__ for m in linears)  # restored after the block
-    before = _packs[model][1][0][0]
-    with torch.no_grad():
-        linears[0].weight.mul_(-1.0)  # an optimizer step, in place: the packs must be made again
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+    model(input_ids=ids).logits.logsumexp(-1).mean().backward()
+    optimizer.step()
     updated = logits(True)
-    assert _packs[model][1][0][0] is not before
+    assert not torch.allclose(updated, old, atol=0.05)  # the step changed the output, so stale packs would show
     assert torch.allclose(updated, logits(False), atol=0.05, rtol=0.02)
-    assert not torch.allclose(updated, old, atol=0.05)  # the update changed the output, so stale packs would show
