@@ -65,7 +65,9 @@ class LoopConfig:
     # The stages, each with its own options
     generate: dict = section(
         "rlhf.generate:GenerateConfig", "Candidates for labeling (`rlhf generate`); `limit` = prompts per round.",
-        {"limit": 128, "n": 2, "max_new_tokens": 48, "temperature": 0.8, "batch_size": 32, "overlap": 1},
+        # A ranking of 4 responses per prompt: 6 pairs from 4 samples, so a held-out split of 13 prompts holds 78
+        # pairs, and the reward model learns from 690 (docs/performance.md, "RL estimators on the demo's task").
+        {"limit": 128, "n": 4, "rank": 4, "max_new_tokens": 48, "temperature": 0.8, "batch_size": 32, "overlap": 1},
         fixed=("model", "db", "prompts", "split", "round", "seed", "device", "precision", "skip_existing"))
     label_sim: dict = section(
         "rlhf.annotators:LabelSimConfig", "The simulated annotator (`rlhf label-sim`), with labeler=simulated.",
@@ -75,14 +77,14 @@ class LoopConfig:
         fixed=("db", "out", "seed"))
     dpo: dict = section(
         "rlhf.dpo:DPOConfig", "DPO on the exported pairs (`rlhf dpo`), with dpo in align.",
-        {"learning_rate": 5e-5, "beta": 0.1, "epochs": 1.0, "batch_size": 8, "lora": False, "max_length": 160,
-         "logging_steps": 4},
+        {"learning_rate": 5e-5, "beta": 0.1, "epochs": 1.0, "max_steps": 15, "batch_size": 8, "lora": False,
+         "max_length": 160, "logging_steps": 4},
         fixed=("model", "data", "output_dir", "device", "precision", "seed"))
     reward: dict = section(
         "rlhf.reward:RewardConfig", "The reward model on the exported pairs (`rlhf reward`), for the RL methods; "
         "model '' = the round's policy (the critic then starts from the reward model; with another backbone, from "
         "the policy with a zero value head).",
-        {"model": "minilm-l6", "learning_rate": 1e-4, "epochs": 4.0, "batch_size": 8, "max_length": 160},
+        {"model": "minilm-l6", "learning_rate": 1e-4, "epochs": 2.0, "batch_size": 8, "max_length": 160},
         fixed=("data", "output_dir", "device", "precision", "seed", "gold"))
     ppo: dict = section(
         "rlhf.ppo:PPOConfig", "RL against the round's reward model (`rlhf ppo`), for every RL method in align (the "

@@ -140,6 +140,7 @@ def test_a_round_on_postgresql(tmp_path, tiny_model_dir, store_url, capsys):
     out = capsys.readouterr().out
     assert "store:" in out and (not password or f":{password}@" not in out)  # the URL is printed masked
     store = Store(store_url)
-    assert len(store.tasks(round=1)) == 6 and len(store.votes(round=1)) == 6
+    # The demo's default tasks: one ranking of 4 per prompt.
+    assert len(store.tasks(round=1, kind="rank")) == 6 and len(store.votes(round=1, kind="rank")) == 6
     assert not (tmp_path / "pg" / "store.db").exists()
     assert (tmp_path / "pg" / "round-1" / "dpo" / "model.safetensors").is_file()
