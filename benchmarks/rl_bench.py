@@ -84,8 +84,9 @@ def peak_rss_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
-def record_generated_widths() -> list[int]:
-    """Every `generate` call of this process appends how many new tokens it produced (the same for every row)."""
+def record_generated_widths(ours: bool = False) -> list[int]:
+    """Every `generate` call of this process (and with `ours`, every `rlhf.sampler.sample` call: our rollouts'
+    sampler) appends how many new tokens it produced (the same for every row). TRL's worker never imports rlhf."""
     from transformers.generation.utils import GenerationMixin
 
     widths: list[int] = []
@@ -98,13 +99,24 @@ def record_generated_widths() -> list[int]:
         return out
 
     GenerationMixin.generate = generate
+    if ours:
+        from rlhf import sampler
+
+        original_sample = sampler.sample
+
+        def sample(*args, **kwargs):
+            out = original_sample(*args, **kwargs)
+            widths.append(out.tokens.shape[1])
+            return out
+
+        sampler.sample = sample
     return widths
 
 
 def worker_ours(job: dict) -> dict:
     from rlhf.ppo import PPOConfig, run
 
-    widths = record_generated_widths()
+    widths = record_generated_widths(ours=True)
     config = PPOConfig(
         model=job["policy"], reward_model=job["reward"], prompts=job["prompts_file"], prompt_split="",
         estimator=job["estimator"], samples_per_prompt=job["k"], kl_penalty=KL_PENALTY[job["estimator"]],
