@@ -28,6 +28,7 @@ from rlhf.data import read_prompts
 from rlhf.models import DEFAULT_MODEL
 from rlhf.pairing import across_pairs, active_or_random_pair, random_pairs
 from rlhf.sample import BACKEND_HELP, BACKENDS, generate_batch, load_for_sampling, render_prompt
+from rlhf.sampler import unimplemented_settings
 from rlhf.store import Store, masked_url
 
 
@@ -118,7 +119,7 @@ def run(config: GenerateConfig) -> dict:
     # The backend that actually sampled (a vllm request without vllm installed samples with the sampler): same
     # seed, different samples.
     params["backend"] = "vllm" if not isinstance(policy.model, torch.nn.Module) else (
-        "hf" if config.backend == "hf" else "sampler")
+        "hf" if config.backend == "hf" or unimplemented_settings(policy.model) else "sampler")
     rng = random.Random(config.seed)
     written = {"prompts": 0, "responses": 0, "tasks": 0}
     start = time.perf_counter()

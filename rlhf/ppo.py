@@ -118,9 +118,10 @@ class PPOConfig:
     temperature: float = field(0.7, "Sampling temperature; log-probs are computed from logits / temperature.")
     stop_at_eos: bool = field(True, "Stop sampling a response at its EOS (false: always sample max_new_tokens; "
                               "tokens after the first EOS are masked out either way).")
-    sampler: Literal["sampler", "hf"] = field(
-        "sampler", "Rollout sampling: sampler (rlhf.sampler, our decode loop) or hf (transformers' generate). "
-        "Under FSDP or DeepSpeed rollouts use hf: every process must run each forward in step.")
+    backend: Literal["sampler", "hf"] = field(
+        "sampler", "Rollout sampling, as `rlhf generate --backend`: sampler (rlhf.sampler, our decode loop) or hf "
+        "(transformers' generate). Under FSDP or DeepSpeed rollouts use hf: every process must run each forward in "
+        "step.")
     # Reward
     normalize_reward: bool = field(True, "Normalise reward-model scores with the mean/std the reward stage saved.")
     reward_ensemble: Literal["mean", "conservative", "worst"] = field(
@@ -536,7 +537,7 @@ def sample_rollout(run: PPORun, step: int) -> Rollout:
     Q = prompt_ids.shape[1]
     run.model.eval()
     eos_ids = run.eos_ids if config.stop_at_eos else None
-    if config.sampler == "hf" or run.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    if config.backend == "hf" or run.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         recorder = SampledLogprobs(config.temperature)
         with torch.no_grad():
             sequences = run.model(

@@ -220,7 +220,7 @@ def test_ppo_two_processes_agree_with_one(tmp_path, tiny_model_dir):
     common = dict(model=tiny_model_dir, reward_model="", reward_fn="length:8", device="cpu", precision="fp32",
                   steps=3, ppo_epochs=2, max_new_tokens=8, stop_at_eos=False, learning_rate=1e-3,
                   whiten_advantages=False,
-                  sampler="hf")  # sample_rows_alone patches transformers' path (the DDP sampler path: test_ppo)
+                  backend="hf")  # sample_rows_alone patches transformers' path (the DDP sampler path: test_ppo)
     results = {}
     for processes, batch in ((1, 4), (2, 2)):
         config = {**common, "batch_size": batch, "mini_batch_size": batch, "output_dir": str(tmp_path / str(batch))}
