@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlhf.config import UserError, load_config
-from rlhf.dpo import LOSS_TYPES, DPOConfig, odpo_shift_reference, run
+from rlhf.dpo import LOSS_TYPES, DPOConfig, build_trainer, odpo_shift_reference, run
 from rlhf.models import load
 
 MARKER = " wonderful"
@@ -148,6 +148,18 @@ def test_dpo_margin_enters_as_an_odpo_offset(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.slow
+def test_max_steps_precomputes_only_the_pairs_it_trains_on(tmp_path, tiny_model_dir):
+    data = _write(tmp_path / "pairs.jsonl", _pairs(40))
+    trainer, _ = build_trainer(_config(tmp_path, data, tiny_model_dir, "few", max_steps=3))
+    # 3 steps x batch 4: the reference ran over 12 pairs, not 40, and they are a seeded draw, not the file's head.
+    assert len(trainer.train_dataset) == 12 and "ref_chosen_logps" in trainer.train_dataset.column_names
+    again, _ = build_trainer(_config(tmp_path, data, tiny_model_dir, "again", max_steps=3))
+    assert again.train_dataset["prompt"] == trainer.train_dataset["prompt"]
+    assert trainer.train_dataset["prompt"] != [[{"role": "user", "content": f"Review film {i}"}] for i in range(12)]
+    everything, split = build_trainer(_config(tmp_path, data, tiny_model_dir, "all", max_steps=-1, epochs=1.0))
+    assert len(everything.train_dataset) == len(split["train"]) > 12  # the epochs see every training pair
+
+
 def test_dpo_resumes_from_its_checkpoint(tmp_path, tiny_model_dir):
     data = _write(tmp_path / "pairs.jsonl", _pairs(24))
     first = run(_config(tmp_path, data, tiny_model_dir, "r", max_steps=3, save_steps=3))
