@@ -51,13 +51,19 @@ REVIEW_SHOWN = 50
 STATIC = Path(__file__).parent / "static"
 PRIVATE = {"api_visibility": "private"}
 EMPTY = {"task_id": None}
+STRENGTH_KEY = ("slight: a small difference · clear: plainly better · strong: the other is wrong or harmful "
+                "(keys Q, W, E)")
 
 DEFAULT_GUIDELINES = """**Which response answers the prompt better?** Judge helpfulness, honesty and harmlessness first,
 then clarity. Ignore which side a response is on, and do not reward length for its own sake.
 
 * **Left / Right is better**: pick the better one; say how sure you are (slight, clear, strong).
 * **Tie**: both are about equally good. **Both bad**: neither is acceptable.
-* Keys: `1`/`A` left, `2`/`B` right, `3`/`T` tie, `4`/`X` both bad, `Enter` submit, `S` skip, `U` or `Ctrl+Z` undo.
+* **How sure**: *slight*, a small difference another careful reader might see the other way; *clear*, one is
+  plainly better; *strong*, the other is wrong, unhelpful or harmful. A stronger vote asks the models for a wider
+  gap (its margin in training).
+* Keys: `1`/`A` left, `2`/`B` right, `3`/`T` tie, `4`/`X` both bad; `Q` slight, `W` clear, `E` strong; `Enter`
+  submit, `S` skip, `U` or `Ctrl+Z` undo.
 * **Ranking several**: press the response numbers from best to worst (`=` before a number ties it with the one
   before), `Backspace` takes the last one back, `X` marks all of them bad, `Enter` submits.
 """
@@ -105,6 +111,12 @@ class LabelConfig:
 
 
 # ---------------------------------------------------------------- rendering (text into safe Markdown and HTML)
+
+
+def _excerpt(pair: dict, width: int = 80) -> str:
+    """The start of a pair's last prompt message, to name the pair in a line about it."""
+    text = " ".join(str(pair["messages"][-1]["content"]).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def render_pair(pair: dict) -> dict:
@@ -263,6 +275,7 @@ def pairs_page(store: Store, config: LabelConfig, scorer, rng: random.Random, ro
     user name that fills them."""
     current = gr.State(EMPTY)
     status = gr.Markdown(elem_id="status")
+    verdict = gr.Markdown(elem_id="verdict")  # about the pair just judged: above the next one, named by its prompt
     with gr.Accordion(f"Guidelines ({config.guideline_version})", open=False):
         gr.Markdown(guidelines)
     prompt = gr.Markdown(elem_id="prompt")
@@ -270,13 +283,13 @@ def pairs_page(store: Store, config: LabelConfig, scorer, rng: random.Random, ro
     with gr.Row():
         choice = gr.Radio([(label, value) for value, label in CHOICE_TO_LABEL.items()], label="Your choice",
                           elem_id="choice", scale=3)
-        strength = gr.Radio(list(STRENGTHS), value="clear", label="How sure?", elem_id="strength", scale=2)
+        strength = gr.Radio([(f"{name} ({key})", name) for name, key in zip(STRENGTHS, "QWE")], value="clear",
+                            label="How sure?", info=STRENGTH_KEY, elem_id="strength", scale=2)
     rationale = gr.Textbox(label="Why? (optional)", lines=1, elem_id="rationale", max_length=RATIONALE_MAX)
     with gr.Row():
         submit = gr.Button("Submit (Enter)", variant="primary", elem_id="submit-btn")
         skip = gr.Button("Skip (S)", elem_id="skip-btn")
         undo_btn = gr.Button("Undo last vote (U)", elem_id="undo-btn")
-    verdict = gr.Markdown(elem_id="verdict")
     screen = [current, status, prompt, left, right, choice, rationale, submit]
 
     def show_next(user: str, message: str = ""):
@@ -298,6 +311,8 @@ def pairs_page(store: Store, config: LabelConfig, scorer, rng: random.Random, ro
                                                  config.disagree_below)
             except Exception as e:  # noqa: BLE001 - the vote is saved; a failing model must not stall the page
                 verdict = f"(The reward model could not score this pair: {html.escape(type(e).__name__)}.)"
+            # The next pair is already on screen: say which pair the verdict is about.
+            verdict = f"**Your last vote**, on “{plain(_excerpt(current))}”: {verdict}"
         return (*show_next(request.username, message), verdict)
 
     def on_skip(current, request: gr.Request):
@@ -305,11 +320,12 @@ def pairs_page(store: Store, config: LabelConfig, scorer, rng: random.Random, ro
         return show_next(request.username, "Skipped.")
 
     def on_undo(request: gr.Request):
-        return show_next(request.username, labeling.undo(store, request.username, config.undo_window_s))
+        # The verdict shown was about the vote now undone.
+        return (*show_next(request.username, labeling.undo(store, request.username, config.undo_window_s)), "")
 
     submit.click(on_submit, [current, choice, strength, rationale], screen + [verdict], **PRIVATE)
     skip.click(on_skip, [current], screen, **PRIVATE)
-    undo_btn.click(on_undo, None, screen, **PRIVATE)
+    undo_btn.click(on_undo, None, screen + [verdict], **PRIVATE)
     return screen, show_next
 
 

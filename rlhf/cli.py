@@ -12,6 +12,7 @@ import re
 import sys
 
 from rlhf.config import UserError, add_arguments, from_args
+from rlhf.console import quiet_libraries
 
 # (command, one-line help, module, config class, entry function), in the order of the loop. Only the chosen
 # command's module is imported.
@@ -117,6 +118,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         "compare aligned and base models. Models, the default store and caches live in $RLHF_HOME "
         "(default ~/.cache/rlhf).",
     )
+    parser.add_argument("--verbose", action="store_true", help="Also show the libraries' own progress bars, "
+                        "per-step logs and deprecation warnings (RLHF_VERBOSE=1 does the same).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     m = sub.add_parser("models", help="The embedded default model and the model cache.",
@@ -160,6 +163,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         if name == chosen:
             p.add_argument("--config", default=None, help="YAML file of this command's options (flat keys); "
                            "options given on the command line override it.")
+            p.add_argument("--verbose", action="store_true", help="Also show the libraries' own progress bars, "
+                           "per-step logs and deprecation warnings.")
             add_arguments(p, _stage(name, 3))
     return parser
 
@@ -232,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command. Bad input (a UserError, a refused command line, an OSError such as an unwritable path)
     prints one line and returns 2; Ctrl+C one line and 130. Anything else is a bug and keeps its traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Anywhere on the line (`rlhf --verbose demo`, `rlhf demo --verbose`), and before any library is imported.
+    quiet_libraries(True if "--verbose" in argv else None)
+    argv = [a for a in argv if a != "--verbose"]
     command = next((a for a in argv if not a.startswith("-")), "")
     try:
         parser = build_parser(argv)

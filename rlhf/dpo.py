@@ -31,9 +31,11 @@ from pathlib import Path
 from typing import Literal
 
 from rlhf.config import UserError, field, resume_checkpoint
+from rlhf.console import without_library_bars
 from rlhf.trl_stage import (
     TRLStageConfig,
     lora_config,
+    loss_trend,
     mixed_precision,
     pick,
     train_and_save,
@@ -185,10 +187,14 @@ def build_trainer(config: DPOConfig):
     if use_margin:
         trainer_cls, collator_cls = _offset_trainer(trl, config.margin_scale)
         collator = collator_cls(pad_token_id=tokenizer.pad_token_id, max_length=config.max_length)
-    trainer = trainer_cls(model=model, ref_model=ref_model, args=args, data_collator=collator,
-                          train_dataset=_pairs_to_train(data["train"], config, args),
-                          eval_dataset=data["test"] if has_test else None,
-                          processing_class=tokenizer, peft_config=peft_config)
+    train = _pairs_to_train(data["train"], config, args)
+    if config.precompute_ref_log_probs:
+        held_out = f" and {len(data['test'])} held-out" if has_test else ""
+        print(f"DPO: reference log-probs of {len(train)} training{held_out} pairs, computed once")
+    with without_library_bars():  # TRL's bar for that pass
+        trainer = trainer_cls(model=model, ref_model=ref_model, args=args, data_collator=collator,
+                              train_dataset=train, eval_dataset=data["test"] if has_test else None,
+                              processing_class=tokenizer, peft_config=peft_config)
     return trainer, data
 
 
@@ -207,7 +213,8 @@ def run(config: DPOConfig) -> dict:
     trainer, data = build_trainer(config)
     args = trainer.args
     has_test = "test" in data and len(data["test"]) > 0
-    trained = train_and_save(trainer, config, resume_checkpoint(config.output_dir, config.resume), evaluate=has_test)
+    trained = train_and_save(trainer, config, resume_checkpoint(config.output_dir, config.resume), desc="DPO",
+                             evaluate=has_test)
     eval_metrics, summary = trained.eval_metrics, trained.first_and_final(_LOGGED)
     final = summary["final"]
     metrics = {
@@ -228,10 +235,11 @@ def run(config: DPOConfig) -> dict:
     nan = float("nan")
     line = (f"DPO ({config.loss_type}, beta {config.beta}): {metrics['steps']} steps on {metrics['train_pairs']} pairs "
             + (f"(of {metrics['available_pairs']}) " if metrics["available_pairs"] > metrics["train_pairs"] else "")
-            + f"in {metrics['seconds']:.0f} s; loss {metrics['first'].get('loss', nan):.3f} -> "
-            f"{final.get('loss', nan):.3f}; reward accuracy {final.get('rewards/accuracies', nan):.2f}, "
-            f"margin {final.get('rewards/margins', nan):.3f} (chosen {final.get('rewards/chosen', nan):+.3f}, "
-            f"rejected {final.get('rewards/rejected', nan):+.3f})")
+            + f"in {metrics['seconds']:.0f} s; {loss_trend(metrics)}")
+    if "rewards/accuracies" in final:
+        line += (f"; reward accuracy {final['rewards/accuracies']:.2f}, margin "
+                 f"{final.get('rewards/margins', nan):.3f} (chosen {final.get('rewards/chosen', nan):+.3f}, "
+                 f"rejected {final.get('rewards/rejected', nan):+.3f})")
     if metrics["eval"]:
         line += (f"; held-out accuracy {metrics['eval'].get('rewards/accuracies', nan):.2f}, "
                  f"loss {metrics['eval'].get('loss', nan):.3f}")

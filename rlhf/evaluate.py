@@ -44,6 +44,8 @@ class EvaluateConfig:
     # Models
     base: str = field(DEFAULT_MODEL, "The base model (spec or directory).")
     aligned: list[str] = field([], "One or more aligned models to compare with the base (several: a frontier).")
+    names: list[str] = field([], "The aligned models' names in the report, one per aligned model (default: each "
+                             "directory's name, e.g. dpo and rloo for a loop round's).")
     reward: str = field("", "Reward model directory for reward win-rates ('' to skip).")
     gold: str = field("sentiment", "Gold function: sentiment, length[:N], keyword[:w,..], module:function; '' to skip.")
     device: str = field("auto", "auto, cpu, cuda, mps.")
@@ -71,6 +73,11 @@ class EvaluateConfig:
     def __post_init__(self):
         if not self.aligned:
             raise ValueError("name at least one aligned model (aligned: [dir, ...] or --aligned DIR)")
+        if self.names and len(self.names) != len(self.aligned):
+            raise ValueError(f"names: {len(self.names)} given for {len(self.aligned)} aligned models; give one each")
+        if len(set(self.names)) != len(self.names) or any(n == "base" or n.startswith("prompt") or not n.strip()
+                                                          for n in self.names):
+            raise ValueError("names must be distinct, not empty, and not 'base' or 'prompt...' (the baselines' names)")
         if self.limit < 0 or self.batch_size < 1 or self.max_new_tokens < 1 or self.bootstrap < 1:
             raise ValueError("limit must be >= 0; batch_size, max_new_tokens and bootstrap >= 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
@@ -168,22 +175,23 @@ def run(config: EvaluateConfig) -> dict:
     base_model = load(config.base, device=config.device, precision=config.precision)
     # The base under the plain prompt, then prompt baselines (the same base model steered by a system prompt),
     # then the aligned models; KL of each against the base is taken on that contestant's own samples.
-    contestants = [("base", config.base, config.system)]
-    contestants += [(f"prompt {i + 1}" if len(config.prompt_baselines) > 1 else "prompt", config.base, system)
-                    for i, system in enumerate(config.prompt_baselines)]
-    contestants += [(f"aligned {i + 1}" if len(config.aligned) > 1 else "aligned", spec, config.system)
-                    for i, spec in enumerate(config.aligned)]
+    contestants = [("base", "base", config.base, config.system)]
+    contestants += [("prompt", f"prompt {i + 1}" if len(config.prompt_baselines) > 1 else "prompt", config.base,
+                     system) for i, system in enumerate(config.prompt_baselines)]
+    contestants += [("aligned", label, spec, config.system)
+                    for label, spec in zip(aligned_labels(config.aligned, config.names), config.aligned)]
     rows, samples, all_scores = [], {}, {}
     base_prompt_ids = None
-    for label, spec, system in contestants:
+    for role, label, spec, system in contestants:
         loaded = base_model if spec == config.base else load(spec, device=config.device, precision=config.precision)
         sampled = _sample(loaded, prompts, system, config, label)
-        if label == "base":
+        if role == "base":
             base_prompt_ids = sampled["prompt_ids"]
-        row = {"label": label, "model": spec, "system": system, **_summary(sampled["texts"], sampled["tokens"])}
+        row = {"label": label, "role": role, "model": spec, "system": system,
+               **_summary(sampled["texts"], sampled["tokens"])}
         all_scores[label] = scores(sampled["texts"])
         row.update({f"mean_{k}": float(np.mean(v)) for k, v in all_scores[label].items()})
-        if label == "base":
+        if role == "base":
             row["kl_vs_base"] = 0.0
         elif len(loaded.tokenizer) == len(base_model.tokenizer):
             lp_model = response_logprobs(loaded.model, sampled["prompt_ids"], sampled["response_ids"],
@@ -195,7 +203,7 @@ def run(config: EvaluateConfig) -> dict:
             row["kl_vs_base_ci"] = list(bootstrap_ci(kl, config.bootstrap, config.seed)[1:])
         else:
             row["kl_vs_base"] = None  # different vocabularies: token log-probs are not comparable
-        if label != "base":
+        if role != "base":
             _add_win_rates(row, all_scores[label], all_scores["base"], "", config)
         rows.append(row)
         samples[label] = sampled["texts"]
@@ -203,12 +211,12 @@ def run(config: EvaluateConfig) -> dict:
             del loaded
 
     # The cheap alternative to beat: the best prompt baseline by mean gold (else mean reward).
-    baselines = [r for r in rows if r["label"].startswith("prompt")]
+    baselines = [r for r in rows if r["role"] == "prompt"]
     key = "mean_gold" if gold is not None else "mean_reward" if reward_model is not None else None
     best = max(baselines, key=lambda r: r[key]) if baselines and key else None
     if best is not None:
         for row in rows:
-            if row["label"].startswith("aligned"):
+            if row["role"] == "aligned":
                 _add_win_rates(row, all_scores[row["label"]], all_scores[best["label"]], "_vs_prompt", config)
 
     if config.db:
@@ -216,14 +224,13 @@ def run(config: EvaluateConfig) -> dict:
 
         # The app names a prompt baseline by the base's spec and its system prompt (arena_name), so votes against
         # "the base told to be positive" are found here under the same name.
-        names = {r["label"]: arena_name(r["model"], r["system"] if r["label"].startswith("prompt") else "")
-                 for r in rows}
-        prompt_names = [names[r["label"]] for r in rows if r["label"].startswith("prompt")]
+        names = {r["label"]: arena_name(r["model"], r["system"] if r["role"] == "prompt" else "") for r in rows}
+        prompt_names = [names[r["label"]] for r in rows if r["role"] == "prompt"]
         human = arena_figures(Store(config.db, create=False).tasks(kind="arena"), config.base, config.aligned,
                               config.bootstrap, config.seed, baselines=prompt_names)
         for row in rows:
             name = names[row["label"]]
-            if name in human["win_rate_human"] and row["label"] != "base":
+            if name in human["win_rate_human"] and row["role"] != "base":
                 figure = human["win_rate_human"][name]
                 row["win_rate_human"], row["win_rate_human_ci"] = figure["mean"], figure["ci"]
             # Against the best prompt baseline by the oracle, like the other "_vs_prompt" figures (the only one when
@@ -242,6 +249,17 @@ def run(config: EvaluateConfig) -> dict:
     return metrics
 
 
+def aligned_labels(aligned: list[str], names: list[str]) -> list[str]:
+    """The report's name of each aligned model: the user's, else its directory's name (a loop round's dpo, rloo),
+    else "aligned i" where those names repeat or would read as the base or a prompt baseline."""
+    if names:
+        return list(names)
+    dirs = [Path(str(spec).rstrip("/")).name for spec in aligned]
+    if len(set(dirs)) == len(dirs) and all(d and d != "base" and not d.startswith("prompt") for d in dirs):
+        return dirs
+    return [f"aligned {i + 1}" for i in range(len(aligned))] if len(aligned) > 1 else ["aligned"]
+
+
 def rl_curves(rows: list[dict]) -> dict:
     """Per RL-trained model (a directory with the `rlhf ppo` metrics.jsonl), its training steps as the reward
     model and the gold saw them: KL, proxy score, gold score (when the run scored one) and the ensemble's spread.
@@ -250,7 +268,7 @@ def rl_curves(rows: list[dict]) -> dict:
     curves = {}
     for row in rows:
         path = Path(str(row["model"])) / "metrics.jsonl"
-        if not row["label"].startswith("aligned") or not path.is_file():
+        if row.get("role") != "aligned" or not path.is_file():
             continue
         steps = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         if not steps or "objective/scores" not in steps[0]:
@@ -318,8 +336,7 @@ def _plots(metrics: dict) -> list[tuple[str, str]]:
         fig, ax = plt.subplots(figsize=(5.5, 3.5))
         colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         has_gold = False
-        for i, (label, steps) in enumerate(curves.items()):
-            name = next((Path(str(m["model"])).name for m in aligned if m["label"] == label), label)
+        for i, (name, steps) in enumerate(curves.items()):
             colour = colours[i % len(colours)]
             kls = [s["kl"] for s in steps]
             ax.plot(kls, [s["proxy_gain"] for s in steps], "-", color=colour, label=f"{name}: reward model")

@@ -65,9 +65,10 @@ class LoopConfig:
     # The stages, each with its own options
     generate: dict = section(
         "rlhf.generate:GenerateConfig", "Candidates for labeling (`rlhf generate`); `limit` = prompts per round.",
-        # A ranking of 4 responses per prompt: 6 pairs from 4 samples, so a held-out split of 13 prompts holds 78
-        # pairs, and the reward model learns from 690 (docs/performance.md, "RL estimators on the demo's task").
-        {"limit": 128, "n": 4, "rank": 4, "max_new_tokens": 48, "temperature": 0.8, "batch_size": 32, "overlap": 1},
+        # Every one of the 254 train prompts, each a ranking of 4 responses: 6 pairs from 4 samples, so the
+        # reward model learns from ~1400 pairs and its held-out split (25 prompts) holds ~150 (docs/performance.md,
+        # "Reward-model recipes").
+        {"limit": 0, "n": 4, "rank": 4, "max_new_tokens": 48, "temperature": 0.8, "batch_size": 32, "overlap": 1},
         fixed=("model", "db", "prompts", "split", "round", "seed", "device", "precision", "skip_existing"))
     label_sim: dict = section(
         "rlhf.annotators:LabelSimConfig", "The simulated annotator (`rlhf label-sim`), with labeler=simulated.",
@@ -97,7 +98,7 @@ class LoopConfig:
         "held-out prompts.",
         {"split": "test", "limit": 64, "max_new_tokens": 48,
          "prompt_baselines": ["Always write warm, enthusiastic, positive movie reviews."]},
-        fixed=("base", "aligned", "reward", "gold", "prompts", "output_dir", "device", "precision", "seed"),
+        fixed=("base", "aligned", "names", "reward", "gold", "prompts", "output_dir", "device", "precision", "seed"),
         check_with={"aligned": ["the round's aligned models"]})
 
     def __post_init__(self):
@@ -194,12 +195,14 @@ def _round(config: LoopConfig, k: int, policy: str, db: str, store, rd: Path, ti
                 output_dir=str(rd / m), seed=config.seed, estimator=RL_ESTIMATORS[m], gold=gold, **shared)))
         aligned.append(str(rd / method))
     candidates = list(aligned)
+    names = list(config.align)
     if policy != config.base_model:
         aligned.append(policy)  # last round's policy, to see this round's gain
+        names.append(f"{Path(policy).parent.name} {Path(policy).name}")  # e.g. "round-1 dpo"
     # With a reward model, the report shows its win-rates beside the gold's: a gap between them is reward hacking.
     evaluation = _step(rd, "evaluate", timings, lambda: run_evaluate(stage_config(
-        config, "evaluate", EvaluateConfig, base=config.base_model, aligned=aligned, gold=config.gold,
-        prompts=config.prompts, reward=str(rd / "reward") if rl else "",
+        config, "evaluate", EvaluateConfig, base=config.base_model, aligned=aligned, names=names,
+        gold=config.gold, prompts=config.prompts, reward=str(rd / "reward") if rl else "",
         output_dir=str(rd / "eval"), seed=config.seed, **shared)))
     return evaluation, candidates
 

@@ -263,6 +263,33 @@ def load_tokenizer(spec: str, padding_side: str = "left"):
     return tokenizer
 
 
+POOLING_KEY = "rlhf_pooling"  # in a score model's config.json: "mean" when its head reads the mean token state
+
+
+def _mean_of_token_states(module, args, kwargs, output):
+    """Forward hook on an encoder: its pooled output becomes the mean of the last hidden states over the attention
+    mask (the pooling sentence-transformers train all-MiniLM-L6-v2 with; Reimers & Gurevych 2019, sec. 3) in place
+    of the [CLS] pooler's. Stateless, so one model serves several threads."""
+    states = output.last_hidden_state
+    mask = kwargs.get("attention_mask")  # BERT-style models pass it by name; None means every token counts
+    if mask is None:
+        mask = torch.ones(states.shape[:2], device=states.device)
+    weights = mask[:, :, None].to(states.dtype)
+    output.pooler_output = (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+    return output
+
+
+def use_mean_pooling(model) -> None:
+    """Make a BERT-style sequence-classification model score the mean token state, not the [CLS] pooler's output;
+    recorded in its config (POOLING_KEY) so `load` restores it. The weights keep their layout (the unused pooler
+    stays), so the checkpoint is a plain one of its architecture."""
+    encoder = model.base_model
+    if getattr(encoder, "pooler", None) is None:
+        raise UserError(f"pooling mean needs an encoder with a pooled output (BERT-style), not {type(model).__name__}")
+    encoder.register_forward_hook(_mean_of_token_states, with_kwargs=True)
+    setattr(model.config, POOLING_KEY, "mean")
+
+
 def load(
     spec: str,
     *,
@@ -286,7 +313,9 @@ def load(
     tokenizer = load_tokenizer(path, padding_side=padding_side)
     dev = pick_device(device)
     kwargs = dict(dtype=pick_dtype(dev, precision), use_safetensors=True, trust_remote_code=trust_remote_code)
-    # The per-tensor loading bar is noise for loads that take about a second.
+    # The per-tensor loading bar is noise for loads that take about a second. Restored as it was (quiet_libraries
+    # may have turned bars off, and turning them on against HF_HUB_DISABLE_PROGRESS_BARS warns).
+    shown = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
         if head == "causal-lm":
@@ -294,12 +323,15 @@ def load(
         elif head == "score":
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
             model.config.pad_token_id = tokenizer.pad_token_id
+            if getattr(model.config, POOLING_KEY, "") == "mean":
+                use_mean_pooling(model)
         else:
             raise UserError(f"head must be causal-lm or score, not {head!r}")
     except OSError as e:
         raise UserError(f"cannot load model {spec!r}: {str(e).splitlines()[0]}") from None
     finally:
-        hf_logging.enable_progress_bar()
+        if shown:
+            hf_logging.enable_progress_bar()
     gen = getattr(model, "generation_config", None)
     if gen is not None and gen.pad_token_id is None:
         gen.pad_token_id = tokenizer.pad_token_id

@@ -27,6 +27,7 @@ from rlhf.config import UserError, field, resume_checkpoint
 from rlhf.trl_stage import (
     TRLStageConfig,
     lora_config,
+    loss_trend,
     mixed_precision,
     pick,
     train_and_save,
@@ -168,7 +169,8 @@ def run(config: SFTConfig) -> dict:
     start = time.perf_counter()
     trainer, data = build_trainer(config)
     has_test = "test" in data and len(data["test"]) > 0
-    trained = train_and_save(trainer, config, resume_checkpoint(config.output_dir, config.resume), evaluate=has_test)
+    trained = train_and_save(trainer, config, resume_checkpoint(config.output_dir, config.resume), desc="SFT",
+                             evaluate=has_test)
     eval_metrics, summary = trained.eval_metrics, trained.first_and_final(_LOGGED)
     final = summary["final"]
     metrics = {
@@ -185,7 +187,7 @@ def run(config: SFTConfig) -> dict:
 
     nan = float("nan")
     line = (f"SFT: {metrics['steps']} steps on {metrics['train_rows']} demonstrations in {metrics['seconds']:.0f} s; "
-            f"loss {metrics['first'].get('loss', nan):.3f} -> {final.get('loss', nan):.3f}")
+            f"{loss_trend(metrics)}")
     if metrics["eval"]:
         line += (f"; held-out loss {metrics['eval'].get('loss', nan):.3f}, token accuracy "
                  f"{metrics['eval'].get('mean_token_accuracy', nan):.2f} on {metrics['test_rows']} rows")

@@ -18,6 +18,7 @@ from typing import Any
 from unittest.mock import patch
 
 from rlhf.config import field
+from rlhf.console import use_stage_progress
 from rlhf.models import DEFAULT_MODEL, precision_flags, reuse_freed_memory, save_model_dir
 
 
@@ -131,10 +132,21 @@ class Trained:
                 "final": pick(self.logs[-1], keys) if self.logs else {}}
 
 
-def train_and_save(trainer, config: TRLStageConfig, resume_from: str | None, *, evaluate: bool = False,
+def loss_trend(metrics: dict) -> str:
+    """"loss first -> final" from the per-step logs, or the run's mean loss when it logged no step (fewer steps than
+    logging_steps), so a short run's summary shows what it measured rather than nan."""
+    first, final = metrics["first"], metrics["final"]
+    if "loss" in final:
+        return f"loss {first['loss']:.3f} -> {final['loss']:.3f}"
+    return f"loss {metrics['train_loss']:.3f} (mean of the run; no step was logged)"
+
+
+def train_and_save(trainer, config: TRLStageConfig, resume_from: str | None, *, desc: str, evaluate: bool = False,
                    padding_side: str = "left") -> Trained:
-    """Train (on from the checkpoint `resume_from`), evaluate on the test split if asked, and save the model directory
-    (with the tokenizer padding on `padding_side`) into output_dir from the main process only."""
+    """Train (on from the checkpoint `resume_from`, under one progress bar named `desc`), evaluate on the test split
+    if asked, and save the model directory (with the tokenizer padding on `padding_side`) into output_dir from the
+    main process only."""
+    use_stage_progress(trainer, desc)
     with reuse_freed_memory(trainer.args.device.type == "cpu"):  # large tensors reused, not mapped afresh
         result = trainer.train(resume_from_checkpoint=resume_from)
     eval_metrics = trainer.evaluate() if evaluate else {}

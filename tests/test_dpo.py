@@ -148,6 +148,14 @@ def test_dpo_margin_enters_as_an_odpo_offset(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.slow
+def test_a_run_shorter_than_logging_steps_summarises_its_mean_loss_not_nan(tmp_path, tiny_model_dir, capsys):
+    data = _write(tmp_path / "pairs.jsonl", _pairs(16))
+    metrics = run(_config(tmp_path, data, tiny_model_dir, "short", max_steps=2, logging_steps=10))
+    [line] = [x for x in capsys.readouterr().out.splitlines() if x.startswith("DPO (")]
+    assert metrics["final"] == {} and "nan" not in line
+    assert f"loss {metrics['train_loss']:.3f} (mean of the run; no step was logged)" in line
+
+
 def test_max_steps_precomputes_only_the_pairs_it_trains_on(tmp_path, tiny_model_dir):
     data = _write(tmp_path / "pairs.jsonl", _pairs(40))
     trainer, _ = build_trainer(_config(tmp_path, data, tiny_model_dir, "few", max_steps=3))

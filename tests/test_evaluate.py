@@ -13,6 +13,7 @@ from rlhf.config import UserError, load_config
 from rlhf.data import read_prompts
 from rlhf.evaluate import (
     EvaluateConfig,
+    aligned_labels,
     arena_figures,
     arena_outcomes,
     bootstrap_ci,
@@ -115,21 +116,35 @@ def test_rl_curves_put_proxy_and_gold_gains_on_one_axis_and_the_report_plots_the
              {"step": 2, "objective/kl": 3.0, "objective/scores": 1.5, "objective/scores_std": 2.0,
               "objective/gold": 0.0, "objective/gold_std": 0.5}]
     (rl / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in steps))
-    rows = [{"label": "base", "model": tiny_model_dir}, {"label": "aligned 1", "model": tiny_model_dir},
-            {"label": "aligned 2", "model": str(rl)}]
+    rows = [{"label": "base", "role": "base", "model": str(rl)}, {"label": "aligned 1", "role": "aligned",
+            "model": tiny_model_dir}, {"label": "aligned 2", "role": "aligned", "model": str(rl)}]
     curves = rl_curves(rows)
-    assert list(curves) == ["aligned 2"]  # a model without RL metrics has no curve
+    assert list(curves) == ["aligned 2"]  # neither a model without RL metrics nor the base has a curve
     # step 2: proxy (1.5 - 0.5) / 2 = 0.5 std up, gold (0.0 - 0.1) / 0.5 = 0.2 std down
     assert [(c["kl"], c["proxy_gain"], c["gold_gain"]) for c in curves["aligned 2"]] == [(0.0, 0.0, 0.0),
                                                                                        (3.0, 0.5, -0.2)]
     metrics = run(_config(tmp_path, tiny_model_dir, str(rl), limit=2))
-    assert metrics["rl_curves"]["aligned"][1]["gold_gain"] == pytest.approx(-0.2)
+    assert metrics["rl_curves"]["rloo"][1]["gold_gain"] == pytest.approx(-0.2)  # named by its directory
     assert "Proxy and gold reward against KL" in (tmp_path / "eval" / "report.html").read_text()
 
 
 def test_bad_config_is_rejected():
     with pytest.raises(UserError, match="aligned"):
         load_config(EvaluateConfig, aligned=[])
+    with pytest.raises(UserError, match="2 aligned models"):
+        load_config(EvaluateConfig, aligned=["a", "b"], names=["one"])
+    for names in (["x", "x"], ["base", "x"], ["prompt 2", "x"], [" ", "x"]):
+        with pytest.raises(UserError, match="names must be distinct"):
+            load_config(EvaluateConfig, aligned=["a", "b"], names=names)
+
+
+def test_aligned_models_are_named_by_the_user_else_by_their_directory():
+    assert aligned_labels(["runs/demo/round-1/dpo", "runs/demo/round-1/rloo/"], []) == ["dpo", "rloo"]
+    assert aligned_labels(["r/dpo", "r/rloo"], ["DPO beta 0.1", "RLOO"]) == ["DPO beta 0.1", "RLOO"]
+    # Names that repeat (two rounds' dpo) or read as a baseline fall back to numbers.
+    assert aligned_labels(["round-1/dpo", "round-2/dpo"], []) == ["aligned 1", "aligned 2"]
+    assert aligned_labels(["x/base"], []) == ["aligned"]
+    assert aligned_labels(["x/prompted"], []) == ["aligned"]
 
 
 @pytest.mark.browser
@@ -280,6 +295,6 @@ def test_the_arena_pits_aligned_models_against_a_prompt_baseline(tmp_path, tiny_
     by_label = {m["label"]: m for m in metrics["models"]}
     assert by_label["prompt"]["win_rate_human"] == pytest.approx(1.0)  # its one vote against base
     # Aligned vs prompt: won 2, lost 1, tied 1 of 4 -> (2 + 0.5) / 4.
-    assert by_label["aligned"]["win_rate_human_vs_prompt"] == pytest.approx(2.5 / 4)
-    assert "win_rate_human" not in by_label["aligned"]  # no votes against the plain base
+    assert by_label["aligned-dir"]["win_rate_human_vs_prompt"] == pytest.approx(2.5 / 4)
+    assert "win_rate_human" not in by_label["aligned-dir"]  # no votes against the plain base
     assert "human vs prompt" in (tmp_path / "eval" / "report.html").read_text()

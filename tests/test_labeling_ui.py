@@ -144,19 +144,27 @@ def test_annotator_votes_with_mouse_and_keyboard_in_chromium(running_app, browse
     assert "<script>" in page.inner_text("body")  # ...and is shown as text
 
     # Mouse: pick "Left is better", submit.
+    assert "strong: the other is wrong or harmful" in page.inner_text("#strength")  # what "how sure" means
+    judged = page.inner_text("#prompt")
     page.get_by_label("Left is better").check()
     page.click("#submit-btn")
     page.wait_for_function("document.querySelector('#status').innerText.includes('1 done')")
-    # The reward model's verdict shows only now, after the vote.
-    assert "The reward model gives the left response" in page.inner_text("#verdict")
-    # Keyboard: 2 = right, Enter = submit.
+    # The reward model's verdict shows only now, after the vote, named by the pair it judged (the next is on screen).
+    verdict = page.inner_text("#verdict")
+    assert "Your last vote" in verdict and "The reward model gives the left response" in verdict
+    assert " ".join(judged.split("user:", 1)[-1].split())[:40] in " ".join(verdict.split())
+    # Keyboard: 2 = right, E = strong, Enter = submit.
     page.click("#prompt")
     page.keyboard.press("2")
+    page.keyboard.press("e")
+    assert page.is_checked("#strength input[value=strong]")
     page.keyboard.press("Enter")
     page.wait_for_function("document.querySelector('#status').innerText.includes('2 done')")
-    # U = undo the last one.
+    page.screenshot(path=str(artifacts_dir / "labeling_verdict.png"), full_page=False)
+    # U = undo the last one; the verdict about it goes with it.
     page.keyboard.press("u")
     page.wait_for_function("document.querySelector('#status').innerText.includes('1 done')")
+    page.wait_for_function("!document.querySelector('#verdict').innerText.includes('Your last vote')")
     votes = store.votes()
     assert len(votes) == 1 and votes[0]["annotator"] == "ann" and votes[0]["choice"] == votes[0]["left"]
     # A reload loses no submitted vote.

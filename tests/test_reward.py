@@ -407,3 +407,60 @@ def test_an_ensemble_scores_the_mean_and_its_members_disagree(tmp_path, tiny_mod
     assert len(metrics["ensemble"]["member_accuracy"]) == 2
     assert score(str(out), "Review film a", responses) == pytest.approx(ensemble.score(prompts[:1] * 2, responses)
                                                                        .tolist())
+
+
+# ---------------------------------------------------------------- pooling
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder_dir(tmp_path_factory, tiny_tokenizer) -> str:
+    """A saved tiny random BERT with a score head and a [CLS] pooler, on the tiny tokenizer; read-only."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, num_labels=1,
+                        pad_token_id=tiny_tokenizer.pad_token_id)
+    path = tmp_path_factory.mktemp("tiny-bert")
+    BertForSequenceClassification(config).save_pretrained(path, safe_serialization=True)
+    tiny_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_mean_pooling_scores_the_masked_mean_token_state_and_reloads_as_trained(tmp_path, tiny_encoder_dir, capsys):
+    metrics = run(_config(tmp_path, tiny_encoder_dir, pooling="mean", max_steps=4, logging_steps=2))
+    assert math.isfinite(metrics["accuracy"])
+    out = tmp_path / "rm"
+    assert json.loads((out / "config.json").read_text())[models.POOLING_KEY] == "mean"
+    scorer = RewardModel.load(str(out), device="cpu", precision="fp32")
+    model = scorer.model
+    short, long_ = scorer.encode("Review film 1", "a wonderful film"), scorer.encode("Review film 1", "dull " * 20)
+    # By hand: the classifier over the mean of the short row's token states (no padding in a batch of one).
+    with torch.no_grad():
+        states = model.bert(torch.tensor([short])).last_hidden_state
+        by_hand = model.classifier(states.mean(1))[0, 0]
+        cls = model.classifier(model.bert.pooler(states))[0, 0]
+    alone, batched = scorer.score(["Review film 1"] * 2, ["a wonderful film", "dull " * 20], batch_size=2)
+    assert len(long_) > len(short)  # so the short row is padded in the batch: the mask must keep the pads out
+    torch.testing.assert_close(alone, by_hand, atol=1e-5, rtol=1e-5)
+    assert abs(float(by_hand - cls)) > 1e-4  # and it is not what the [CLS] pooler gives
+    assert scorer.score(["Review film 1"], ["a wonderful film"], batch_size=1)[0] == pytest.approx(float(alone),
+                                                                                                    abs=1e-5)
+    assert math.isfinite(float(batched))
+
+
+def test_pooling_mean_needs_an_encoder_and_a_mean_trained_model_keeps_it(tmp_path, tiny_model_dir,
+                                                                         tiny_encoder_dir):
+    with pytest.raises(UserError, match="pooling mean needs an encoder"):
+        build_trainer(_config(tmp_path, tiny_model_dir, pooling="mean"))
+    with pytest.raises(UserError, match="pooling must be cls or mean"):
+        _config(tmp_path, tiny_model_dir, pooling="max")
+    loaded = models.load(tiny_encoder_dir, head="score", device="cpu", precision="fp32")
+    models.use_mean_pooling(loaded.model)
+    loaded.model.save_pretrained(tmp_path / "mean", safe_serialization=True)
+    loaded.tokenizer.save_pretrained(tmp_path / "mean")
+    # Training on from it under [CLS] pooling would read a head fitted to another input: refused in one line.
+    with pytest.raises(UserError, match="give --pooling mean"):
+        build_trainer(_config(tmp_path, str(tmp_path / "mean"), pooling="cls"))
+    trainer, _ = build_trainer(_config(tmp_path, str(tmp_path / "mean"), pooling="mean"))
+    assert len(trainer.model.bert._forward_hooks) == 1  # the mean is restored on load, once

@@ -33,7 +33,9 @@ document.addEventListener('keydown', (e) => {
   if (e.ctrlKey || e.metaKey || e.altKey) return;
   if (onPairs) {
     const choices = {'1': 'left', 'a': 'left', '2': 'right', 'b': 'right', '3': 'tie', 't': 'tie', '4': 'both_bad', 'x': 'both_bad'};
+    const strengths = {'q': 'slight', 'w': 'clear', 'e': 'strong'};
     if (k in choices) { e.preventDefault(); document.querySelector(`#choice input[value="${choices[k]}"]`)?.click(); }
+    else if (k in strengths) { e.preventDefault(); document.querySelector(`#strength input[value="${strengths[k]}"]`)?.click(); }
     else if (k === 'enter') { e.preventDefault(); click('submit-btn'); }
     else if (k === 's') { e.preventDefault(); click('skip-btn'); }
     else if (k === 'u') { e.preventDefault(); click('undo-btn'); }

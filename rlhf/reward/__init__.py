@@ -7,8 +7,10 @@ instructions with human feedback", eq. 1). Where the data has a `margin` column 
 adds c * (r_chosen + r_rejected)^2 to keep rewards near zero (Eisenstein et al. 2023, eq. 2).
 
 The backbone is any causal LM (the score is read at the last non-pad token; the default is the policy's own
-backbone, SmolLM2-135M-Instruct) or encoder (`minilm-l6`, 22 M parameters: the [CLS] pooler). An encoder has no
-chat template, so one is given to its tokenizer ([CLS]role: content[SEP] per turn) and saved with the model.
+backbone, SmolLM2-135M-Instruct) or encoder (`minilm-l6`, 22 M parameters), whose head reads the [CLS] pooler or,
+with `pooling: mean`, the mean token state (recorded in config.json, so every load scores it the same way). An
+encoder has no chat template, so one is given to its tokenizer ([CLS]role: content[SEP] per turn) and saved with the
+model.
 
 Held-out evidence, on the test split (rlhf.reward.figures): accuracy with a 95 % interval (prompts resampled), the
 loss, expected calibration error, length bias, and beside them the ceiling: how often the labels agree with the gold
@@ -58,6 +60,10 @@ VOTE_COLUMNS = ("n_votes", "agreement")  # an export's: how many voted on a pair
 @dataclass
 class RewardConfig(TRLStageConfig):
     # The options every TRL-backed stage shares (model, device, LoRA, steps, batch, seed...): TRLStageConfig
+    # Model
+    pooling: str = field("cls", "How an encoder's tokens become the score's input: cls (its [CLS] pooler) or mean "
+                         "(the mean token state, as sentence-transformers pool); a causal LM always reads its last "
+                         "token.")
     # Data
     data: str = field("runs/export", "Preference data: an export directory, a .jsonl/.parquet file, or a Hub id.")
     test_size: float = field(0.1, "Share of prompts held out as the test split when the data has none.")
@@ -103,6 +109,8 @@ class RewardConfig(TRLStageConfig):
             raise ValueError("ece_bins must be >= 1; center_rewards_coefficient, eval_steps, save_steps >= 0")
         if self.ensemble < 1:
             raise ValueError("ensemble must be >= 1")
+        if self.pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling must be cls or mean, not {self.pooling!r}")
         if self.norm_samples < 2 or self.norm_max_new_tokens < 1 or self.norm_temperature < 0:
             raise ValueError("norm_samples must be >= 2, norm_max_new_tokens >= 1, norm_temperature >= 0")
         super().__post_init__()
@@ -165,7 +173,7 @@ def build_trainer(config: RewardConfig):
     from transformers.utils import logging as hf_logging
 
     from rlhf.data import load_preference_dataset
-    from rlhf.models import load, pick_device
+    from rlhf.models import POOLING_KEY, load, pick_device, use_mean_pooling
 
     data = load_preference_dataset(config.data, test_size=config.test_size, seed=config.seed)
     keep = ["prompt", "chosen", "rejected"] + (["margin"] if config.use_margin else [])
@@ -190,6 +198,11 @@ def build_trainer(config: RewardConfig):
     finally:
         hf_logging.set_verbosity(verbosity)
     model, tokenizer = backbone.model, backbone.tokenizer
+    pooled = getattr(model.config, POOLING_KEY, "cls")  # a reward model trained on reads as it was trained
+    if config.pooling == "mean" and pooled != "mean":
+        use_mean_pooling(model)
+    elif config.pooling != pooled:
+        raise UserError(f"{config.model} reads the mean token state (pooling mean); give --pooling mean")
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = ENCODER_CHAT_TEMPLATE if tokenizer.cls_token else PLAIN_CHAT_TEMPLATE
     # SEQ_CLS: PEFT trains the fresh head (score / classifier) in full beside the adapter.
@@ -319,7 +332,7 @@ def _run_one(config: RewardConfig) -> dict:
         raise UserError(f"every training pair is longer than max_length={config.max_length} tokens")
     counter = ThisRun()
     trainer.add_callback(counter)
-    trained = train_and_save(trainer, config, resume_from, padding_side="right")
+    trained = train_and_save(trainer, config, resume_from, desc="reward model", padding_side="right")
     out = Path(config.output_dir)
     # Under `accelerate launch` every process holds the same trained model and computes the figures below; only
     # the main one has written it.
