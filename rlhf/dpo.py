@@ -76,6 +76,8 @@ class DPOConfig(TRLStageConfig):
     save_total_limit: int = field(2, "Keep at most this many checkpoints (0: keep all).")
     logging_steps: int = field(1, "Log every this many steps.")
     eval_steps: int = field(0, "Evaluate on the test split every this many steps (0: once, at the end).")
+    eval_pairs: int = field(0, "Evaluate on at most this many test pairs, a seeded draw (0: all of them; each costs "
+                               "a reference and a policy forward).")
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
@@ -90,8 +92,8 @@ class DPOConfig(TRLStageConfig):
             raise ValueError("the exo_pair loss needs label_smoothing in (0, 1), e.g. 0.001")
         if self.margin_scale < 0:
             raise ValueError("margin_scale must be >= 0")
-        if min(self.save_steps, self.save_total_limit, self.eval_steps) < 0 or self.logging_steps < 1:
-            raise ValueError("save_steps, save_total_limit and eval_steps must be >= 0, logging_steps >= 1")
+        if min(self.save_steps, self.save_total_limit, self.eval_steps, self.eval_pairs) < 0 or self.logging_steps < 1:
+            raise ValueError("save_steps, save_total_limit, eval_steps and eval_pairs must be >= 0, logging_steps >= 1")
         super().__post_init__()
 
 
@@ -166,6 +168,8 @@ def build_trainer(config: DPOConfig):
     if use_margin:  # a row without a margin has no offset
         data = data.map(lambda row: {"margin": float(row["margin"] or 0.0)})
     has_test = "test" in data and len(data["test"]) > 0
+    if has_test and 0 < config.eval_pairs < len(data["test"]):
+        data["test"] = data["test"].shuffle(seed=config.seed).select(range(config.eval_pairs))
 
     device = pick_device(config.device)
     # fp32 master weights; bf16/fp16 come from autocast (the precision flags), as mixed-precision training expects.

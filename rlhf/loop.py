@@ -78,8 +78,10 @@ class LoopConfig:
         fixed=("db", "out", "seed"))
     dpo: dict = section(
         "rlhf.dpo:DPOConfig", "DPO on the exported pairs (`rlhf dpo`), with dpo in align.",
+        # 64 of the ~150 held-out pairs: DPO's held-out figures, at half the forwards (the round's evaluation is the
+        # judge of the aligned model).
         {"learning_rate": 5e-5, "beta": 0.1, "epochs": 1.0, "max_steps": 15, "batch_size": 8, "lora": False,
-         "max_length": 160, "logging_steps": 4},
+         "max_length": 160, "logging_steps": 4, "eval_pairs": 64},
         fixed=("model", "data", "output_dir", "device", "precision", "seed"))
     reward: dict = section(
         "rlhf.reward:RewardConfig", "The reward model on the exported pairs (`rlhf reward`), for the RL methods; "

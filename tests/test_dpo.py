@@ -166,6 +166,12 @@ def test_max_steps_precomputes_only_the_pairs_it_trains_on(tmp_path, tiny_model_
     assert trainer.train_dataset["prompt"] != [[{"role": "user", "content": f"Review film {i}"}] for i in range(12)]
     everything, split = build_trainer(_config(tmp_path, data, tiny_model_dir, "all", max_steps=-1, epochs=1.0))
     assert len(everything.train_dataset) == len(split["train"]) > 12  # the epochs see every training pair
+    assert len(everything.eval_dataset) == len(split["test"]) > 3
+    # eval_pairs: the reference runs over that many test pairs only, a seeded draw.
+    few, few_split = build_trainer(_config(tmp_path, data, tiny_model_dir, "eval3", max_steps=3, eval_pairs=3))
+    assert len(few.eval_dataset) == len(few_split["test"]) == 3 and "ref_chosen_logps" in few.eval_dataset.column_names
+    assert set(few.eval_dataset["prompt"][i][0]["content"] for i in range(3)) <= set(
+        split["test"]["prompt"][i][0]["content"] for i in range(len(split["test"])))
 
 
 def test_dpo_resumes_from_its_checkpoint(tmp_path, tiny_model_dir):
