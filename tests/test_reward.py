@@ -453,7 +453,7 @@ def test_pooling_mean_needs_an_encoder_and_a_mean_trained_model_keeps_it(tmp_pat
                                                                          tiny_encoder_dir):
     with pytest.raises(UserError, match="pooling mean needs an encoder"):
         build_trainer(_config(tmp_path, tiny_model_dir, pooling="mean"))
-    with pytest.raises(UserError, match="pooling must be cls or mean"):
+    with pytest.raises(UserError, match="pooling: expected one of cls, mean"):
         _config(tmp_path, tiny_model_dir, pooling="max")
     loaded = models.load(tiny_encoder_dir, head="score", device="cpu", precision="fp32")
     models.use_mean_pooling(loaded.model)

@@ -34,6 +34,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -52,7 +53,7 @@ from rlhf.reward.model import (  # noqa: F401  (re-exported: callers import the 
     RewardModel,
     score,
 )
-from rlhf.trl_stage import TRLStageConfig, lora_config, train_and_save, training_args, write_metrics
+from rlhf.trl_stage import TRLStageConfig, lora_config, loss_trend, train_and_save, training_args, write_metrics
 
 VOTE_COLUMNS = ("n_votes", "agreement")  # an export's: how many voted on a pair, and the share behind its label
 
@@ -61,9 +62,9 @@ VOTE_COLUMNS = ("n_votes", "agreement")  # an export's: how many voted on a pair
 class RewardConfig(TRLStageConfig):
     # The options every TRL-backed stage shares (model, device, LoRA, steps, batch, seed...): TRLStageConfig
     # Model
-    pooling: str = field("cls", "How an encoder's tokens become the score's input: cls (its [CLS] pooler) or mean "
-                         "(the mean token state, as sentence-transformers pool); a causal LM always reads its last "
-                         "token.")
+    pooling: Literal["cls", "mean"] = field("cls", "How an encoder's tokens become the score's input: cls (its [CLS] "
+                                            "pooler) or mean (the mean token state, as sentence-transformers pool). "
+                                            "A causal LM reads its last token: cls.")
     # Data
     data: str = field("runs/export", "Preference data: an export directory, a .jsonl/.parquet file, or a Hub id.")
     test_size: float = field(0.1, "Share of prompts held out as the test split when the data has none.")
@@ -109,8 +110,6 @@ class RewardConfig(TRLStageConfig):
             raise ValueError("ece_bins must be >= 1; center_rewards_coefficient, eval_steps, save_steps >= 0")
         if self.ensemble < 1:
             raise ValueError("ensemble must be >= 1")
-        if self.pooling not in ("cls", "mean"):
-            raise ValueError(f"pooling must be cls or mean, not {self.pooling!r}")
         if self.norm_samples < 2 or self.norm_max_new_tokens < 1 or self.norm_temperature < 0:
             raise ValueError("norm_samples must be >= 2, norm_max_new_tokens >= 1, norm_temperature >= 0")
         super().__post_init__()
@@ -372,12 +371,11 @@ def _run_one(config: RewardConfig) -> dict:
     }
     if not write_metrics(trainer, config, metrics):
         return metrics
-    loss = (f"loss {metrics['first']['loss']:.3f} -> {metrics['final']['loss']:.3f}" if len(trained.logs) > 1
-            else f"mean loss {trained.result.training_loss:.3f}")
     kept = (f"; kept step {metrics['kept']['step']} of {metrics['steps']} (lowest held-out loss)" if best else "")
     print(f"Reward model: {metrics['steps']} steps on {n_kept} pairs in {metrics['seconds']:.0f} s "
-          f"({metrics['tokens_per_second'] or 0:.0f} tokens/s); {loss}{kept}; reward mean {normalization['mean']:.3f} "
-          f"std {normalization['std']:.3f} ({normalization['source']}) -> {out}\n  {summary_line(metrics)}")
+          f"({metrics['tokens_per_second'] or 0:.0f} tokens/s); {loss_trend(metrics)}{kept}; reward mean "
+          f"{normalization['mean']:.3f} std {normalization['std']:.3f} ({normalization['source']}) -> {out}\n  "
+          f"{summary_line(metrics)}")
     return metrics
 
 
