@@ -1,5 +1,7 @@
 """The labeling app: annotators compare pairs or rank several responses, anyone signed in can try the arena, and
-admins watch progress, agreement and bias, review disagreements, add prompts and accounts, and export.
+admins watch progress, agreement and bias, review disagreements, add prompts and accounts, export (a download or a
+server directory), and follow the loop's rounds (labeling progress, the reward model, win-rates, reports), the
+figures refreshing on their own.
 
 Thin over rlhf: the rules (which task to serve and how, the vote's checks, the review queue, rankings, the arena,
 the admin's rights) are functions of rlhf.labeling and rlhf.arena, which the tests call without a browser. This
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from labeling_ui.guard import SECRET_PATH, GuardedBlocks
+from labeling_ui.guard import EXPORT_PATH, REPORT_PATH, SECRET_PATH, GuardedBlocks
 from labeling_ui.render import plain, render_prompt_messages, render_text
 from rlhf import labeling
 from rlhf.arena import (
@@ -44,10 +46,12 @@ from rlhf.arena import (
 )
 from rlhf.config import UserError, field
 from rlhf.labeling import ADMIN_PROMPT_MAX, ADMIN_PROMPTS_MAX, CHOICE_TO_LABEL, RATIONALE_MAX, STRENGTHS
+from rlhf.rounds import PREFIX, curves, percent
 from rlhf.store import NAME_MAX, Store, StoreError
 
 MAX_RANK = 9
 REVIEW_SHOWN = 50
+REFRESH_S = 10.0  # how often the admin's figures (progress, agreement, rounds) refresh on their own
 STATIC = Path(__file__).parent / "static"
 PRIVATE = {"api_visibility": "private"}
 EMPTY = {"task_id": None}
@@ -250,6 +254,115 @@ def admin_export(store: Store, user: str, out: str) -> str:
     return f"Exported {counts['train']} train, {counts['test']} test, {counts['ties']} ties to {plain(out)}."
 
 
+def _percent(value, ci=None) -> str:
+    return percent(value, ci, ci_digits=0)
+
+
+def _round_rows(run: dict) -> list[str]:
+    """One row per round: steps, labeling progress, the reward model beside the ceiling, the report."""
+    rows = ["| round | steps done | labeling: pairs · rankings | reward model (held out) | ceiling | "
+            "app's reward model vs new votes | report |", "|---:|---|---|---|---|---|---|"]
+    for e in run["rounds"]:
+        p, r, reward = e["pairs"], e["rankings"], e.get("reward") or {}
+        labeling_cell = " · ".join(f"{x['votes']}/{x['slots']} votes, {x['complete_tasks']}/{x['tasks']} tasks"
+                                   for x in (p, r) if x["tasks"]) or "no tasks yet"
+        if reward.get("test_pairs"):
+            held_out = f"{_percent(reward['accuracy'], reward['accuracy_ci'])} on {reward['test_pairs']} pairs"
+        else:
+            held_out = plain(reward["verdict"]) if reward else "—"
+        agreement = e.get("reward_agreement")
+        live = (f"agrees with {_percent(agreement['agreement'], agreement['ci'])} of {agreement['votes']}"
+                if agreement else "—")
+        report = (f"[open]({REPORT_PATH}{run['key'][len(PREFIX):]}/{e['round']})" if "evaluate" in e["steps"]
+                  else "—")
+        rows.append(f"| {e['round']} | {plain(', '.join(e['steps']))} | {labeling_cell} | {held_out} | "
+                    f"{_percent(reward.get('ceiling'), reward.get('ceiling_ci'))} | {live} | {report} |")
+    return rows
+
+
+def _model_rows(run: dict) -> list[str]:
+    rows = ["| round | aligned model | over base | over the prompt baseline | KL vs base | judge |",
+            "|---:|---|---|---|---:|---|"]
+    for e in run["rounds"]:
+        for m in e.get("models", []):
+            kl = "—" if m.get("kl") is None else f"{m['kl']:.2f}"
+            rows.append(f"| {e['round']} | {plain(m['label'])} | {_percent(m.get('vs_base'), m.get('vs_base_ci'))} | "
+                        f"{_percent(m.get('vs_prompt'), m.get('vs_prompt_ci'))} | {kl} | {plain(m['judge'] or '—')} |")
+    return rows if len(rows) > 2 else []
+
+
+def _annotator_rows(entry: dict) -> list[str]:
+    rows = [f"Round {entry['round']}, per annotator (live):", "", "| annotator | done | skipped | s/vote | last vote |",
+            "|---|---:|---:|---:|---|"]
+    for a in entry["annotators"]:
+        secs = "—" if a["mean_seconds"] is None else f"{a['mean_seconds']:.1f}"
+        rows.append(f"| {plain(a['annotator'])} | {a['done']} | {a['skipped']} | {secs} | "
+                    f"{(a['last_vote'] or '—')[:19]} |")
+    return rows if entry["annotators"] else [f"Round {entry['round']}: no votes yet."]
+
+
+def rounds_markdown(runs: list[dict]) -> str:
+    """Every recorded loop run as Markdown: its rounds, its aligned models, the latest round's annotators."""
+    if not runs:
+        return ("*No loop run has recorded rounds in this store yet.* `rlhf loop` records each round here as it goes "
+                "(`rlhf loop --db` this store's URL); the figures then appear and refresh on their own.")
+    out = []
+    for run in runs:
+        out += [f"### Run {plain(run['name'])}", f"Directory on the server: {plain(run['root'])}", "",
+                *_round_rows(run), ""]
+        models = _model_rows(run)
+        if models:
+            out += ["Win-rates with 95 % intervals, KL in nats, by the judge named (gold: the gold function; "
+                    "reward: the round's reward model):", "", *models, ""]
+        if run["rounds"]:
+            out += [*_annotator_rows(run["rounds"][-1]), ""]
+    return "\n".join(out)
+
+
+def _series_plot(points: list[dict], x: str, y: str, title: str, x_label: str, y_label: str, y_lim: tuple,
+                 several_runs: bool, dodge: float = 0.0):
+    """A matplotlib figure (the object API: safe on the app's worker threads) of one line per series, markers and
+    95 % intervals as error bars; a dashed line for a ceiling. `dodge` shifts the series apart along x, so the
+    intervals of series at the same x do not hide each other."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.6, 3.4), layout="constrained")
+    ax = fig.subplots()
+    series: dict[str, list[dict]] = {}
+    for p in points:
+        series.setdefault(f"{p['run']} · {p['series']}" if several_runs else p["series"], []).append(p)
+    for i, (name, rows) in enumerate(series.items()):
+        rows.sort(key=lambda r: r[x])
+        xs, ys = [r[x] + dodge * (i - (len(series) - 1) / 2) for r in rows], [r[y] for r in rows]
+        errors = [[r[y] - r["ci"][0] if r.get("ci") else 0 for r in rows],
+                  [r["ci"][1] - r[y] if r.get("ci") else 0 for r in rows]]
+        ax.errorbar(xs, ys, yerr=errors, fmt="s--" if name.endswith("ceiling") else "o-", capsize=3, label=name)
+    if not points:
+        ax.text(0.5, 0.5, "nothing measured yet", ha="center", va="center", transform=ax.transAxes, color="grey")
+    ax.set(title=title, xlabel=x_label, ylabel=y_label, ylim=y_lim)
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend(fontsize=7)
+    return fig
+
+
+def rounds_plots(runs: list[dict]) -> tuple:
+    """The two plots across rounds: reward-model accuracy and the ceiling against the pairs it trained on, and
+    win-rates by round (a series is named by its run too when there are several)."""
+    rows, several = curves(runs), len(runs) > 1
+    accuracy = _series_plot(rows["accuracy"], "pairs", "accuracy", "Reward model on held-out pairs",
+                            "pairs it trained on", "accuracy", (0.4, 1.0), several)
+    wins = _series_plot(rows["wins"], "round", "win_rate", "Aligned models by round", "round", "win-rate",
+                        (0.0, 1.0), several, dodge=0.08)
+    ax = wins.axes[0]
+    ax.axhline(0.5, color="grey", linewidth=0.8)
+    numbers = sorted({r["round"] for r in rows["wins"]})
+    if numbers:
+        ax.set_xticks(numbers)
+        ax.set_xlim(numbers[0] - 0.5, numbers[-1] + 0.5)
+    return accuracy, wins
+
+
 # ---------------------------------------------------------------- the page: one function per tab
 
 
@@ -437,9 +550,12 @@ def arena_page(store: Store, arena: Arena | None, rng: random.Random):
     return board
 
 
-def admin_page(store: Store, secrets) -> None:
-    """The "Admin" tab's content and events; every handler goes through the server-side role check."""
-    refresh = gr.Button("Refresh progress, agreement and bias", elem_id="refresh-btn")
+def admin_page(store: Store, secrets):
+    """The "Admin" tab's content and events; every handler goes through the server-side role check. Returns the
+    overview component and its handler (the page refreshes it on load and on a timer)."""
+    with gr.Row():
+        gr.Markdown(f"Progress, agreement and bias refresh on their own every {REFRESH_S:.0f} s.")
+        refresh = gr.Button("Refresh now", elem_id="refresh-btn", scale=0)
     overview = gr.Markdown(elem_id="overview")
     with gr.Accordion("Review queue: strong votes the reward model disagreed with", open=False):
         queue_btn = gr.Button("Show the queue", elem_id="queue-btn")
@@ -461,8 +577,14 @@ def admin_page(store: Store, secrets) -> None:
             new_admin = gr.Checkbox(label="Admin", elem_id="new-admin")
         add_annotator_btn = gr.Button("Create account", elem_id="add-annotator-btn")
         add_annotator_msg = gr.Markdown(elem_id="add-annotator-msg")
-    out = gr.Textbox(value="runs/export", label="Export directory")
-    export_btn = gr.Button("Export preference data (TRL format)", elem_id="export-btn")
+    gr.Markdown("**Export the preference data** (TRL format: train, test, ties; the lossless tasks dump; "
+                "export.json), as `rlhf data export` writes it:")
+    # A plain link: the server answers it to an admin's own request (guard.Guard), never on the event stream.
+    gr.HTML(f'<a id="export-download" class="download-link" href="{EXPORT_PATH}" download>'
+            "Download it (zip)</a>")
+    with gr.Row():
+        out = gr.Textbox(value="runs/export", label="Or write it to a directory on the server", scale=3)
+        export_btn = gr.Button("Export to the server", elem_id="export-btn", scale=1)
     export_msg = gr.Markdown(elem_id="export-msg")
 
     def as_admin(fn, request: gr.Request, *args) -> str:
@@ -505,6 +627,28 @@ def admin_page(store: Store, secrets) -> None:
     add_prompts_btn.click(on_add_prompts, [new_prompts, new_split], add_prompts_msg, **PRIVATE)
     add_annotator_btn.click(on_add_annotator, [new_name, new_admin], add_annotator_msg, **PRIVATE)
     export_btn.click(on_export, [out], export_msg, **PRIVATE)
+    return overview, on_overview
+
+
+def rounds_page(store: Store):
+    """The "Rounds" tab (admins): every loop run on this store, round by round, and the plots across rounds.
+    Returns its components and the handler that fills them (on load and on the timer)."""
+    gr.Markdown(f"Every round of the loop runs on this store: labeling progress, the reward model's held-out accuracy "
+                f"beside the ceiling (how often the labels themselves agree with the gold function, or with each "
+                f"other), and the aligned models' win-rates. Refreshes every {REFRESH_S:.0f} s.")
+    summary = gr.Markdown(elem_id="rounds")
+    with gr.Row():
+        accuracy = gr.Plot(elem_id="rounds-accuracy", show_label=False)
+        wins = gr.Plot(elem_id="rounds-wins", show_label=False)
+
+    def on_rounds(request: gr.Request):
+        try:
+            runs = labeling.rounds(store, request.username)
+        except PermissionError:
+            return "Admins only.", None, None
+        return (rounds_markdown(runs), *rounds_plots(runs))
+
+    return [summary, accuracy, wins], on_rounds
 
 
 def public_api(store: Store, config: LabelConfig, rng: random.Random, round_: int | None) -> None:
@@ -558,15 +702,26 @@ def build_app(config: LabelConfig, store: Store | None = None, scorer=None, aren
         with gr.Tab("Arena", visible=arena is not None):
             board = arena_page(store, arena, rng)
         with gr.Tab("Admin", visible=False) as admin_tab:
-            admin_page(store, app.secrets)
+            overview, show_overview = admin_page(store, app.secrets)
+        with gr.Tab("Rounds", visible=False) as rounds_tab:
+            rounds_screen, show_rounds = rounds_page(store)
+        # Ticks only on an admin's page (on_load starts it); each tick's handlers check the role again anyway.
+        timer = gr.Timer(REFRESH_S, active=False)
+        admin_screen = [overview, *rounds_screen]
+
+        def admin_figures(request: gr.Request):
+            return (show_overview(request), *show_rounds(request))
 
         def on_load(request: gr.Request):
             user = request.username
             is_admin = labeling.is_admin(store, user)
-            return (*show_pair(user), *show_ranking(user), gr.update(visible=is_admin),
-                    f"Signed in as **{plain(user)}**")
+            figures = admin_figures(request) if is_admin else (gr.skip(),) * len(admin_screen)
+            return (*show_pair(user), *show_ranking(user), gr.update(visible=is_admin), gr.update(visible=is_admin),
+                    gr.Timer(active=is_admin), *figures, f"Signed in as **{plain(user)}**")
 
-        app.load(on_load, None, pair_screen + rank_screen + [admin_tab, who], **PRIVATE)
+        app.load(on_load, None, pair_screen + rank_screen + [admin_tab, rounds_tab, timer, *admin_screen, who],
+                 **PRIVATE)
+        timer.tick(admin_figures, None, admin_screen, show_progress="hidden", **PRIVATE)
         if arena is not None:
             app.load(lambda: leaderboard(store, arena), None, board, **PRIVATE)
         public_api(store, config, rng, round_)

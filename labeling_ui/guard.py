@@ -9,7 +9,10 @@ request filter, wired into Gradio by `GuardedBlocks.launch`.
   Secrets       a new credential is handed to the admin who created it by a request of their own (GET
                 /rlhf/secret/TICKET, once), never on an event stream another signed-in user might read
   Guard         ASGI middleware: no uploads (the app has none), a bound on request bodies, an event stream (its
-                session_hash) bound to the user who opened it, the client address for the throttle
+                session_hash) bound to the user who opened it, the client address for the throttle; and the admin's
+                downloads, answered to an admin's own request (rlhf.labeling checks the role): GET /rlhf/export.zip
+                (the export as a zip) and /rlhf/report/RUN/ROUND (a loop round's report, sandboxed: it runs no
+                script and reaches nothing)
 """
 
 from __future__ import annotations
@@ -31,6 +34,11 @@ FAILED_SIGN_IN_DELAY_S = 0.5
 SIGN_IN_WORKERS = 2
 SECRET_PATH = "/rlhf/secret/"
 SECRET_TTL_S = 600.0
+EXPORT_PATH = "/rlhf/export.zip"
+REPORT_PATH = "/rlhf/report/"
+# A report is our own HTML, but it quotes model outputs: served as a sandbox (no script, no same-origin rights,
+# nothing fetched), so even a mistake in its escaping could not act as the admin.
+REPORT_POLICY = b"sandbox; default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 MAX_KEYS = 100_000  # entries kept per table (throttle, session owners), so random names cannot exhaust memory
 
 
@@ -146,10 +154,11 @@ class Secrets:
             return secret
 
 
-async def _answer(send, status: int, body: str, content_type: str = "application/json") -> None:
+async def _answer(send, status: int, body: str | bytes, content_type: str = "application/json",
+                  headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", content_type.encode()), (b"cache-control", b"no-store")]})
-    await send({"type": "http.response.body", "body": body.encode()})
+                "headers": [(b"content-type", content_type.encode()), (b"cache-control", b"no-store"), *headers]})
+    await send({"type": "http.response.body", "body": body if isinstance(body, bytes) else body.encode()})
 
 
 class Guard:
@@ -190,6 +199,8 @@ class Guard:
                 return await _answer(send, 404, "Not found (a secret is shown once, to whoever created it).",
                                      "text/plain")
             return await _answer(send, 200, secret, "text/plain")
+        if scope["method"] == "GET" and (path == EXPORT_PATH or path.startswith(REPORT_PATH)):
+            return await self._download(scope, send, path)
         if path.endswith("/queue/data") or "/heartbeat/" in path:
             from urllib.parse import parse_qs
 
@@ -200,6 +211,34 @@ class Guard:
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         return await self._with_body(scope, receive, send)
+
+    async def _download(self, scope, send, path: str):
+        """The export zip or a round's report, for an admin (the role checked by rlhf.labeling, off the event loop);
+        404 for anyone else and for what is not there."""
+        from rlhf import labeling
+        from rlhf.store import StoreError
+
+        user, store = self.user(scope), self.blocks.store
+
+        def fetch():
+            if path == EXPORT_PATH:
+                return labeling.export_zip(store, user)
+            run_id, _, round_ = path[len(REPORT_PATH):].partition("/")
+            report = labeling.round_report(store, user, run_id, int(round_)) if round_.isdigit() else None
+            return report.read_bytes() if report is not None else None
+
+        try:
+            body = await asyncio.to_thread(fetch) if user is not None else None
+        except (PermissionError, StoreError, OSError):  # not an admin (or no longer an account); a report gone
+            body = None
+        if body is None:
+            return await _answer(send, 404, "Not found (admins only).", "text/plain")
+        if path == EXPORT_PATH:
+            name = f"rlhf-export-{time.strftime('%Y%m%d-%H%M%S')}.zip"
+            return await _answer(send, 200, body, "application/zip",
+                                 ((b"content-disposition", f'attachment; filename="{name}"'.encode()),))
+        return await _answer(send, 200, body, "text/html; charset=utf-8",
+                             ((b"content-security-policy", REPORT_POLICY), (b"x-content-type-options", b"nosniff")))
 
     async def _with_body(self, scope, receive, send):
         """Reads the whole body first (refusing one over `max_body`), checks a queue/join's session, replays it."""

@@ -22,6 +22,8 @@ STAGES = [
      "rlhf.loop", "LoopConfig", "demo"),
     ("loop", "Rounds of generate -> label -> export -> DPO / reward + PPO -> evaluate; resumes where it stopped.",
      "rlhf.loop", "LoopConfig", "run"),
+    ("rounds", "The rounds of the loop runs recorded in a store: labeling progress, reward model, win-rates, reports.",
+     "rlhf.rounds", "RoundsConfig", "run"),
     ("sft", "Instruction fine-tuning on demonstrations (TRL's SFTTrainer); writes a model directory.",
      "rlhf.sft", "SFTConfig", "run"),
     ("generate", "Sample candidates from a policy into the store and pair them into labeling tasks.",

@@ -6,7 +6,8 @@
                        it gives less than `disagree_below` goes on the review queue
   next_ranking, ...    K-response tasks: a random order shown, the typed order read and mapped back to positions
   undo, skip           the annotator's last vote taken back, a task put aside
-  require_admin, ...   the admin's functions, each checking the role first
+  require_admin, ...   the admin's functions, each checking the role first: progress, the review queue, prompts and
+                       accounts, the export (to a server directory, or as a zip to download), the loop's rounds
 
 What the functions return is text for the page (messages, the task's prompt and responses as stored); turning it
 into Markdown or HTML, and escaping what people or models wrote, is the app's part.
@@ -14,10 +15,14 @@ into Markdown or HTML, and escaping what people or models wrote, is the app's pa
 
 from __future__ import annotations
 
+import io
 import math
 import random
 import re
+import tempfile
 import time
+import zipfile
+from pathlib import Path
 
 from rlhf.arena import is_arena_task
 from rlhf.data import ExportConfig, format_stats, quality_stats, run_export
@@ -290,3 +295,31 @@ def export(store: Store, user: str, out: str) -> dict:
     """The preference data as `rlhf data export` writes it; returns its counts."""
     require_admin(store, user)
     return run_export(ExportConfig(db=store.url, out=out))
+
+
+def export_zip(store: Store, user: str) -> bytes:
+    """The files `rlhf data export` writes (train/test/ties, the lossless tasks dump, export.json), as one zip."""
+    require_admin(store, user)
+    buffer = io.BytesIO()
+    with tempfile.TemporaryDirectory(prefix="rlhf-export-") as tmp:
+        export(store, user, tmp)
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+            for path in sorted(Path(tmp).iterdir()):
+                archive.write(path, path.name)
+    return buffer.getvalue()
+
+
+def rounds(store: Store, user: str) -> list[dict]:
+    """Every loop run recorded in the store, round by round (rlhf.rounds.rounds)."""
+    from rlhf.rounds import rounds as recorded_rounds
+
+    require_admin(store, user)
+    return recorded_rounds(store)
+
+
+def round_report(store: Store, user: str, run_id: str, round_: int) -> Path | None:
+    """The report file of a recorded run's round (run_id: its key without the prefix), None if there is none."""
+    from rlhf.rounds import PREFIX, report_path
+
+    require_admin(store, user)
+    return report_path(store, PREFIX + run_id, round_)

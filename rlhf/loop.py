@@ -165,34 +165,41 @@ def _round(config: LoopConfig, k: int, policy: str, db: str, store, rd: Path, ti
     from rlhf.ppo import run as run_ppo
     from rlhf.reward import RewardConfig
     from rlhf.reward import run as run_reward
+    from rlhf.rounds import record_step
+
+    def step(name: str, fn) -> dict:
+        # Recorded in the store as well, resumed or not: the app's Rounds page reads it there.
+        result = _step(rd, name, timings, fn)
+        record_step(store, rd.parent, config.name, k, name, result)
+        return result
 
     shared = {"device": config.device, "precision": config.precision}
-    _step(rd, "generate", timings, lambda: run_generate(stage_config(
+    step("generate", lambda: run_generate(stage_config(
         config, "generate", GenerateConfig, model=policy, db=db, prompts=config.prompts, split="train", round=k,
         seed=config.seed + k, skip_existing=True, **shared)))
     if config.labeler == "simulated":
-        _step(rd, "label", timings, lambda: label_sim(stage_config(
+        step("label", lambda: label_sim(stage_config(
             config, "label_sim", LabelSimConfig, db=db, annotator=f"sim-{config.gold.split(':')[0]}",
             gold=config.gold, round=k, seed=config.seed + k)))
     else:
-        _step(rd, "label", timings, lambda: _wait_for_votes(store, k, config.poll_seconds))
+        step("label", lambda: _wait_for_votes(store, k, config.poll_seconds))
     # Every round trains on all pairs labeled so far.
-    _step(rd, "export", timings, lambda: run_export(stage_config(
+    step("export", lambda: run_export(stage_config(
         config, "export", ExportConfig, db=db, out=str(rd / "export"), seed=config.seed)))
     aligned = []
     gold = config.gold if config.labeler == "simulated" else ""
     rl = [m for m in config.align if m in RL_ESTIMATORS]
     for method in config.align:
         if method == "dpo":
-            _step(rd, "dpo", timings, lambda: run_dpo(stage_config(
+            step("dpo", lambda: run_dpo(stage_config(
                 config, "dpo", DPOConfig, model=policy, data=str(rd / "export"), output_dir=str(rd / "dpo"),
                 seed=config.seed, **shared)))
         else:
             if method == rl[0]:  # one reward model for every RL method
-                _step(rd, "reward", timings, lambda: run_reward(stage_config(
+                step("reward", lambda: run_reward(stage_config(
                     config, "reward", RewardConfig, model=config.reward.get("model") or policy,
                     data=str(rd / "export"), output_dir=str(rd / "reward"), seed=config.seed, gold=gold, **shared)))
-            _step(rd, method, timings, lambda m=method: run_ppo(stage_config(
+            step(method, lambda m=method: run_ppo(stage_config(
                 config, "ppo", PPOConfig, model=policy, reward_model=str(rd / "reward"), prompts=config.prompts,
                 output_dir=str(rd / m), seed=config.seed, estimator=RL_ESTIMATORS[m], gold=gold, **shared)))
         aligned.append(str(rd / method))
@@ -202,7 +209,7 @@ def _round(config: LoopConfig, k: int, policy: str, db: str, store, rd: Path, ti
         aligned.append(policy)  # last round's policy, to see this round's gain
         names.append(f"{Path(policy).parent.name} {Path(policy).name}")  # e.g. "round-1 dpo"
     # With a reward model, the report shows its win-rates beside the gold's: a gap between them is reward hacking.
-    evaluation = _step(rd, "evaluate", timings, lambda: run_evaluate(stage_config(
+    evaluation = step("evaluate", lambda: run_evaluate(stage_config(
         config, "evaluate", EvaluateConfig, base=config.base_model, aligned=aligned, names=names,
         gold=config.gold, prompts=config.prompts, reward=str(rd / "reward") if rl else "",
         output_dir=str(rd / "eval"), seed=config.seed, **shared)))

@@ -175,27 +175,138 @@ def test_annotator_votes_with_mouse_and_keyboard_in_chromium(running_app, browse
     page.close()
 
 
+def _exported_files(directory) -> dict[str, bytes]:
+    """An export's files, but export.json's config (it names where the export was written)."""
+    import json
+
+    files = {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+    files["export.json"] = json.dumps(json.loads(files["export.json"])["counts"]).encode()
+    return files
+
+
 @pytest.mark.browser
 def test_admin_sees_progress_adds_an_annotator_and_exports(running_app, browser, artifacts_dir, store, tmp_path):
+    import io
+    import json
+    import zipfile
+
+    from rlhf.data import ExportConfig, run_export
+
     url, credentials, _ = running_app
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page = browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
     _sign_in(page, url, "boss", credentials["boss"])
     page.get_by_role("tab", name="Admin").click()
-    page.click("#refresh-btn")
-    page.wait_for_selector("text=tasks complete")
+    # The figures are there without pressing anything, and follow the votes on their own.
+    page.wait_for_function("document.querySelector('#overview').innerText.includes('0/6 votes')")
+    store.submit("ann", store.tasks()[0]["task_id"], "A")
+    page.wait_for_function("document.querySelector('#overview').innerText.includes('1/6 votes')", timeout=30_000)
     page.get_by_text("Add an annotator").click()
     page.fill("#new-name input, #new-name textarea", "dora")
     page.click("#add-annotator-btn")
     page.wait_for_selector("#add-annotator-msg code")
     credential = page.inner_text("#add-annotator-msg code")
     assert store.authenticate("dora", credential).role == "annotator"
-    page.fill("label:has-text('Export directory') textarea, label:has-text('Export directory') input",
+    # The download: the same files `rlhf data export` writes.
+    with page.expect_download() as download:
+        page.click("#export-download")
+    saved = tmp_path / "download.zip"
+    download.value.save_as(saved)
+    assert download.value.suggested_filename.startswith("rlhf-export-")
+    run_export(ExportConfig(db=store.url, out=str(tmp_path / "cli")))
+    with zipfile.ZipFile(io.BytesIO(saved.read_bytes())) as archive:
+        zipped = {name: archive.read(name) for name in sorted(archive.namelist())}
+    zipped["export.json"] = json.dumps(json.loads(zipped["export.json"])["counts"]).encode()
+    assert zipped == _exported_files(tmp_path / "cli") and b"Great film" in zipped["tasks.jsonl"]
+    # And to a directory on the server, as before.
+    page.fill("label:has-text('directory on the server') textarea, label:has-text('directory on the server') input",
               str(tmp_path / "exported"))
     page.click("#export-btn")
     page.wait_for_selector("#export-msg :text('Exported')")
     assert (tmp_path / "exported" / "train.jsonl").exists()
     page.screenshot(path=str(artifacts_dir / "labeling_admin.png"), full_page=True)
     page.close()
+
+
+def _record_a_run(store, tmp_path):
+    """A loop run's first round as the loop records it (rlhf.rounds), with a report that tries to run a script."""
+    from rlhf.rounds import record_step
+
+    root = tmp_path / "runs" / "demo"
+    (root / "round-1" / "eval").mkdir(parents=True)
+    (root / "round-1" / "eval" / "report.html").write_text(
+        "<html><body><h1>report of round 1</h1><script>document.title = 'ran'; window.__pwned = 4</script>"
+        "</body></html>")
+    record_step(store, root, "demo", 1, "generate", {"tasks": 3})
+    record_step(store, root, "demo", 1, "export", {"train": 120, "test": 30, "ties": 2})
+    record_step(store, root, "demo", 1, "reward", {
+        "test_pairs": 30, "accuracy": 0.7, "accuracy_ci": [0.6, 0.8], "train_pairs": 120, "verdict": "better",
+        "ceiling": {"value": 0.9, "ci": [0.85, 0.95]}})
+    record_step(store, root, "demo", 1, "evaluate", {
+        "config": {"output_dir": str(root / "round-1" / "eval")}, "best_prompt_baseline": "prompt", "models": [
+            {"label": "dpo <b>x</b>", "role": "aligned", "win_rate_gold": 0.8, "win_rate_gold_ci": [0.7, 0.9],
+             "win_rate_gold_vs_prompt": 0.66, "win_rate_gold_vs_prompt_ci": [0.55, 0.77], "kl_vs_base": 7.5}]})
+    return root
+
+
+@pytest.mark.browser
+def test_admin_follows_the_loops_rounds_and_opens_a_report(running_app, browser, artifacts_dir, store, tmp_path):
+    from rlhf.rounds import record_step, run_key
+
+    url, credentials, _ = running_app
+    root = _record_a_run(store, tmp_path)
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    _sign_in(page, url, "boss", credentials["boss"])
+    page.get_by_role("tab", name="Rounds").click()
+    page.wait_for_function("document.querySelector('#rounds').innerText.includes('Run demo')")
+    shown = page.inner_text("#rounds")
+    assert "70.0 % [60, 80] on 30 pairs" in shown and "90.0 % [85, 95]" in shown  # beside the ceiling
+    assert "80.0 % [70, 90]" in shown and "66.0 % [55, 77]" in shown and "7.50" in shown
+    assert "dpo <b>x</b>" in shown  # a name is shown as text
+    page.wait_for_selector("#rounds-accuracy img")  # the plot, drawn on the server
+    # Round 2 starts while the page is open: it appears on its own, with its labeling progress.
+    record_step(store, root, "demo", 2, "generate", {"tasks": 3})
+    page.wait_for_function("document.querySelector('#rounds').innerText.includes('generate')"
+                           " && document.querySelectorAll('#rounds table')[0].rows.length === 3", timeout=30_000)
+    page.screenshot(path=str(artifacts_dir / "labeling_rounds.png"), full_page=True)
+    # The report opens from the page, served as a sandbox: its script does not run.
+    link = page.locator("#rounds a", has_text="open").first
+    assert link.get_attribute("href") == f"/rlhf/report/{run_key(root)[len('loop:'):]}/1"
+    with page.context.expect_page() as opened:
+        link.click(modifiers=["Control"])
+    report = opened.value
+    report.wait_for_load_state()
+    assert "report of round 1" in report.inner_text("body") and report.title() != "ran"
+    response = page.request.get(url + link.get_attribute("href"))
+    assert response.ok and "sandbox" in response.headers["content-security-policy"]
+    report.close()
+    page.close()
+
+
+def test_the_downloads_answer_admins_only(running_app, store, tmp_path):
+    import httpx
+
+    from rlhf.rounds import run_key
+
+    url, credentials, _ = running_app
+    root = _record_a_run(store, tmp_path)
+    report = f"/rlhf/report/{run_key(root)[len('loop:'):]}/1"
+
+    def get(path: str, who: str | None) -> httpx.Response:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            if who:
+                client.post("/login", data={"username": who, "password": credentials[who]})
+            return client.get(path)
+
+    for who in (None, "ann"):  # no sign-in, an annotator: nothing, and no hint what is there
+        assert get("/rlhf/export.zip", who).status_code == 404 and get(report, who).status_code == 404
+    zipped = get("/rlhf/export.zip", "boss")
+    assert zipped.status_code == 200 and zipped.headers["content-type"] == "application/zip"
+    assert zipped.content[:2] == b"PK" and "attachment" in zipped.headers["content-disposition"]
+    assert get(report, "boss").status_code == 200
+    # Only a recorded round's report file: another round, another run, a path are not served.
+    for path in (report[:-1] + "2", "/rlhf/report/0123456789abcdef/1", report + "/../../../etc/passwd",
+                 "/rlhf/report/x/1", report[:-1] + "1x"):
+        assert get(path, "boss").status_code == 404
 
 
 @pytest.mark.browser

@@ -4,12 +4,14 @@ evaluate, twice."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from rlhf.cli import main
 from rlhf.config import UserError, load_config
 from rlhf.loop import LoopConfig, _next_policy, run
+from rlhf.rounds import curves, rounds
 from rlhf.store import Store
 
 
@@ -53,10 +55,36 @@ def test_two_rounds_end_to_end_then_resume(tmp_path, tiny_model_dir, capsys):
     assert "wall time per stage" in out and "report:" in out and "prompt baseline" in out
     assert "DPO vs base" in out and "PPO vs base" in out and "next round's policy" in out
 
-    # Running it again resumes: every step is found done, nothing is recomputed.
+    # The store holds the run's rounds as the Rounds page shows them: the reward model's held-out figures and each
+    # aligned model's win-rates as the round's own files have them, the pairs exported so far, the report.
+    store = Store(f"sqlite:///{root / 'store.db'}")
+    [recorded] = rounds(store)
+    assert recorded["name"] == "ci" and [e["round"] for e in recorded["rounds"]] == [1, 2]
+    for entry in recorded["rounds"]:
+        rd = root / f"round-{entry['round']}"
+        metrics = json.loads((rd / "reward" / "metrics.json").read_text())
+        assert entry["reward"]["accuracy"] == metrics["accuracy"] and entry["reward"]["ceiling"] == metrics[
+            "ceiling"]["value"]
+        assert entry["labels"]["train"] == json.loads((rd / "export.json").read_text())["train"]
+        evaluation = {m["label"]: m for m in json.loads((rd / "evaluate.json").read_text())["models"]}
+        assert [m["label"] for m in entry["models"]][:2] == ["dpo", "ppo"]
+        for m in entry["models"]:
+            assert m["judge"] == "gold" and m["vs_base"] == evaluation[m["label"]]["win_rate_gold"]
+            assert m["kl"] == evaluation[m["label"]]["kl_vs_base"]
+        assert entry["steps"] == ["generate", "label", "export", "dpo", "reward", "ppo", "evaluate"]
+        assert entry["rankings"]["votes"] > 0 and Path(entry["report"]) == (rd / "eval" / "report.html").resolve()
+    first_labels = recorded["rounds"][0]["labels"]["train"]
+    assert recorded["rounds"][1]["labels"]["train"] > first_labels  # round 2 trains on both rounds' pairs
+    assert len([row for row in curves([recorded])["accuracy"] if row["series"] == "reward model"]) == 2
+    assert main(["rounds", "--db", store.url]) == 0
+    shown = capsys.readouterr().out
+    assert "run ci" in shown and "round 2:" in shown and "dpo: vs base" in shown and "report:" in shown
+
+    # Running it again resumes: every step is found done, nothing is recomputed, nothing recorded twice.
     again = run(config)
     assert "done earlier, skipped" in capsys.readouterr().out
     assert again["policy"] == result["policy"]
+    assert [e["steps"] for e in rounds(store)[0]["rounds"]] == [e["steps"] for e in recorded["rounds"]]
 
 
 def test_next_policy_is_the_higher_win_rate_by_gold_else_by_reward():
@@ -145,3 +173,5 @@ def test_a_round_on_postgresql(tmp_path, tiny_model_dir, store_url, capsys):
     assert len(store.tasks(round=1, kind="rank")) == 6 and len(store.votes(round=1, kind="rank")) == 6
     assert not (tmp_path / "pg" / "store.db").exists()
     assert (tmp_path / "pg" / "round-1" / "dpo" / "model.safetensors").is_file()
+    [recorded] = rounds(store)  # the Rounds page's record lives in PostgreSQL as well
+    assert recorded["name"] == "pg" and recorded["rounds"][0]["models"][0]["label"] == "dpo"

@@ -84,7 +84,7 @@ class Store(Accounts, Writes, Queries, Transfer):
 
     def __init__(self, url: str | None = None, create: bool = True, durable: bool = False):
         self.url = url or default_url()
-        self.engine, self.sqlite, self.postgres = open_engine(self.url, durable)
+        self.engine, self.sqlite, self.postgres = open_engine(self.url, durable, create)
         # Writers take SQLite's write lock when their transaction starts, readers don't (see schema._sqlite_begin).
         self._writer = self.engine.execution_options(rlhf_write=True)
         try:

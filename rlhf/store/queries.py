@@ -3,6 +3,7 @@ listings (what exports, statistics and the admin page read) and the review queue
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ from rlhf.store.schema import (
     LABELED,
     REVIEWS,
     Annotator,
+    Meta,
     Prompt,
     Response,
     Skip,
@@ -66,6 +68,13 @@ class Queries:
                   "skips": Skip, "annotators": Annotator}
         with self.session(write=False) as s:
             return {name: s.scalar(select(func.count()).select_from(t)) for name, t in tables.items()}
+
+    def records(self, prefix: str) -> dict[str, dict]:
+        """The records (Writes.put_record) whose keys start with `prefix`, by key."""
+        with self.session(write=False) as s:
+            rows = s.execute(select(Meta.key, Meta.value).where(Meta.key.startswith(prefix, autoescape=True),
+                                                                 Meta.key != "schema_version").order_by(Meta.key))
+            return {key: json.loads(value) for key, value in rows}
 
     def task(self, task_id: int) -> TaskView:
         with self.session(write=False) as s:

@@ -257,8 +257,9 @@ MIGRATIONS = {1: ["ALTER TABLE votes ADD COLUMN margin FLOAT",
 # ---------------------------------------------------------------- opening a database
 
 
-def open_engine(url: str, durable: bool) -> tuple[Engine, bool, bool]:
-    """The engine for a database URL, and whether it is SQLite and whether PostgreSQL (the only dialect checks)."""
+def open_engine(url: str, durable: bool, create: bool = True) -> tuple[Engine, bool, bool]:
+    """The engine for a database URL, and whether it is SQLite and whether PostgreSQL (the only dialect checks).
+    Without `create`, a SQLite file that is not there is refused, not made (empty) as connecting would."""
     try:
         parsed = make_url(url)
     except ArgumentError:
@@ -269,6 +270,8 @@ def open_engine(url: str, durable: bool) -> tuple[Engine, bool, bool]:
     kwargs: dict = {}
     if sqlite:
         if parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:"):
+            if not create and not Path(parsed.database).expanduser().is_file():
+                raise StoreError(f"{masked_url(url)} holds no rlhf store (no such file)")
             try:
                 Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:

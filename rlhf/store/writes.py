@@ -1,8 +1,10 @@
 """Writing to the store: prompts, responses and tasks (arena tasks too), votes and rankings, swapped repeats, the
-reward model's verdict and an admin's review, skips and undo. Every method is one transaction."""
+reward model's verdict and an admin's review, skips and undo, records (JSON documents such as a loop run's rounds).
+Every method is one transaction."""
 
 from __future__ import annotations
 
+import json
 import math
 from contextlib import suppress
 from datetime import datetime, timedelta
@@ -21,6 +23,7 @@ from rlhf.store.schema import (
     SOURCE_MAX,
     AlreadyVoted,
     Annotator,
+    Meta,
     Prompt,
     Response,
     Skip,
@@ -377,3 +380,16 @@ class Writes:
             s.execute(update(Task).where(Task.id == vote.task_id).values(vote_count=Task.vote_count - 1))
             return vote.task_id
 
+
+    def put_record(self, key: str, value: dict) -> None:
+        """Keep a JSON document under `key` (at most 64 characters) in the meta table, replacing one there: what a
+        loop run records about its rounds (rlhf.rounds). The schema's own key is not a record's."""
+        if not key or len(key) > 64 or key == "schema_version":
+            raise StoreError("a record's key has 1-64 characters and is not schema_version")
+        text = json.dumps(value, ensure_ascii=False)
+        with self.session() as s:
+            row = s.get(Meta, key)
+            if row is None:
+                s.add(Meta(key=key, value=text))
+            else:
+                row.value = text
