@@ -278,7 +278,11 @@ def _print_verdict(evaluation: dict, candidates: list[str], root: Path, config: 
     print(f"\nreport: {report.resolve()}")
     shown = masked_url(db)  # a PostgreSQL password stays out of the terminal and its logs
     print(f"store:  {shown}  (rlhf data stats --db {shown})")
-    print(f"label by hand on the same store:\n  rlhf annotators add YOUR_NAME --db {shown}\n  rlhf label --db {shown}")
+    reward = root / f"round-{config.rounds}" / "reward"
+    with_reward = f" --reward_model {reward.resolve()}" if reward.is_dir() else ""
+    print(f"rounds: rlhf rounds --db {shown}")
+    print(f"label by hand on the same store (an admin also sees the Rounds page, live):\n"
+          f"  rlhf annotators add YOUR_NAME --admin --db {shown}\n  rlhf label --db {shown}{with_reward}")
 
 
 def demo(config: LoopConfig) -> dict:

@@ -182,9 +182,12 @@ def pull_default(force: bool = False, quiet: bool = False) -> Path:
 
     start = time.perf_counter()
     say(f"Converting the embedded {DEFAULT_MODEL} ({gguf.name}) to safetensors in {target} (once, ~30 s)...")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    from rlhf.console import without_library_bars
+
+    with without_library_bars():  # transformers' "de-quantizing GGUF tensors" bar: the line above says it all
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # A config that still names the GGUF quantisation would make every later load look for the .gguf file.
     if hasattr(config, "quantization_config"):
         del config.quantization_config

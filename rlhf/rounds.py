@@ -90,18 +90,25 @@ def record_step(store, root: Path, name: str, round_: int, step: str, result: di
 # ---------------------------------------------------------------- what the page and the CLI read
 
 
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (Wilson 1927): sensible from the first vote on, where a bootstrap
+    of one vote gives [0, 0] or [1, 1]."""
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def reward_agreement(votes: list[dict]) -> dict | None:
     """How often the app's reward model (its verdict, stored with each vote as P(A better)) agreed with the
     annotators' decisive votes (A or B, swapped repeats left out): the reward model's health on labels it has never
-    seen, as they arrive. A 95 % bootstrap interval over votes; None before any judged vote."""
-    from rlhf.arena import bootstrap_ci
-
+    seen, as they arrive. A verdict of exactly 0.5 counts half. A 95 % Wilson interval; None before any judged
+    vote."""
     hits = [0.5 if v["model_p_a"] == 0.5 else float((v["model_p_a"] > 0.5) == (v["choice"] == "A"))
             for v in votes if v.get("model_p_a") is not None and v["choice"] in ("A", "B") and v["how"] != "repeat"]
     if not hits:
         return None
-    mean, lo, hi = bootstrap_ci(hits)
-    return {"agreement": mean, "ci": [lo, hi], "votes": len(hits)}
+    return {"agreement": sum(hits) / len(hits), "ci": list(wilson_interval(sum(hits), len(hits))), "votes": len(hits)}
 
 
 def rounds(store) -> list[dict]:

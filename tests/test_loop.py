@@ -54,6 +54,7 @@ def test_two_rounds_end_to_end_then_resume(tmp_path, tiny_model_dir, capsys):
     assert "REWARD model: " in out
     assert "wall time per stage" in out and "report:" in out and "prompt baseline" in out
     assert "DPO vs base" in out and "PPO vs base" in out and "next round's policy" in out
+    assert "rlhf rounds --db" in out and f"--reward_model {(root / 'round-2' / 'reward').resolve()}" in out
 
     # The store holds the run's rounds as the Rounds page shows them: the reward model's held-out figures and each
     # aligned model's win-rates as the round's own files have them, the pairs exported so far, the report.
@@ -85,6 +86,44 @@ def test_two_rounds_end_to_end_then_resume(tmp_path, tiny_model_dir, capsys):
     assert "done earlier, skipped" in capsys.readouterr().out
     assert again["policy"] == result["policy"]
     assert [e["steps"] for e in rounds(store)[0]["rounds"]] == [e["steps"] for e in recorded["rounds"]]
+
+
+@pytest.mark.slow
+def test_a_round_labeled_by_people_shows_its_progress_while_the_loop_waits(tmp_path, tiny_model_dir, capsys):
+    """labeler=human: the loop waits for the app's votes; meanwhile the store's record of the round (what the Rounds
+    page reads) shows the round, its steps so far and its labeling progress vote by vote."""
+    import threading
+    import time
+
+    config = load_config(LoopConfig, name="people", runs_dir=str(tmp_path), rounds=1, base_model=tiny_model_dir,
+                         device="cpu", align=["dpo"], labeler="human", poll_seconds=0.05,
+                         generate={"limit": 4, "n": 2, "rank": 0, "max_new_tokens": 6, "batch_size": 4},
+                         dpo={"epochs": 1.0, "batch_size": 2, "max_length": 64}, export={"test_size": 0.0},
+                         evaluate={"limit": 3, "max_new_tokens": 6})
+    outcome: dict = {}
+    loop = threading.Thread(target=lambda: outcome.update(run(config)))
+    loop.start()
+    store_path = tmp_path / "people" / "store.db"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (store_path.exists() and rounds(Store(f"sqlite:///{store_path}"))):
+        time.sleep(0.1)
+    store = Store(f"sqlite:///{store_path}")
+    store.add_annotator("alice")
+    tasks = store.tasks(round=1)
+    seen = []
+    for task in tasks:
+        [entry] = rounds(store)[0]["rounds"]
+        seen.append(entry["pairs"]["votes"])
+        assert entry["steps"] == ["generate"]  # still waiting for the labels
+        store.submit("alice", task["task_id"], "A")
+    loop.join(timeout=300)
+    assert not loop.is_alive() and outcome
+    assert seen == list(range(len(tasks))) and len(tasks) == 4
+    [entry] = rounds(store)[0]["rounds"]
+    assert entry["steps"] == ["generate", "label", "export", "dpo", "evaluate"]
+    assert entry["pairs"]["complete_tasks"] == 4 and entry["annotators"][0]["annotator"] == "alice"
+    assert entry["labels"]["train"] == 4 and entry["models"][0]["label"] == "dpo"
+    assert "waiting for labels" in capsys.readouterr().out
 
 
 def test_next_policy_is_the_higher_win_rate_by_gold_else_by_reward():

@@ -6,7 +6,17 @@ from __future__ import annotations
 import pytest
 
 from rlhf.cli import main
-from rlhf.rounds import curves, describe, record_step, report_path, reward_agreement, rounds, run_key, step_figures
+from rlhf.rounds import (
+    curves,
+    describe,
+    record_step,
+    report_path,
+    reward_agreement,
+    rounds,
+    run_key,
+    step_figures,
+    wilson_interval,
+)
 from rlhf.store import Store, StoreError
 
 REWARD = {"test_pairs": 40, "test_prompts": 8, "accuracy": 0.7, "accuracy_ci": [0.6, 0.8], "train_pairs": 300,
@@ -72,7 +82,15 @@ def test_the_app_reward_models_agreement_with_the_votes_arriving(store):
     _vote(store, "ann", "A", None)  # cast without a reward model in the app: left out
     figure = reward_agreement(store.votes())
     assert figure["votes"] == 4 and figure["agreement"] == pytest.approx(2.5 / 4)
-    assert figure["ci"][0] < 2.5 / 4 < figure["ci"][1]
+    assert figure["ci"] == pytest.approx(list(wilson_interval(2.5, 4)))
+
+
+def test_the_wilson_interval_by_hand():
+    # p = 0.5, n = 4, z = 1.96: centre 0.5; half = 1.96 / (1 + 0.9604) * sqrt(0.0625 + 0.060025) = 0.3500
+    lo, hi = wilson_interval(2, 4)
+    assert lo == pytest.approx(0.5 - 0.3500, abs=1e-3) and hi == pytest.approx(0.5 + 0.3500, abs=1e-3)
+    # One vote, a miss: not [0, 0] but [0, 0.79] (1.96^2 / (1 + 1.96^2) = 0.7935).
+    assert wilson_interval(0, 1) == pytest.approx((0.0, 0.7935), abs=1e-4)
 
 
 def test_rounds_combine_the_record_with_live_progress_then_the_plots_rows(store, tmp_path):
