@@ -18,7 +18,8 @@ functions of their own that a test can call:
   6. `update`: `ppo_epochs` passes over shuffled minibatches: the clipped policy loss, + vf_coef * the clipped
      value loss with a critic, + beta * the k3 KL with the KL as a loss term; gradient accumulation and clipping;
   7. `step_metrics`, then the over-optimisation `Guard` (optional: stop when the proxy-gold gap or the ensemble's
-     spread grows past a limit, keeping the best policy), the KL controller, metrics.jsonl and
+     spread grows past a limit, keeping the best policy, or at a KL budget, keeping the last policy within it),
+     the KL controller, metrics.jsonl and
      `_save_checkpoint`; at the end `save_policy`.
 Up to four models: the policy (actor, trained), the critic (gae only: value model, trained; initialised from the
 reward model's weights, its score head applied to every hidden state), a frozen reference (or, with LoRA, the policy
@@ -158,6 +159,10 @@ class PPOConfig:
     guard_spread: float = field(0.0, "Stop when the ensemble members' spread on the responses (normalised reward "
                                 "units), averaged over the last 3 steps, passes this (needs an ensemble reward "
                                 "model; 0: off). The policy kept is the one with the best mean - spread.")
+    guard_kl: float = field(0.0, "A KL budget: stop at the first step whose policy has spent more than this KL to "
+                            "the reference (objective/kl, nats per response, on that step's rollout) and keep the "
+                            "last policy within it (0: off). With guard_gap or guard_spread as well, the best of "
+                            "the policies within the budget by their signal.")
     # Optimization
     steps: int = field(100, "RL steps (each: one rollout batch, then ppo_epochs of updates).")
     batch_size: int = field(16, "Responses (rollouts) per step per process: batch_size / samples_per_prompt "
@@ -220,8 +225,8 @@ class PPOConfig:
         if self.batch_size % self.k:
             raise ValueError(f"batch_size ({self.batch_size} responses) must be a multiple of samples_per_prompt "
                              f"({self.k})")
-        if self.guard_gap < 0 or self.guard_spread < 0:
-            raise ValueError("guard_gap and guard_spread must be >= 0")
+        if self.guard_gap < 0 or self.guard_spread < 0 or self.guard_kl < 0:
+            raise ValueError("guard_gap, guard_spread and guard_kl must be >= 0")
         if self.guard_gap and not self.gold:
             raise ValueError("guard_gap compares the reward model with a gold function: give gold")
 
@@ -324,10 +329,13 @@ class Guard:
     """The over-optimisation guard (Gao et al. 2022: past some KL the proxy reward keeps rising while the gold
     reward falls; Coste et al. 2023: the ensemble's members then disagree). Fed each step's metrics, it says whether
     this step's policy (the one that sampled the step, before its update) is the best so far and whether to stop.
-    The signals are averaged over the last `window` steps, as one step's batch is small."""
+    The gap and spread are averaged over the last `window` steps, as one step's batch is small. The KL budget
+    (`kl_limit`) is a step's own KL: a policy past it is never the one kept, and ends the run; without the other
+    signals the last policy within it is kept (the gold's rise per nat of KL is what RLHF buys, Gao et al. 2022)."""
 
     gap_limit: float = 0.0
     spread_limit: float = 0.0
+    kl_limit: float = 0.0
     window: int = 3
     start: dict | None = None  # step 1's means and spreads of the proxy and gold scores
     signals: list = dataclasses.field(default_factory=list)  # (gap, spread) per step
@@ -351,11 +359,13 @@ class Guard:
         recent = self.signals[-self.window:]
         mean_gap, mean_spread = (sum(x[i] for x in recent) / len(recent) for i in (0, 1))
         metrics["guard/gap"], metrics["guard/spread"] = mean_gap, mean_spread
-        if self.gap_limit and mean_gap > self.gap_limit:
+        if self.kl_limit and metrics["objective/kl"] > self.kl_limit:
+            self.stopped = f"KL {metrics['objective/kl']:.2f} > guard_kl {self.kl_limit:g}"
+        elif self.gap_limit and mean_gap > self.gap_limit:
             self.stopped = f"proxy-gold gap {mean_gap:.2f} > guard_gap {self.gap_limit:g}"
         elif self.spread_limit and mean_spread > self.spread_limit:
             self.stopped = f"ensemble spread {mean_spread:.3f} > guard_spread {self.spread_limit:g}"
-        value = gold if self.gap_limit else proxy - spread
+        value = gold if self.gap_limit else proxy - spread if self.spread_limit else metrics["step"]
         if value > self.best and not self.stopped:
             self.best, self.best_step = value, metrics["step"]
             return True
@@ -412,11 +422,11 @@ def prepare(config: PPOConfig, reward_fn: Callable | None = None) -> PPORun:
 
         gold_fn = load_gold(config.gold)
     guard = None
-    if config.guard_gap or config.guard_spread:
+    if config.guard_gap or config.guard_spread or config.guard_kl:
         if accelerator.distributed_type == DistributedType.FSDP:
             raise UserError("the over-optimisation guard keeps the best policy's weights, which FSDP shards: run "
-                            "it without FSDP, or set guard_gap and guard_spread to 0")
-        guard = Guard(gap_limit=config.guard_gap, spread_limit=config.guard_spread)
+                            "it without FSDP, or set guard_gap, guard_spread and guard_kl to 0")
+        guard = Guard(gap_limit=config.guard_gap, spread_limit=config.guard_spread, kl_limit=config.guard_kl)
     parts = _load_models(config, accelerator, reward_fn)
     if config.guard_spread and (parts["rm"] is None or parts["rm"].size < 2):
         raise UserError("guard_spread watches an ensemble's members disagree: give a reward model trained with "

@@ -287,6 +287,45 @@ def test_the_guard_stops_on_the_proxy_gold_gap_and_keeps_the_best_policy(tmp_pat
     assert set(saved) == set(expected) and all(torch.equal(saved[k], expected[k]) for k in expected)
 
 
+def _policy_that_sampled(step: int, config, tiny_model_dir) -> dict:
+    """The policy that sampled `step`: the one after step - 1 updates (checkpoint-(step-1)), or the start."""
+    if step == 1:
+        return weights(tiny_model_dir)
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(config.output_dir) / f"checkpoint-{step - 1}" / "model.safetensors"))
+    return {k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")}
+
+
+def test_the_kl_budget_stops_and_keeps_the_last_policy_within_it(tmp_path, tiny_model_dir):
+    """count_a with no KL penalty drives the policy away from the reference; at the first step past the budget the
+    run stops, and the policy saved is the one that sampled the step before, the last within the budget."""
+    config = tiny_config(tmp_path, tiny_model_dir, estimator="rloo", steps=30, batch_size=16, mini_batch_size=8,
+                         max_new_tokens=16, kl_coef=0.0, learning_rate=3e-3, guard_kl=1.0, save_steps=1)
+    result = ppo.run(config, reward_fn=count_a)
+    history, guard = result["history"], result["guard"]
+    kls = [h["objective/kl"] for h in history]
+    assert guard["stopped"].startswith("KL ") and len(history) < 30
+    assert kls[-1] > 1.0 and all(kl <= 1.0 for kl in kls[:-1])
+    assert guard["best_step"] == len(history) - 1 and guard["kept"] == f"the policy that sampled step {len(kls) - 1}"
+    expected, saved = _policy_that_sampled(guard["best_step"], config, tiny_model_dir), weights(config.output_dir)
+    assert set(saved) == set(expected) and all(torch.equal(saved[k], expected[k]) for k in expected)
+
+
+def test_the_kl_budget_by_hand():
+    kls = [0.5, 3.0, 5.0, 8.0, 11.0]
+    guard = ppo.Guard(kl_limit=9.0)
+    best = [step for step, kl in enumerate(kls, 1)
+            if guard.observe({"step": step, "objective/scores": step, "objective/scores_std": 1.0, "objective/kl": kl})]
+    assert guard.stopped == "KL 11.00 > guard_kl 9" and guard.best_step == 4 and best == [1, 2, 3, 4]
+    # With the spread guard too: the best within the budget by mean - spread (step 2 here), never a step past it.
+    guard = ppo.Guard(kl_limit=9.0, spread_limit=5.0)
+    for step, (kl, proxy, spread) in enumerate([(1, 0.0, 0.0), (2, 2.0, 0.1), (4, 1.0, 0.1), (12, 9.0, 0.1)], 1):
+        guard.observe({"step": step, "objective/scores": proxy, "objective/scores_std": 1.0, "objective/kl": kl,
+                       "objective/reward_spread": spread})
+    assert guard.best_step == 2 and guard.stopped.startswith("KL 12")
+
+
 def test_the_spread_guard_needs_an_ensemble(tmp_path, tiny_model_dir, tiny_reward_dir):
     with pytest.raises(UserError, match="ensemble"):
         ppo.prepare(tiny_config(tmp_path, tiny_model_dir, reward_model=tiny_reward_dir, reward_fn="", guard_spread=0.5))
