@@ -260,12 +260,12 @@ def _percent(value, ci=None) -> str:
 
 def _round_rows(run: dict) -> list[str]:
     """One row per round: steps, labeling progress, the reward model beside the ceiling, the report."""
-    rows = ["| round | steps done | labeling: pairs · rankings | reward model (held out) | ceiling | "
+    rows = ["| round | steps done | labeling | reward model (held out) | ceiling | "
             "app's reward model vs new votes | report |", "|---:|---|---|---|---|---|---|"]
     for e in run["rounds"]:
         p, r, reward = e["pairs"], e["rankings"], e.get("reward") or {}
-        labeling_cell = " · ".join(f"{x['votes']}/{x['slots']} votes, {x['complete_tasks']}/{x['tasks']} tasks"
-                                   for x in (p, r) if x["tasks"]) or "no tasks yet"
+        labeling_cell = " · ".join(f"{kind}: {x['votes']}/{x['slots']} votes, {x['complete_tasks']}/{x['tasks']} done"
+                                   for kind, x in (("pairs", p), ("rankings", r)) if x["tasks"]) or "no tasks yet"
         if reward.get("test_pairs"):
             held_out = f"{_percent(reward['accuracy'], reward['accuracy_ci'])} on {reward['test_pairs']} pairs"
         else:

@@ -248,6 +248,28 @@ def _record_a_run(store, tmp_path):
     return root
 
 
+def test_the_rounds_page_names_what_it_counts_and_escapes_names(store, tmp_path):
+    from labeling_ui.app import rounds_markdown, rounds_plots
+    from rlhf import labeling
+    from rlhf.rounds import record_step
+
+    store.add_annotator("boss", role="admin")
+    store.add_annotator("ann")
+    assert rounds_markdown(labeling.rounds(store, "boss")).startswith("*No loop run has recorded rounds")
+    with pytest.raises(PermissionError):
+        labeling.rounds(store, "ann")
+    record_step(store, tmp_path / "r", "<b>run</b>", 0, "generate", {})  # the fixture's 3 pair tasks are round 0
+    store.submit("ann", store.tasks()[0]["task_id"], "A")
+    runs = labeling.rounds(store, "boss")
+    shown = rounds_markdown(runs)
+    [row] = [line for line in shown.splitlines() if line.startswith("| 0 |")]
+    assert "pairs: 1/6 votes, 0/3 done" in row and "rankings" not in row
+    assert "<b>" not in shown and "Run &lt;b&gt;run" in shown
+    assert "| ann | 1 | 0 |" in shown  # the latest round, per annotator
+    accuracy, wins = rounds_plots(runs)  # nothing measured yet: the plots say so rather than fail
+    assert accuracy.axes[0].texts[0].get_text() == "nothing measured yet"
+
+
 @pytest.mark.browser
 def test_admin_follows_the_loops_rounds_and_opens_a_report(running_app, browser, artifacts_dir, store, tmp_path):
     from rlhf.rounds import record_step, run_key

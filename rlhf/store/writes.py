@@ -380,7 +380,6 @@ class Writes:
             s.execute(update(Task).where(Task.id == vote.task_id).values(vote_count=Task.vote_count - 1))
             return vote.task_id
 
-
     def put_record(self, key: str, value: dict) -> None:
         """Keep a JSON document under `key` (at most 64 characters) in the meta table, replacing one there: what a
         loop run records about its rounds (rlhf.rounds). The schema's own key is not a record's."""
