@@ -19,8 +19,7 @@ functions of their own that a test can call:
      value loss with a critic, + beta * the k3 KL with the KL as a loss term; gradient accumulation and clipping;
   7. `step_metrics`, then the over-optimisation `Guard` (optional: stop when the proxy-gold gap or the ensemble's
      spread grows past a limit, keeping the best policy, or at a KL budget, keeping the last policy within it),
-     the KL controller, metrics.jsonl and
-     `_save_checkpoint`; at the end `save_policy`.
+     the KL controller, metrics.jsonl and `_save_checkpoint`; at the end `save_policy`.
 Up to four models: the policy (actor, trained), the critic (gae only: value model, trained; initialised from the
 reward model's weights, its score head applied to every hidden state), a frozen reference (or, with LoRA, the policy
 with its adapter switched off) and a frozen reward model (or a `reward_fn`). The math lives in `rlhf/losses.py` as
