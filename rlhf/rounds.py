@@ -179,9 +179,11 @@ def describe(runs: list[dict]) -> str:
     for run in runs:
         lines.append(f"run {run['name']} ({run['root']})")
         for e in run["rounds"]:
-            p, reward = e["pairs"], e.get("reward") or {}
-            lines.append(f"  round {e['round']}: steps done {', '.join(e['steps']) or 'none'}; labeling "
-                         f"{p['votes']}/{p['slots']} votes, {p['complete_tasks']}/{p['tasks']} tasks complete")
+            reward = e.get("reward") or {}
+            labeling = "; ".join(f"{kind} {x['votes']}/{x['slots']} votes, {x['complete_tasks']}/{x['tasks']} tasks "
+                                 "complete" for kind, x in (("pairs", e["pairs"]), ("rankings", e["rankings"]))
+                                 if x["tasks"]) or "no tasks yet"
+            lines.append(f"  round {e['round']}: steps done {', '.join(e['steps']) or 'none'}; labeling: {labeling}")
             if reward:
                 ceiling = f", ceiling {percent(reward['ceiling'])}" if reward.get("ceiling") is not None else ""
                 shown = (f"held-out accuracy {percent(reward['accuracy'], reward['accuracy_ci'])} on "

@@ -125,7 +125,9 @@ def test_rounds_combine_the_record_with_live_progress_then_the_plots_rows(store,
     shown = describe([run])
     assert "held-out accuracy 70.0 % [60.0, 80.0] on 40 pairs, ceiling 90.0 %" in shown
     assert "dpo: vs base 80.0 % [70.0, 90.0], vs prompt 66.0 % [55.0, 77.0] (gold), KL 7.50 nats" in shown
-    assert "round 2: steps done generate; labeling" in shown
+    assert ("round 1: steps done generate, export, reward, evaluate; labeling: pairs 1/1 votes, 1/1 tasks complete"
+            in shown)
+    assert "round 2: steps done generate; labeling: no tasks yet" in shown
 
 
 def test_a_report_path_is_only_a_recorded_report_file(store, tmp_path):
