@@ -40,10 +40,6 @@ def run_key(root: Path) -> str:
 # ---------------------------------------------------------------- what the loop records
 
 
-def _interval(row: dict, key: str) -> list | None:
-    return row.get(f"{key}_ci")
-
-
 def _model_figures(row: dict) -> dict:
     """An evaluated model's win-rates by the best judge it has (gold, else the reward model), and its KL."""
     judge = next((j for j in ("gold", "reward", "human") if f"win_rate_{j}" in row), None)
@@ -51,7 +47,7 @@ def _model_figures(row: dict) -> dict:
     if judge:
         for name, key in (("vs_base", f"win_rate_{judge}"), ("vs_prompt", f"win_rate_{judge}_vs_prompt")):
             if key in row:
-                out[name], out[f"{name}_ci"] = row[key], _interval(row, key)
+                out[name], out[f"{name}_ci"] = row[key], row.get(f"{key}_ci")
     return out
 
 
