@@ -9,8 +9,13 @@ The format is TRL's conversational preference format:
     rejected [{"role": "assistant", "content": ...}]
     margin   optional float, how strongly chosen beats rejected (the vote's strength mapped by `margins`, or the
              margin an imported pair came with; 0 for an imported pair that had none, such as HH-RLHF's)
+    edit     true for a pair made from an annotator's rewrite (edited > original): a trainer can keep or drop them
 Plain-text rows (prompt/chosen/rejected as strings) are accepted and converted. Other columns (ids, round,
 group) ride along; trainers keep only the columns they use.
+
+An export also writes ratings (thumbs up or down on one response: KTO's unpaired format, prompt / completion /
+label) as ratings_train and ratings_test, and edits as SFT demonstrations (edits: {"messages": [..., the edited
+answer]}, which `rlhf sft --data` reads).
 """
 
 from __future__ import annotations
@@ -434,21 +439,75 @@ def _ranking_rows(task: dict) -> list[tuple[dict, str]]:
     return out
 
 
+def likert_thumb(likert: int) -> str | None:
+    """A Likert score (1-5) as a thumb, for ratings that came with a score only: 4-5 up, 1-2 down, 3 neither (KTO
+    has no neutral label, so a 3 is not training data)."""
+    return "up" if likert >= 4 else "down" if likert <= 2 else None
+
+
+def rating_row(task: dict) -> dict | None:
+    """A rate task's votes as one KTO row: label = the majority thumb (True = up, desirable); likert = the mean of
+    the scores given (None without one). None when unvoted or the thumbs split evenly."""
+    thumbs = Counter(v["choice"] for v in task["votes"] if v["choice"] in ("up", "down"))
+    if not thumbs or thumbs["up"] == thumbs["down"]:
+        return None
+    label = thumbs["up"] > thumbs["down"]
+    scores = [v["likert"] for v in task["votes"] if v.get("likert") is not None]
+    [response] = task["responses"]
+    return {"prompt": task["prompt"], "completion": [{"role": "assistant", "content": response["text"]}],
+            "label": label, "likert": sum(scores) / len(scores) if scores else None, "model": response["model"],
+            "task_id": task["task_id"], "round": task["round"], "n_votes": sum(thumbs.values()),
+            "agreement": max(thumbs.values()) / sum(thumbs.values()), "group": f"task-{task['task_id']}"}
+
+
+def edit_rows(task: dict) -> tuple[list[dict], list[dict]]:
+    """A task's edits as SFT demonstrations (the prompt's messages and the edited answer) and as preference pairs
+    edited > original, for a pair edited > both originals (column edit = True, margin 0: a plain Bradley-Terry
+    pair; one group per edit)."""
+    demos, pairs = [], []
+    for e in task.get("edits", []):
+        source = task["responses"][e["position"]]
+        edited = [{"role": "assistant", "content": e["text"]}]
+        demos.append({"messages": task["prompt"] + edited, "original": source["text"], "annotator": e["annotator"],
+                      "task_id": task["task_id"], "round": task["round"]})
+        beaten = task["responses"] if task.get("kind") == "pair" else [source]
+        for other in beaten:
+            pairs.append({"prompt": task["prompt"], "chosen": edited,
+                          "rejected": [{"role": "assistant", "content": other["text"]}], "margin": 0.0,
+                          "label": "preference", "chosen_model": f"edit:{e['annotator']}",
+                          "rejected_model": other["model"], "task_id": task["task_id"], "round": task["round"],
+                          "how": "edit", "n_votes": 1, "agreement": 1.0,
+                          "group": f"edit-{task['task_id']}-{e['position']}-{e['annotator']}", "edit": True})
+    return demos, pairs
+
+
 def export_preferences(tasks: list[dict], method: str = "majority", margins=(0.0, 0.5, 1.0), test_size: float = 0.1,
-                       seed: int = 0):
-    """Store tasks (`Store.tasks()`) as a DatasetDict(train, test, ties) in TRL's conversational format.
+                       seed: int = 0, edit_pairs: bool = True):
+    """Store tasks (`Store.tasks()`) as a DatasetDict(train, test, ties, ratings_train, ratings_test, edits) in
+    TRL's conversational formats.
 
     Pairs aggregate their votes into one row; each ranking of K responses becomes its C(K, 2) pairs (one `group`
-    per ranking). Swapped repeats (the bias audit) and votes an admin rejected on review are left out.
+    per ranking); a rating task's votes one unpaired row (`rating_row`); every edit an SFT demonstration and, with
+    `edit_pairs`, pairs edited > original (`edit_rows`). Swapped repeats (the bias audit) and votes an admin
+    rejected on review are left out. A prompt's rows all go to the same side of the split.
     """
     from datasets import Dataset, DatasetDict
 
-    splits: dict[str, list[dict]] = {"train": [], "test": [], "ties": []}
+    splits: dict[str, list[dict]] = {name: [] for name in EXPORT_SPLITS}
     for task in tasks:
         if task["how"] == "repeat":
             continue  # the same annotator's second look at a pair: an audit, not more data
         task = {**task, "votes": [v for v in task["votes"] if v.get("review") != "rejected"]}
         held_out = _prompt_in_test(task["prompt"], test_size, seed)
+        demos, pairs = edit_rows(task)
+        splits["edits"] += demos
+        if edit_pairs:
+            splits["test" if held_out else "train"] += pairs
+        if task.get("kind") == "rate":
+            row = rating_row(task)
+            if row is not None:
+                splits["ratings_test" if held_out else "ratings_train"].append(row)
+            continue
         if task.get("kind") == "rank":
             for row, label in _ranking_rows(task):
                 splits["ties" if label != "preference" else "test" if held_out else "train"].append(row)
@@ -472,10 +531,20 @@ def export_preferences(tasks: list[dict], method: str = "majority", margins=(0.0
                "rejected": [{"role": "assistant", "content": rejected["text"]}], "margin": float(agg["margin"]),
                "label": "preference", "chosen_model": chosen["model"], "rejected_model": rejected["model"], **meta}
         splits["test" if held_out else "train"].append(row)
-    columns = ["prompt", "chosen", "rejected", "margin", "label", "chosen_model", "rejected_model", "task_id", "round",
-               "how", "n_votes", "agreement", "group"]
-    return DatasetDict({name: Dataset.from_list(rows) if rows else Dataset.from_dict({c: [] for c in columns})
-                        for name, rows in splits.items()})
+    for name in ("train", "test", "ties"):
+        splits[name] = [{**row, "edit": row.get("edit", False)} for row in splits[name]]
+    return DatasetDict({name: Dataset.from_list(rows) if rows else
+                        Dataset.from_dict({c: [] for c in EXPORT_SPLITS[name]}) for name, rows in splits.items()})
+
+
+_PAIR_COLUMNS = ["prompt", "chosen", "rejected", "margin", "label", "chosen_model", "rejected_model", "task_id",
+                 "round", "how", "n_votes", "agreement", "group", "edit"]
+_RATING_COLUMNS = ["prompt", "completion", "label", "likert", "model", "task_id", "round", "n_votes", "agreement",
+                   "group"]
+# The export's splits and their columns (an empty split is written with them).
+EXPORT_SPLITS = {"train": _PAIR_COLUMNS, "test": _PAIR_COLUMNS, "ties": _PAIR_COLUMNS,
+                 "ratings_train": _RATING_COLUMNS, "ratings_test": _RATING_COLUMNS,
+                 "edits": ["messages", "original", "annotator", "task_id", "round"]}
 
 
 # ---------------------------------------------------------------- CLI: rlhf data import | export | stats
@@ -508,6 +577,8 @@ class ExportConfig:
     test_size: float = field(0.1, "Share of prompts held out as the test split (by prompt, stable across exports).")
     seed: int = field(0, "Seed of the prompt split.")
     round: int = field(-1, "Export only this round (-1: all rounds).")
+    edit_pairs: bool = field(True, "Also write each annotator's edit as pairs edited > original (column edit = "
+                                   "true) beside its SFT demonstration (edits).")
 
     def __post_init__(self):
         if self.format not in ("jsonl", "parquet") or self.aggregate not in ("majority", "mean"):
@@ -597,14 +668,18 @@ def run_export(config: ExportConfig) -> dict:
     store = _store(config.db)
     round_ = None if config.round < 0 else config.round
     tasks = store.tasks(round=round_, kind=LABELED)
-    data = export_preferences(tasks, config.aggregate, tuple(config.margins), config.test_size, config.seed)
+    data = export_preferences(tasks, config.aggregate, tuple(config.margins), config.test_size, config.seed,
+                              config.edit_pairs)
     out = Path(config.out)
     try:
         summary = _write_export(out, data, tasks, config)
     except OSError as e:
         raise UserError(f"cannot write the export to {out}: {e.strerror or e}"
                         + (f" ({e.filename})" if e.filename else "")) from None
-    print(f"exported {summary['train']} train, {summary['test']} test, {summary['ties']} ties/both-bad pairs "
+    extra = (f", {summary['ratings_train']} + {summary['ratings_test']} ratings (train + test)"
+             if summary["ratings_train"] + summary["ratings_test"] else "")
+    extra += f", {summary['edits']} edits" if summary["edits"] else ""
+    print(f"exported {summary['train']} train, {summary['test']} test, {summary['ties']} ties/both-bad pairs{extra} "
           f"from {len(tasks)} tasks to {out}")
     return summary
 

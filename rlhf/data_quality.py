@@ -1,5 +1,6 @@
 """Quality figures of labeled tasks: annotator counts and speed, agreement (Cohen, Fleiss, Krippendorff; for
-rankings Kendall's tau-b and ordinal alpha), position and length bias, swapped-repeat consistency. Pure functions
+rankings Kendall's tau-b and ordinal alpha; for ratings Cohen's kappa on the thumbs and ordinal alpha on the Likert
+scores), position and length bias, swapped-repeat consistency. Pure functions
 of `Store.tasks()` rows; `rlhf data stats` and the admin page print them (rlhf.data re-exports them)."""
 
 from __future__ import annotations
@@ -81,7 +82,39 @@ def quality_stats(tasks: list[dict]) -> dict:
     rankings = ranking_agreement(tasks)
     if rankings["rankings"]:
         result["rankings"] = rankings
+    ratings = rating_agreement(tasks)
+    if ratings["ratings"]:
+        result["ratings"] = ratings
     return result
+
+
+def rating_agreement(tasks: list[dict]) -> dict:
+    """Agreement of ratings (one response, thumbs up or down, optional Likert 1-5): Cohen's kappa on the thumbs for
+    every two annotators who rated at least 5 of the same responses, and Krippendorff's ordinal alpha over the
+    Likert scores (each response a unit). Votes rejected on review are left out."""
+    from rlhf.agreement import cohen_kappa, krippendorff_alpha
+
+    rated = [t for t in tasks if t.get("kind") == "rate" and t.get("how") != "repeat"]
+    thumbs: dict[int, dict[str, str]] = {}
+    units = []
+    for t in rated:
+        votes = [v for v in t["votes"] if v["choice"] in ("up", "down") and v.get("review") != "rejected"]
+        thumbs[t["task_id"]] = {v["annotator"]: v["choice"] for v in votes}
+        units.append([v["likert"] for v in votes if v.get("likert") is not None])
+    n = sum(len(v) for v in thumbs.values())
+    names = sorted({name for v in thumbs.values() for name in v})
+    cohen = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            common = [tid for tid, v in thumbs.items() if a in v and b in v]
+            if len(common) >= 5:
+                cohen[f"{a} ~ {b}"] = cohen_kappa([thumbs[t][a] for t in common], [thumbs[t][b] for t in common])
+    pairable = [u for u in units if len(u) >= 2]
+    return {"ratings": n, "tasks": len(rated), "rated_tasks": sum(bool(v) for v in thumbs.values()),
+            "up_share": sum(c == "up" for v in thumbs.values() for c in v.values()) / n if n else None,
+            "likert_scores": sum(len(u) for u in units), "cohen_kappa": cohen,
+            "krippendorff_alpha_ordinal": krippendorff_alpha(pairable, "ordinal", order=[1, 2, 3, 4, 5])
+            if pairable else None}
 
 
 def ranking_agreement(tasks: list[dict]) -> dict:
@@ -147,6 +180,14 @@ def format_stats(stats: dict) -> str:
         if r["first_shown_on_top"] is not None:
             lines.append(f"rankings: the response shown first was ranked best in {100 * r['first_shown_on_top']:.0f} % "
                          f"(by chance {100 * r['first_shown_on_top_by_chance']:.0f} %: position bias if far above)")
+    if "ratings" in stats:
+        r = stats["ratings"]
+        alpha = "—" if r["krippendorff_alpha_ordinal"] is None else f"{r['krippendorff_alpha_ordinal']:.3f}"
+        lines.append(f"ratings: {r['ratings']} on {r['rated_tasks']} of {r['tasks']} responses, "
+                     f"{100 * r['up_share']:.0f} % thumbs up; {r['likert_scores']} Likert scores, Krippendorff alpha "
+                     f"(ordinal) {alpha}")
+        for pair, kappa in r["cohen_kappa"].items():
+            lines.append(f"ratings: cohen kappa {pair}: {kappa:.3f}")
     lines.append("left: share of A/B votes for the response shown on the left (50% = no position bias); longer: share "
                  "for the longer response (length bias)")
     return "\n".join(lines)

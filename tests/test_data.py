@@ -24,6 +24,7 @@ from rlhf.data import (
 from rlhf.store import Store
 
 FIXTURES = Path(__file__).parent / "fixtures"
+NONE_RATED = {"ratings_train": 0, "ratings_test": 0, "edits": 0}  # an export's counts where nothing was rated or edited
 
 
 @pytest.fixture
@@ -48,7 +49,7 @@ def test_hh_shared_prefix_becomes_the_prompt():
 def test_hh_round_trip_import_export_reimport(tmp_path, db):
     run_import(ImportConfig(db=db, file=str(FIXTURES / "hh_sample.jsonl")))
     first = run_export(ExportConfig(db=db, out=str(tmp_path / "e1"), test_size=0.0))
-    assert first == {"train": 5, "test": 0, "ties": 0}
+    assert first == {"train": 5, "test": 0, "ties": 0, **NONE_RATED}
     exported = load_preference_dataset(str(tmp_path / "e1"))
     # Re-import the exported TRL-format pairs into a fresh store, export again: the same pairs.
     db2 = f"sqlite:///{tmp_path / 'second.db'}"
@@ -213,7 +214,7 @@ def test_a_ranking_of_four_exports_six_pairs_in_one_group(tmp_path, db):
     # A second annotator ties two and reverses one neighbour pair: the tie goes to the ties split.
     store.submit_ranking("r2", task_id, [[0, 2], [1], [3]], shown=[0, 1, 2, 3])
     counts = run_export(ExportConfig(db=db, out=str(tmp_path / "e2"), test_size=0.0))
-    assert counts == {"train": 6 + 5, "test": 0, "ties": 1}
+    assert counts == {"train": 6 + 5, "test": 0, "ties": 1, **NONE_RATED}
     figures = ranking_agreement(store.tasks(kind="rank"))
     # r1 ranks (positions 0-3) = (0, 3, 1, 2), r2 = (0, 1, 0, 2). Of the 6 pairs, (0,1) (0,3) (1,2) (2,3) agree,
     # (1,3) disagrees, (0,2) is tied by r2: tau-b = (4 - 1) / sqrt((6 - 0) (6 - 1)).
@@ -237,7 +238,7 @@ def test_export_leaves_out_repeats_and_rejected_votes(tmp_path, db):
     store.set_model_verdict(votes[0], 0.02, queue=True)
     store.review(votes[0], "rejected")
     counts = run_export(ExportConfig(db=db, out=str(tmp_path / "e"), test_size=0.0))
-    assert counts == {"train": 2, "test": 0, "ties": 0}
+    assert counts == {"train": 2, "test": 0, "ties": 0, **NONE_RATED}
 
 
 # ---------------------------------------------------------------- bad input: one line, store unchanged (issue 24)
@@ -290,7 +291,7 @@ def _pair_row(**vote) -> dict:
     (_task_row(vote_shown=[0, 0, 1]), "shown must list"),
     (_task_row(vote_choice="A"), "a rank task takes choice ranked, both_bad"),
     (_task_row(kind="quiz"), "kind must be one of pair, arena, rank"),
-    (_task_row(kind="pair"), "a pair task needs two responses"),
+    (_task_row(kind="pair"), "a pair task takes two responses"),
     (_task_row(round="abc"), "round must be a whole number"),
     (_task_row(overlap="lots"), "overlap must be a whole number"),
     (_task_row(prompt_split=["train"]), "prompt_split must be a name"),
@@ -455,7 +456,7 @@ def test_export_skips_votes_that_do_not_fit_a_ranking_task(tmp_path, db):
             s.flush()
             s.add(Vote(task_id=task, annotator_id=who.id, choice=choice, ranking=ranking))
     assert run_export(ExportConfig(db=db, out=str(tmp_path / "e"), test_size=0.0)) == {"train": 3, "test": 0,
-                                                                                         "ties": 0}
+                                                                                         "ties": 0, **NONE_RATED}
 
 
 @pytest.mark.parametrize("name, content, message", [
@@ -479,3 +480,91 @@ def test_loading_writes_no_progress_bars_around_an_error(tmp_path, capsys):
     with pytest.raises(UserError, match="missing column"):
         load_preference_dataset(str(tmp_path / "cols.csv"))
     assert capsys.readouterr().err == ""
+
+
+def test_ratings_and_edits_export_for_kto_and_sft_and_round_trip(tmp_path, db):
+    """Ratings become KTO rows (majority thumb, mean Likert; an even split is left out), each edit an SFT
+    demonstration and pairs edited > original (both originals for a pair), marked edit = true; the tasks dump
+    carries ratings and edits losslessly."""
+    store = Store(db)
+    for name in ("a", "b", "c"):
+        store.add_annotator(name)
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                    {"role": "user", "content": "Review a film."}]
+    [pid] = store.add_prompts([conversation])
+    _, [pair, up, down, split] = store.add_candidates(
+        pid, [("Good film.", "m", {}), ("Bad film.", "m", {}), ("Meh film.", "m", {})], [([0, 1], "random")],
+        overlap=3, rate=True)
+    store.submit("a", pair, "A")
+    store.submit_rating("a", up, "up", likert=5)
+    store.submit_rating("b", up, "up", likert=4)
+    store.submit_rating("a", down, "down", likert=1)
+    store.submit_rating("b", down, "up")
+    store.submit_rating("c", down, "down")  # 2 of 3 down
+    store.submit_rating("a", split, "up")
+    store.submit_rating("b", split, "down")  # an even split: no label
+    store.save_edit("c", pair, 1, "A film worth seeing, <i>truly</i>.")
+    store.save_edit("a", down, 0, "Better film.")
+    counts = run_export(ExportConfig(db=db, out=str(tmp_path / "e"), test_size=0.0))
+    assert (counts["ratings_train"], counts["edits"], counts["train"]) == (2, 2, 1 + 2 + 1)
+    ratings = [json.loads(line) for line in (tmp_path / "e" / "ratings_train.jsonl").read_text().splitlines()]
+    by_text = {r["completion"][0]["content"]: r for r in ratings}
+    assert (by_text["Good film."]["label"], by_text["Good film."]["likert"]) == (True, 4.5)
+    assert (by_text["Bad film."]["label"], by_text["Bad film."]["agreement"]) == (False, pytest.approx(2 / 3))
+    assert by_text["Good film."]["prompt"] == conversation  # the whole conversation is the prompt
+    demos = [json.loads(line) for line in (tmp_path / "e" / "edits.jsonl").read_text().splitlines()]
+    assert {d["messages"][-1]["content"] for d in demos} == {"A film worth seeing, <i>truly</i>.", "Better film."}
+    assert all(d["messages"][:-1] == conversation for d in demos)
+    pairs = load_preference_dataset(str(tmp_path / "e"))["train"]
+    edited = sorted((r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in pairs if r["edit"])
+    assert edited == [("A film worth seeing, <i>truly</i>.", "Bad film."), ("A film worth seeing, <i>truly</i>.",
+                                                                            "Good film."), ("Better film.", "Bad film.")]
+    assert [r["edit"] for r in pairs if r["chosen_model"] == "m"] == [False]
+    without = run_export(ExportConfig(db=db, out=str(tmp_path / "no-edits"), test_size=0.0, edit_pairs=False))
+    assert (without["train"], without["edits"]) == (1, 2)
+    # The lossless dump: ratings (with Likert) and edits come back as they were.
+    db2 = f"sqlite:///{tmp_path / 'copy.db'}"
+    run_import(ImportConfig(db=db2, file=str(tmp_path / "e" / "tasks.jsonl")))
+    strip = lambda tasks: [{k: v for k, v in t.items() if k != "task_id"} for t in tasks]  # noqa: E731
+    for kind in ("pair", "rate"):
+        assert strip(Store(db2).tasks(kind=kind)) == strip(store.tasks(kind=kind))
+    assert Store(db2).counts()["edits"] == 2
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"kind": "rate"}, "a rate task takes one response"),
+    ({"votes": [{"annotator": "x", "choice": "A"}]}, "a rate task takes choice up, down"),
+    ({"votes": [{"annotator": "x", "choice": "up", "likert": 7}]}, "Likert score is a whole number"),
+    ({"edits": [{"annotator": "x", "position": 1, "text": "new"}]}, "position must name one of the task's 1"),
+    ({"edits": [{"annotator": "x", "position": 0, "text": "Fine."}]}, "same as the answer"),
+])
+def test_a_rating_import_with_bad_rows_changes_nothing(tmp_path, db, change, message):
+    row = {"kind": "rate", "prompt": "p", "responses": [{"text": "Fine.", "model": "m"}], **change}
+    if change.get("kind") == "rate":
+        row["responses"] = [{"text": "One."}, {"text": "Two."}]
+    store = Store(db)
+    before = store.counts()
+    (tmp_path / "tasks.jsonl").write_text(json.dumps({"record": "task", **row}) + "\n")
+    with pytest.raises(UserError, match=message):
+        run_import(ImportConfig(db=db, file=str(tmp_path / "tasks.jsonl"), kind="tasks"))
+    assert store.counts() == before
+
+
+def test_rating_agreement_by_hand(tmp_path, db):
+    """Two raters on 6 responses agree on 5 thumbs: p_o = 5/6, p_e = (3*4 + 3*2) / 36 = 1/2, kappa = 2/3; Likert
+    scores identical on every response give ordinal alpha 1; `rlhf data stats` prints both."""
+    store = Store(db)
+    store.add_annotator("a")
+    store.add_annotator("b")
+    [pid] = store.add_prompts(["Rate me."])
+    _, tasks = store.add_candidates(pid, [(f"answer {i}", "m", {}) for i in range(6)], [], overlap=2, rate=True)
+    for i, (x, y) in enumerate(zip(["up", "up", "up", "down", "down", "down"], ["up", "up", "up", "up", "down",
+                                                                                 "down"])):
+        store.submit_rating("a", tasks[i], x, likert=1 + i % 5)
+        store.submit_rating("b", tasks[i], y, likert=1 + i % 5)
+    ratings = quality_stats(store.tasks(kind="rate"))["ratings"]
+    assert ratings["cohen_kappa"] == {"a ~ b": pytest.approx(2 / 3)}
+    assert ratings["krippendorff_alpha_ordinal"] == pytest.approx(1.0)
+    assert (ratings["ratings"], ratings["up_share"]) == (12, pytest.approx(7 / 12))
+    printed = run_stats(StatsConfig(db=db))
+    assert printed["ratings"]["cohen_kappa"] == {"a ~ b": pytest.approx(2 / 3)}

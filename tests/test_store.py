@@ -234,36 +234,50 @@ def test_model_verdict_and_the_review_queue(store_url):
                                                                                     v2: (0.9, None)}
 
 
-def test_a_version_2_store_is_upgraded_in_place(store_url):
-    """A store written by schema version 2 (the votes table as it was) opens with its votes intact and takes
-    rankings."""
-    url = store_url
+def _as_older_store(url: str, version: int, task_id: int) -> None:
+    """Turn a store into one of schema `version` (2 or 3): the votes table as it was then, no edits table (version
+    4's), and one vote (id 7) on `task_id` with the columns that version had."""
     sqlite = url.startswith("sqlite")
     datetime_type, id_type = ("DATETIME", "INTEGER") if sqlite else ("TIMESTAMP WITHOUT TIME ZONE", "SERIAL")
-    store = Store(url)
-    store.add_annotator("old")
-    [task_id] = _pairs(store, 1)
-    rank_id = _ranking_task(store, k=3, overlap=1)
-    store.close()
+    v3 = version >= 3
+    choices = "'A', 'B', 'tie', 'both_bad'" + (", 'ranked'" if v3 else "")
+    columns = ("ranking JSON, shown JSON, model_p_a FLOAT, review VARCHAR(16), " if v3 else "")
+    review = ("CONSTRAINT ck_vote_review CHECK (review is null or review in ('queued', 'kept', 'rejected'))," if v3
+              else "")
     engine = create_engine(url)
     with engine.begin() as conn:
         conn.execute(text("DROP TABLE votes"))
+        conn.execute(text("DROP TABLE edits"))
         conn.execute(text(f"""CREATE TABLE votes (id {id_type} NOT NULL, task_id INTEGER NOT NULL,
             annotator_id INTEGER NOT NULL, choice VARCHAR(16) NOT NULL, strength INTEGER NOT NULL,
             rationale TEXT NOT NULL, "left" VARCHAR(1) NOT NULL, guideline_version VARCHAR(64) NOT NULL, seconds FLOAT,
-            created_at {datetime_type} NOT NULL, margin FLOAT, PRIMARY KEY (id),
+            created_at {datetime_type} NOT NULL, margin FLOAT, {columns}PRIMARY KEY (id),
             CONSTRAINT uq_one_vote_per_annotator UNIQUE (task_id, annotator_id),
-            CONSTRAINT ck_vote_choice CHECK (choice in ('A', 'B', 'tie', 'both_bad')),
+            CONSTRAINT ck_vote_choice CHECK (choice in ({choices})), {review}
             CONSTRAINT ck_vote_strength CHECK (strength between 1 and 3),
             CONSTRAINT ck_vote_left CHECK ("left" in ('A', 'B')),
             FOREIGN KEY(task_id) REFERENCES tasks (id), FOREIGN KEY(annotator_id) REFERENCES annotators (id))"""))
         conn.execute(text("CREATE INDEX ix_votes_task_id ON votes (task_id)"))
         conn.execute(text("CREATE INDEX ix_votes_annotator_id ON votes (annotator_id)"))
+        later = ", NULL, NULL, 0.25, 'queued'" if v3 else ""
         conn.execute(text("INSERT INTO votes VALUES "
-                          "(7, :t, 1, 'B', 3, 'why', 'A', 'v1', 2.5, '2026-01-01 00:00:00', 0.5)"), {"t": task_id})
+                          f"(7, :t, 1, 'B', 3, 'why', 'A', 'v1', 2.5, '2026-01-01 00:00:00', 0.5{later})"),
+                     {"t": task_id})
         conn.execute(text("UPDATE tasks SET vote_count = 1 WHERE id = :t"), {"t": task_id})
-        conn.execute(text("UPDATE meta SET value = '2' WHERE key = 'schema_version'"))
+        conn.execute(text(f"UPDATE meta SET value = '{version}' WHERE key = 'schema_version'"))
     engine.dispose()
+
+
+def test_a_version_2_store_is_upgraded_in_place(store_url):
+    """A store written by schema version 2 (the votes table as it was) opens with its votes intact and takes
+    rankings."""
+    url = store_url
+    store = Store(url)
+    store.add_annotator("old")
+    [task_id] = _pairs(store, 1)
+    rank_id = _ranking_task(store, k=3, overlap=1)
+    store.close()
+    _as_older_store(url, 2, task_id)
     upgraded = Store(url)
     [vote] = upgraded.votes()
     assert (vote["vote_id"], vote["choice"], vote["strength"], vote["margin"], vote["rationale"]) == (
@@ -361,7 +375,7 @@ def test_a_vote_must_fit_its_task_kind(store_url):
     store.submit_ranking("k", rank, [[2], [0, 1]], shown=[0, 1, 2])
     with pytest.raises(StoreError, match="kind must be one of pair, arena, rank"):
         store.add_task(store.add_responses(pid, ["p", "q"]), kind="poll")
-    with pytest.raises(StoreError, match="a pair task compares two responses"):
+    with pytest.raises(StoreError, match="a pair task takes two responses"):
         store.add_task(store.add_responses(pid, ["p", "q", "r"]))
 
 
@@ -433,3 +447,83 @@ def test_ids_and_splits_of_the_wrong_type_are_store_errors(store_url):
         with pytest.raises(StoreError, match="a split is a name"):
             store.add_prompts(["a new prompt"], split=[split])
     assert store.counts() == before
+
+
+def _rate_tasks(store: Store, texts: list[str], overlap: int = 1) -> list[int]:
+    [pid] = store.add_prompts(["Review a film."], source="test")
+    answers = [(t, "m", {}) for t in texts]
+    _, task_ids = store.add_candidates(pid, answers, [], overlap=overlap, rate=True)
+    return task_ids
+
+
+def test_ratings_take_a_thumb_and_an_optional_likert_score(store_url):
+    store = Store(store_url)
+    store.add_annotator("ann")
+    up, down, other = _rate_tasks(store, ["Lovely film.", "Dull film.", "A film."])
+    view = store.next_task("ann", kind="rate")
+    assert len(view.responses) == 1 and view.id in (up, down, other)
+    store.submit_rating("ann", up, "up", likert=5, rationale="warm", seconds=2.0)
+    store.submit_rating("ann", down, "down")
+    with pytest.raises(AlreadyVoted):
+        store.submit_rating("ann", up, "down")
+    for bad in (0, 6, 2.5, True, "4"):
+        with pytest.raises(StoreError, match="Likert"):
+            store.submit_rating("ann", up, "up", likert=bad)
+    with pytest.raises(StoreError, match="rating is one of up, down"):
+        store.submit_rating("ann", up, "A")
+    with pytest.raises(StoreError, match="takes a rating"):
+        store.submit("ann", other, "A")  # a choice on a rating task
+    [pair] = _pairs(store, 1)
+    with pytest.raises(StoreError, match="takes a choice"):
+        store.submit_rating("ann", pair, "up")
+    votes = {v["task_id"]: (v["choice"], v["likert"]) for v in store.votes(kind="rate")}
+    assert votes == {up: ("up", 5), down: ("down", None)}
+    assert store.progress(annotator="ann", kind="rate")["done"] == 2
+    assert store.undo_last("ann") == down
+    assert {store.next_task("ann", kind="rate").id} <= {down, other} and store.progress(kind="rate")["votes"] == 1
+
+
+def test_an_edit_is_kept_beside_its_response_and_replaced_by_a_second(store_url):
+    store = Store(store_url)
+    store.add_annotator("ann")
+    store.add_annotator("bob")
+    [task] = _pairs(store, 1)
+    edit = store.save_edit("ann", task, 1, "  A better answer, <b>bold</b>.  ")
+    assert store.edit_of("ann", task, 1) == "A better answer, <b>bold</b>."
+    assert store.save_edit("ann", task, 1, "Better still.") == edit  # replaced, not added
+    store.save_edit("bob", task, 0, "Bob's version.")
+    [row] = store.tasks()
+    assert [r["text"] for r in row["responses"]] == ["good 1", "bad 1"]  # the responses themselves are unchanged
+    assert sorted((e["annotator"], e["position"], e["text"]) for e in row["edits"]) == [
+        ("ann", 1, "Better still."), ("bob", 0, "Bob's version.")]
+    assert store.counts()["edits"] == 2
+    for position, text_, message in [(2, "x", "no response at position 2"), (0, "   ", "not empty"),
+                                     (0, "good 1", "same as the answer"), (0, "x" * 20001, "at most 20,000")]:
+        with pytest.raises(StoreError, match=message):
+            store.save_edit("ann", task, position, text_)
+    with pytest.raises(StoreError, match="no active annotator"):
+        store.save_edit("nobody", task, 0, "x")
+    assert store.counts()["edits"] == 2
+
+
+def test_a_version_3_store_is_upgraded_to_take_ratings_and_edits(store_url):
+    """A store written by schema version 3 (votes without likert, the old choice check, no edits table) opens with
+    its votes intact and takes ratings and edits."""
+    url = store_url
+    store = Store(url)
+    store.add_annotator("old")
+    [task_id] = _pairs(store, 1)
+    [rate_id] = _rate_tasks(store, ["Fine."])
+    store.close()
+    _as_older_store(url, 3, task_id)
+    upgraded = Store(url)
+    [vote] = upgraded.votes()
+    assert (vote["vote_id"], vote["choice"], vote["margin"], vote["model_p_a"], vote["review"], vote["likert"]) == (
+        7, "B", 0.5, 0.25, "queued", None)
+    upgraded.submit_rating("old", rate_id, "up", likert=4)
+    upgraded.save_edit("old", task_id, 0, "An improved answer.")
+    assert Store(url).votes(kind="rate")[0]["likert"] == 4 and Store(url).counts()["edits"] == 1
+    engine = create_engine(url)
+    with engine.connect() as conn, pytest.raises(Exception, match="ck_vote_likert|CHECK"):
+        conn.execute(text("UPDATE votes SET likert = 9 WHERE id = 7"))  # the database itself guards the range
+    engine.dispose()

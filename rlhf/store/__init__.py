@@ -17,10 +17,13 @@ Durability: by default a commit does not wait for the disk (SQLite `synchronous=
 `synchronous_commit=off`): a crash of the machine may lose the last fraction of a second of votes, never
 corrupt the store or break a guarantee. `Store(url, durable=True)` waits for the disk on every commit.
 
-A task holds K >= 2 responses at positions 0 (A), 1 (B), ...: a pair (kind "pair" or "arena") gets a choice,
-K >= 3 responses (kind "rank") get a ranking (`submit_ranking`), kept as given (groups of tied positions, best
-first). Swapped repeats (how "repeat", `repeat_task`) show an annotator a pair they judged again, sides swapped, for
-the position-bias audit; they are kept out of progress counts and of the training export.
+A task holds responses at positions 0 (A), 1 (B), ...: a pair (kind "pair" or "arena") gets a choice, K >= 3
+responses (kind "rank") get a ranking (`submit_ranking`), kept as given (groups of tied positions, best first), and
+a rate task's one response gets a thumb up or down with an optional 1-5 Likert score (`submit_rating`).
+An annotator's rewrite of a response (`save_edit`) is kept beside it, never in its place. A prompt is a list of chat
+messages: one user turn, or a whole conversation ending with the user's turn. Swapped repeats (how "repeat",
+`repeat_task`) show an annotator a pair they judged again, sides swapped, for the position-bias audit; they are kept
+out of progress counts and of the training export.
 
 `Store` is the engine and sessions (here) with its methods grouped by concern: schema.py (tables, schema versions
 and migrations, opening a database), accounts.py (annotators), writes.py, queries.py, transfer.py (dump, import).
@@ -37,13 +40,16 @@ from rlhf.store.accounts import Accounts
 from rlhf.store.queries import Queries, TaskView
 from rlhf.store.schema import (
     CHOICES,
+    EDIT_MAX,
     GUIDELINE_MAX,
     KINDS,
     LABELED,
+    LIKERT,
     MIGRATIONS,
     NAME_MAX,
     PROMPT_MAX,
     RANK_CHOICES,
+    RATE_CHOICES,
     RATIONALE_MAX,
     REVIEWS,
     SCHEMA_VERSION,
@@ -51,6 +57,7 @@ from rlhf.store.schema import (
     AlreadyVoted,
     Annotator,
     Base,
+    Edit,
     Meta,
     Prompt,
     Response,
@@ -70,8 +77,9 @@ from rlhf.store.schema import (
 from rlhf.store.transfer import Transfer, import_tasks
 from rlhf.store.writes import Writes
 
-__all__ = ["CHOICES", "GUIDELINE_MAX", "KINDS", "LABELED", "MIGRATIONS", "NAME_MAX", "PROMPT_MAX", "RANK_CHOICES",
-           "RATIONALE_MAX", "REVIEWS", "SCHEMA_VERSION", "SOURCE_MAX", "AlreadyVoted", "Annotator", "Base", "Meta",
+__all__ = ["CHOICES", "EDIT_MAX", "GUIDELINE_MAX", "KINDS", "LABELED", "LIKERT", "MIGRATIONS", "NAME_MAX", "PROMPT_MAX",
+           "RANK_CHOICES", "RATE_CHOICES", "RATIONALE_MAX", "REVIEWS", "SCHEMA_VERSION", "SOURCE_MAX", "AlreadyVoted",
+           "Annotator", "Base", "Edit", "Meta",
            "Prompt", "Response", "Skip", "Store", "StoreError", "Task", "TaskFull", "TaskItem", "TaskView", "Vote",
            "default_url", "import_tasks", "masked_url", "prompt_key"]
 

@@ -1,5 +1,6 @@
 """Reading the store back: a task's view, the next task for an annotator, progress, the votes and tasks
-listings (what exports, statistics and the admin page read) and the review queue."""
+listings (what exports, statistics and the admin page read, edits included), an annotator's edits, and the review
+queue."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from rlhf.store.schema import (
     LABELED,
     REVIEWS,
     Annotator,
+    Edit,
     Meta,
     Prompt,
     Response,
@@ -55,17 +57,17 @@ def _vote_row(v: Vote, a: Annotator) -> dict:
     return {"annotator": a.name, "role": a.role, "simulated": a.simulated, "choice": v.choice, "strength": v.strength,
             "margin": v.margin, "rationale": v.rationale, "left": v.left, "guideline_version": v.guideline_version,
             "seconds": v.seconds, "created_at": _iso(v.created_at), "ranking": v.ranking, "shown": v.shown,
-            "model_p_a": v.model_p_a, "review": v.review}
+            "model_p_a": v.model_p_a, "review": v.review, "likert": v.likert}
 
 
 class Queries:
     """Store's reads; each is one read-only transaction (`self.session(write=False)`, from Store)."""
 
     def counts(self) -> dict[str, int]:
-        """Rows per table (prompts, responses, tasks, task_items, votes, skips, annotators): what an import added,
-        and what a refused one must leave as it was."""
+        """Rows per table (prompts, responses, tasks, task_items, votes, skips, annotators, edits): what an import
+        added, and what a refused one must leave as it was."""
         tables = {"prompts": Prompt, "responses": Response, "tasks": Task, "task_items": TaskItem, "votes": Vote,
-                  "skips": Skip, "annotators": Annotator}
+                  "skips": Skip, "annotators": Annotator, "edits": Edit}
         with self.session(write=False) as s:
             return {name: s.scalar(select(func.count()).select_from(t)) for name, t in tables.items()}
 
@@ -106,6 +108,14 @@ class Queries:
                 query = query.where(Task.round == round)
             task = s.scalar(query)
             return _view(s, task) if task else None
+
+    def edit_of(self, annotator: str, task_id: int, position: int) -> str | None:
+        """This annotator's saved rewrite of the response at `position` of a task, or None."""
+        with self.session(write=False) as s:
+            return s.scalar(select(Edit.text).join(Annotator, Annotator.id == Edit.annotator_id)
+                            .join(TaskItem, TaskItem.response_id == Edit.response_id)
+                            .where(Annotator.name == annotator, TaskItem.task_id == task_id,
+                                   TaskItem.position == position))
 
     def review_queue(self, state: str = "queued") -> list[dict]:
         """Votes in a review state ("queued" by default) with their task's prompt and responses, oldest first."""
@@ -194,13 +204,14 @@ class Queries:
                              "rationale": vote.rationale, "guideline_version": vote.guideline_version,
                              "seconds": vote.seconds, "created_at": vote.created_at.isoformat(),
                              "ranking": vote.ranking, "shown": vote.shown, "model_p_a": vote.model_p_a,
-                             "review": vote.review,
+                             "review": vote.review, "likert": vote.likert,
                              "response_ids": [i.response_id for i in task.items],
                              "responses": [i.response.text for i in task.items]})
             return rows
 
     def tasks(self, round: int | None = None, kind: str | tuple[str, ...] | None = "pair") -> list[dict]:
-        """Every task with its prompt, responses (id, text, model, parameters), votes and skips, in id order.
+        """Every task with its prompt, responses (id, text, model, parameters), votes, skips and edits (annotator,
+        the response's position, the rewritten text), in id order.
 
         Also the task rows of the lossless dump (`dump`). `kind` is one kind, several (LABELED: what people label
         and trainers read), or None for every kind.
@@ -225,6 +236,13 @@ class Queries:
                     Annotator, Annotator.id == Skip.annotator_id).where(Skip.task_id.in_(select(chosen.c.id)))
                     .order_by(Skip.created_at, Annotator.name)):
                 skips[task_id].append(name)
+            edits: dict[int, list] = defaultdict(list)
+            for e, name, position in s.execute(
+                    select(Edit, Annotator.name, TaskItem.position).join(Annotator, Annotator.id == Edit.annotator_id)
+                    .join(TaskItem, (TaskItem.task_id == Edit.task_id) & (TaskItem.response_id == Edit.response_id))
+                    .where(Edit.task_id.in_(select(chosen.c.id))).order_by(Edit.id)):
+                edits[e.task_id].append({"annotator": name, "position": position, "text": e.text,
+                                         "created_at": _iso(e.created_at)})
             out = []
             for task in tasks:
                 prompt = prompts[task.prompt_id]
@@ -235,6 +253,7 @@ class Queries:
                     "prompt_created_at": _iso(prompt.created_at),
                     "responses": [_response_row(i.response) for i in task.items],
                     "votes": votes.get(task.id, []), "skips": skips.get(task.id, []),
+                    "edits": edits.get(task.id, []),
                 })
             return out
 

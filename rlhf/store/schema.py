@@ -38,9 +38,12 @@ from rlhf.config import UserError, rlhf_home
 
 CHOICES = ("A", "B", "tie", "both_bad")
 RANK_CHOICES = ("ranked", "both_bad")  # a ranking task: an order, or "all of them are bad"
+RATE_CHOICES = ("up", "down")  # a rating task: thumbs up or down on one response (and an optional Likert score)
+LIKERT = (1, 5)  # the Likert score's range (1 worst, 5 best)
 REVIEWS = ("queued", "kept", "rejected")  # a vote the reward model strongly disagreed with, and an admin's decision
-LABELED = ("pair", "rank")  # task kinds that become training data (arena votes are evaluation)
-KINDS = ("pair", "arena", "rank")  # a pair and an arena task get a choice (CHOICES), a rank task a ranking
+LABELED = ("pair", "rank", "rate")  # task kinds that become training data (arena votes are evaluation)
+# A pair and an arena task get a choice (CHOICES), a rank task a ranking, a rate task (one response) a thumb.
+KINDS = ("pair", "arena", "rank", "rate")
 NAME_MAX = 128
 SOURCE_MAX = 256
 # Free text the store takes from annotators (a rationale, a typed arena prompt) is bounded here, so the app, the
@@ -48,6 +51,7 @@ SOURCE_MAX = 256
 RATIONALE_MAX = 4000
 GUIDELINE_MAX = 64
 PROMPT_MAX = 20000
+EDIT_MAX = 20000  # an annotator's rewrite of a response
 
 
 class StoreError(UserError):
@@ -148,13 +152,13 @@ class Response(Base):
 
 
 class Task(Base):
-    """Responses to one prompt to compare: a pair (positions 0 = A, 1 = B); the schema allows K of them."""
+    """Responses to one prompt: a pair to compare (positions 0 = A, 1 = B), K of them to rank, or one to rate."""
 
     __tablename__ = "tasks"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"), index=True)
     round: Mapped[int] = mapped_column(Integer, default=0, index=True)
-    kind: Mapped[str] = mapped_column(String(16), default="pair")  # pair | arena
+    kind: Mapped[str] = mapped_column(String(16), default="pair")  # KINDS
     how: Mapped[str] = mapped_column(String(32), default="random")  # random | across | active | import | repeat
     repeat_of: Mapped[int | None] = mapped_column(ForeignKey("tasks.id"), nullable=True)
     overlap: Mapped[int] = mapped_column(Integer, default=1)
@@ -175,6 +179,10 @@ class TaskItem(Base):
     position: Mapped[int] = mapped_column(Integer, primary_key=True)
     response_id: Mapped[int] = mapped_column(ForeignKey("responses.id"), index=True)
     response: Mapped[Response] = relationship(lazy="joined")
+
+
+VOTE_CHOICE_CHECK = "choice in ('A', 'B', 'tie', 'both_bad', 'ranked', 'up', 'down')"
+LIKERT_CHECK = "likert is null or likert between 1 and 5"
 
 
 class Vote(Base):
@@ -199,13 +207,31 @@ class Vote(Base):
     # review state of a vote it strongly disagreed with (None: not queued). Rejected votes are left out of exports.
     model_p_a: Mapped[float | None] = mapped_column(Float, nullable=True)
     review: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    # A rating (choice "up" or "down") may carry a Likert score, 1 (worst) to 5 (best).
+    likert: Mapped[int | None] = mapped_column(Integer, nullable=True)
     __table_args__ = (
         UniqueConstraint("task_id", "annotator_id", name="uq_one_vote_per_annotator"),
-        CheckConstraint("choice in ('A', 'B', 'tie', 'both_bad', 'ranked')", name="ck_vote_choice"),
+        CheckConstraint(VOTE_CHOICE_CHECK, name="ck_vote_choice"),
         CheckConstraint("review is null or review in ('queued', 'kept', 'rejected')", name="ck_vote_review"),
         CheckConstraint("strength between 1 and 3", name="ck_vote_strength"),
         CheckConstraint("\"left\" in ('A', 'B')", name="ck_vote_left"),
+        CheckConstraint(LIKERT_CHECK, name="ck_vote_likert"),
     )
+
+
+class Edit(Base):
+    """An annotator's rewrite of one response of a task ("Improve this answer"): the source response stays as it
+    was; the export turns the edit into an SFT demonstration and into pairs edited > original. One per annotator and
+    response: saving again replaces the text."""
+
+    __tablename__ = "edits"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"), index=True)
+    response_id: Mapped[int] = mapped_column(ForeignKey("responses.id"), index=True)
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id"), index=True)
+    text: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=_now)
+    __table_args__ = (UniqueConstraint("response_id", "annotator_id", name="uq_one_edit_per_annotator"),)
 
 
 class Skip(Base):
@@ -218,7 +244,7 @@ class Skip(Base):
 # ---------------------------------------------------------------- schema versions
 
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def _migrate_2_to_3(conn, postgres: bool) -> None:
@@ -234,16 +260,34 @@ def _migrate_2_to_3(conn, postgres: bool) -> None:
                           "CHECK (review is null or review in ('queued', 'kept', 'rejected'))"]:
             conn.execute(text(statement))
         return
-    # SQLite cannot change a CHECK constraint in place: rebuild the table (its documented recipe), copying every
-    # row with its id. Nothing references votes, so the rename and drop touch no other table.
-    old = ["id", "task_id", "annotator_id", "choice", "strength", "rationale", '"left"', "guideline_version", "seconds",
-           "created_at", "margin"]
-    conn.execute(text("ALTER TABLE votes RENAME TO votes_v2"))
+    _rebuild_votes(conn, ["id", "task_id", "annotator_id", "choice", "strength", "rationale", '"left"',
+                          "guideline_version", "seconds", "created_at", "margin"])
+
+
+def _migrate_3_to_4(conn, postgres: bool) -> None:
+    """Version 4: rating tasks (votes gain likert, the choice check allows "up" and "down") and the edits table."""
+    if postgres:
+        for statement in ["ALTER TABLE votes ADD COLUMN likert INTEGER",
+                          "ALTER TABLE votes DROP CONSTRAINT ck_vote_choice",
+                          f"ALTER TABLE votes ADD CONSTRAINT ck_vote_choice CHECK ({VOTE_CHOICE_CHECK})",
+                          f"ALTER TABLE votes ADD CONSTRAINT ck_vote_likert CHECK ({LIKERT_CHECK})"]:
+            conn.execute(text(statement))
+    else:
+        _rebuild_votes(conn, ["id", "task_id", "annotator_id", "choice", "strength", "rationale", '"left"',
+                              "guideline_version", "seconds", "created_at", "margin", "ranking", "shown", "model_p_a",
+                              "review"])
+    Edit.__table__.create(conn)
+
+
+def _rebuild_votes(conn, columns: list[str]) -> None:
+    """SQLite cannot change a CHECK constraint in place: rebuild the votes table (its documented recipe), copying
+    `columns` of every row with its id. Nothing references votes, so the rename and drop touch no other table."""
+    conn.execute(text("ALTER TABLE votes RENAME TO votes_old"))
     for index in ("ix_votes_task_id", "ix_votes_annotator_id"):
         conn.execute(text(f"DROP INDEX IF EXISTS {index}"))
     Vote.__table__.create(conn)
-    conn.execute(text(f"INSERT INTO votes ({', '.join(old)}) SELECT {', '.join(old)} FROM votes_v2"))
-    conn.execute(text("DROP TABLE votes_v2"))
+    conn.execute(text(f"INSERT INTO votes ({', '.join(columns)}) SELECT {', '.join(columns)} FROM votes_old"))
+    conn.execute(text("DROP TABLE votes_old"))
 
 
 # What takes a store from version k to k + 1 (run in one transaction when an older store is opened): statements, or
@@ -251,7 +295,7 @@ def _migrate_2_to_3(conn, postgres: bool) -> None:
 MIGRATIONS = {1: ["ALTER TABLE votes ADD COLUMN margin FLOAT",
                   "CREATE INDEX ix_tasks_open ON tasks (kind, round) WHERE vote_count < overlap",
                   "CREATE INDEX ix_task_items_response_id ON task_items (response_id)"],
-              2: _migrate_2_to_3}
+              2: _migrate_2_to_3, 3: _migrate_3_to_4}
 
 
 # ---------------------------------------------------------------- opening a database

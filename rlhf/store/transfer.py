@@ -18,8 +18,10 @@ from rlhf.store.schema import (
     KINDS,
     NAME_MAX,
     RANK_CHOICES,
+    RATE_CHOICES,
     REVIEWS,
     Annotator,
+    Edit,
     Prompt,
     Response,
     Skip,
@@ -31,7 +33,15 @@ from rlhf.store.schema import (
     _now,
     _short,
 )
-from rlhf.store.writes import _as_messages, _get_or_add_prompt, check_vote_text, valid_ranking
+from rlhf.store.writes import (
+    _as_messages,
+    _get_or_add_prompt,
+    check_edit_text,
+    check_likert,
+    check_vote_text,
+    task_size_ok,
+    valid_ranking,
+)
 
 if TYPE_CHECKING:
     from rlhf.store import Store
@@ -90,7 +100,7 @@ def _vote_fields(v: dict, kind: str, k: int) -> dict:
     """A vote record checked against its task (the kind decides the choices, K the ranking): the Vote's fields."""
     if not isinstance(v, dict):
         raise ValueError("a vote is an object")
-    choices = RANK_CHOICES if kind == "rank" else CHOICES
+    choices = {"rank": RANK_CHOICES, "rate": RATE_CHOICES}.get(kind, CHOICES)
     if v.get("choice") not in choices:
         raise ValueError(f"bad vote: a {kind} task takes choice {', '.join(choices)}, not {v.get('choice')!r}")
     strength = v.get("strength", 2)
@@ -109,16 +119,19 @@ def _vote_fields(v: dict, kind: str, k: int) -> dict:
     if shown is not None and not valid_ranking([[p] for p in shown] if isinstance(shown, list) else None, k):
         raise ValueError(f"bad vote: shown must list the positions 0-{k - 1} once each")
     rationale, guideline = v.get("rationale") or "", v.get("guideline_version") or ""
-    seconds, margin, p_a = v.get("seconds"), v.get("margin"), v.get("model_p_a")
+    seconds, margin, p_a, likert = v.get("seconds"), v.get("margin"), v.get("model_p_a"), v.get("likert")
     try:
         check_vote_text(rationale, guideline, None if seconds is None else _number(seconds, "seconds", 0))
+        check_likert(likert)
     except StoreError as e:
         raise ValueError(f"bad vote: {e}") from None
+    if likert is not None and kind != "rate":
+        raise ValueError("bad vote: only a rating carries a Likert score")
     return dict(choice=v["choice"], strength=strength, rationale=rationale, left=v.get("left", "A"),
                 guideline_version=guideline, seconds=None if seconds is None else float(seconds),
                 margin=None if margin is None else float(_number(margin, "margin")), ranking=ranking, shown=shown,
                 model_p_a=None if p_a is None else float(_number(p_a, "model_p_a", 0, 1)), review=v.get("review"),
-                created_at=_when(v.get("created_at")))
+                likert=likert, created_at=_when(v.get("created_at")))
 
 
 def _task_key(kind: str, how: str, texts) -> tuple:
@@ -130,7 +143,8 @@ def import_tasks(store: Store, rows: list[dict], source: str = "", where: list[s
     """Write dump records (`Store.dump()`, or task rows without a "record" key) in ONE transaction: all or nothing.
 
     A task row: prompt (text or messages), responses [{text, model, ..., optional id}], optional votes
-    [{annotator, choice, strength, margin, left, ...}], skips [names], round, how, kind, overlap, repeat_of.
+    [{annotator, choice, strength, margin, left, likert, ...}], skips [names], edits [{annotator, position, text}],
+    round, how, kind, overlap, repeat_of.
     Response ids and task ids are the dump's own: the same id is one response (shared by several tasks), and
     repeat_of points at a task of the same dump. Annotators that do not exist are created without a credential.
     Each row is checked whole before its rows are added (a vote must fit its task's kind, a ranking order every
@@ -247,8 +261,9 @@ def _import_task(s, row: dict, prompt: Prompt, at: str, add_responses, annotator
     if not isinstance(how, str) or len(how) > 32:
         raise ValueError(f"how must be a name of at most 32 characters, not {how!r}")
     items = row["responses"]
-    if not isinstance(items, list) or len(items) < 2 or (kind != "rank" and len(items) != 2):
-        raise ValueError(f"a {kind} task needs {'two or more' if kind == 'rank' else 'two'} responses")
+    if not isinstance(items, list) or not task_size_ok(kind, len(items)):
+        wanted = {"rate": "one response", "rank": "two or more responses"}.get(kind, "two responses")
+        raise ValueError(f"a {kind} task takes {wanted}")
     votes = row.get("votes") or []
     if not isinstance(votes, list):
         raise ValueError("votes must be a list")
@@ -269,9 +284,22 @@ def _import_task(s, row: dict, prompt: Prompt, at: str, add_responses, annotator
         match.pop(0)
         counts["skipped"] += 1
         return
+    edits = row.get("edits") or []
+    if not isinstance(edits, list) or not all(isinstance(e, dict) for e in edits):
+        raise ValueError("edits must be a list of {annotator, position, text} objects")
+    for e in edits:
+        position = e.get("position")
+        if isinstance(position, bool) or not isinstance(position, int) or not 0 <= position < len(items):
+            raise ValueError(f"an edit's position must name one of the task's {len(items)} responses")
+        try:
+            check_edit_text(e.get("text"), str((items[position] or {}).get("text") or ""))
+        except StoreError as err:
+            raise ValueError(f"bad edit: {err}") from None
+    if len({(str(e.get("annotator")), e["position"]) for e in edits}) != len(edits):
+        raise ValueError("two edits of one response by the same annotator")
     items = add_responses(prompt, items)
-    if len(items) < 2 or len({r.id for r in items}) != len(items):
-        raise ValueError("a task needs two or more distinct responses")
+    if not task_size_ok(kind, len(items)) or len({r.id for r in items}) != len(items):
+        raise ValueError("a task needs distinct responses")
     if any(r.prompt_id != prompt.id for r in items):
         raise ValueError("a response id of another prompt")
     task = Task(prompt_id=prompt.id, round=round_, how=how, kind=kind, overlap=overlap, vote_count=len(votes),
@@ -293,5 +321,9 @@ def _import_task(s, row: dict, prompt: Prompt, at: str, add_responses, annotator
         raise ValueError("skips must be a list of annotator names")
     for name in dict.fromkeys(skips):
         s.add(Skip(task_id=task.id, annotator_id=annotator(name, active=False).id))
+    for e in edits:
+        s.add(Edit(task_id=task.id, response_id=items[e["position"]].id, annotator_id=annotator(
+            e["annotator"], active=False).id, text=e["text"].strip(), created_at=_when(e.get("created_at"))))
+        counts["edits"] += 1
     s.flush()
     counts["tasks"] += 1

@@ -1,6 +1,6 @@
-"""Writing to the store: prompts, responses and tasks (arena tasks too), votes and rankings, swapped repeats, the
-reward model's verdict and an admin's review, skips and undo, records (JSON documents such as a loop run's rounds).
-Every method is one transaction."""
+"""Writing to the store: prompts, responses and tasks (arena tasks too), votes, rankings and ratings, annotators'
+edits, swapped repeats, the reward model's verdict and an admin's review, skips and undo, records (JSON documents
+such as a loop run's rounds). Every method is one transaction."""
 
 from __future__ import annotations
 
@@ -16,13 +16,17 @@ from sqlalchemy.orm import Session
 from rlhf.store.queries import TaskView, _view
 from rlhf.store.schema import (
     CHOICES,
+    EDIT_MAX,
     GUIDELINE_MAX,
     KINDS,
+    LIKERT,
     PROMPT_MAX,
+    RATE_CHOICES,
     RATIONALE_MAX,
     SOURCE_MAX,
     AlreadyVoted,
     Annotator,
+    Edit,
     Meta,
     Prompt,
     Response,
@@ -54,6 +58,9 @@ def _as_messages(prompt) -> list[dict]:
 
 
 ROLES = ("system", "user", "assistant")  # what chat templates know
+# What a vote on each kind of task is (the message when one is sent to the wrong kind).
+TAKES = {"pair": "a choice (A, B, tie, both_bad)", "arena": "a choice (A, B, tie, both_bad)",
+         "rank": "a ranking (submit_ranking)", "rate": "a rating, up or down (submit_rating)"}
 
 
 def check_vote_text(rationale, guideline_version, seconds) -> None:
@@ -81,6 +88,29 @@ def valid_ranking(ranking, k: int) -> bool:
         return False
     flat = [p for group in ranking for p in group]
     return all(isinstance(p, int) and not isinstance(p, bool) for p in flat) and sorted(flat) == list(range(k))
+
+
+def task_size_ok(kind: str, size: int) -> bool:
+    """Whether a task of `kind` may hold `size` responses: one to rate, two to compare, two or more to rank."""
+    return size == 1 if kind == "rate" else size >= 2 if kind == "rank" else size == 2
+
+
+def check_likert(likert) -> None:
+    if likert is not None and (isinstance(likert, bool) or not isinstance(likert, int)
+                               or not LIKERT[0] <= likert <= LIKERT[1]):
+        raise StoreError(f"a Likert score is a whole number from {LIKERT[0]} to {LIKERT[1]}, not {likert!r}")
+
+
+def check_edit_text(text, original: str) -> str:
+    """An annotator's rewrite: text, not blank, within EDIT_MAX, and not the original unchanged. Returns it stripped
+    of surrounding whitespace."""
+    if not isinstance(text, str) or not text.strip():
+        raise StoreError("an edit is the improved answer's text, not empty")
+    if len(text) > EDIT_MAX:
+        raise StoreError(f"an edit is at most {EDIT_MAX:,} characters, not {len(text):,}")
+    if text.strip() == original.strip():
+        raise StoreError("the edit is the same as the answer: change something first")
+    return text.strip()
 
 
 def _get_or_add_prompt(s: Session, messages: list[dict], source: str, split: str,
@@ -141,15 +171,16 @@ class Writes:
 
     def add_task(self, response_ids: list[int], round: int = 0, how: str = "random", overlap: int = 1,
                  kind: str = "pair", repeat_of: int | None = None) -> int:
-        """A task comparing responses to one prompt (position 0 is A, 1 is B)."""
-        if len(response_ids) < 2 or len(set(response_ids)) != len(response_ids):
-            raise StoreError("a task needs two or more distinct responses")
+        """A task on responses to one prompt: a pair to compare (position 0 is A, 1 is B), K to rank, one to rate."""
+        if not response_ids or len(set(response_ids)) != len(response_ids):
+            raise StoreError("a task needs distinct responses")
         if overlap < 1:
             raise StoreError("overlap must be at least 1")
         if kind not in KINDS:
             raise StoreError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
-        if kind != "rank" and len(response_ids) != 2:
-            raise StoreError(f"a {kind} task compares two responses; use kind rank for {len(response_ids)}")
+        if not task_size_ok(kind, len(response_ids)):
+            wanted = {"rate": "one response", "rank": "two or more responses"}.get(kind, "two responses")
+            raise StoreError(f"a {kind} task takes {wanted}, not {len(response_ids)}")
         with self.session() as s:
             responses = [s.get(Response, r) for r in response_ids]
             if any(r is None for r in responses):
@@ -166,17 +197,21 @@ class Writes:
             return task.id
 
     def add_candidates(self, prompt_id: int, answers: list[tuple[str, str, dict]], tasks: list[tuple[list[int], str]],
-                       round: int = 0, overlap: int = 1, kind: str = "pair") -> tuple[list[int], list[int]]:
+                       round: int = 0, overlap: int = 1, kind: str = "pair",
+                       rate: bool = False) -> tuple[list[int], list[int]]:
         """One prompt's generated responses (text, model, generation parameters) and the tasks made of them
         (positions into `answers`, how) in ONE transaction, so an interrupted generation never leaves responses
-        without their task. Every task is of `kind`. Returns the response ids and the task ids."""
+        without their task. Every task is of `kind`; with `rate`, each answer also gets a rating task (how "each",
+        after the others). Returns the response ids and the task ids."""
         if kind not in KINDS or overlap < 1:
             raise StoreError(f"kind must be one of {', '.join(KINDS)} and overlap at least 1")
-        for positions, _ in tasks:
-            size_ok = len(positions) >= 2 if kind == "rank" else len(positions) == 2
+        made = [(list(positions), how, kind) for positions, how in tasks]
+        if rate:
+            made += [([p], "each", "rate") for p in range(len(answers))]
+        for positions, _, kind_ in made:
             inside = all(0 <= p < len(answers) for p in positions)
-            if not size_ok or not inside or len(set(positions)) != len(positions):
-                raise StoreError(f"a {kind} task needs distinct responses of this prompt, not {positions}")
+            if not task_size_ok(kind_, len(positions)) or not inside or len(set(positions)) != len(positions):
+                raise StoreError(f"a {kind_} task needs distinct responses of this prompt, not {positions}")
         with self.session() as s:
             if s.get(Prompt, prompt_id) is None:
                 raise StoreError(f"no prompt {prompt_id}")
@@ -185,8 +220,8 @@ class Writes:
             s.add_all(rows)
             s.flush()
             task_ids = []
-            for positions, how in tasks:
-                task = Task(prompt_id=prompt_id, round=round, how=how, overlap=overlap, kind=kind, repeat_of=None)
+            for positions, how, kind_ in made:
+                task = Task(prompt_id=prompt_id, round=round, how=how, overlap=overlap, kind=kind_, repeat_of=None)
                 s.add(task)
                 s.flush()
                 s.add_all(TaskItem(task_id=task.id, position=i, response_id=rows[p].id)
@@ -257,8 +292,7 @@ class Writes:
                     if task is None:
                         raise StoreError(f"no task {task_id}")
                     if task.kind not in kinds:
-                        how = "a ranking (submit_ranking)" if task.kind == "rank" else "a choice (A, B, tie, both_bad)"
-                        raise StoreError(f"task {task_id} is a {task.kind} task: it takes {how}")
+                        raise StoreError(f"task {task_id} is a {task.kind} task: it takes {TAKES[task.kind]}")
                     raise TaskFull(f"task {task_id} has all the votes it needs")
                 vote = Vote(task_id=task_id, annotator_id=who.id, **fields)
                 s.add(vote)
@@ -280,8 +314,7 @@ class Writes:
         if task is None:
             raise StoreError(f"no task {task_id}")
         if task.kind != "rank":
-            raise StoreError(f"task {task_id} is a {task.kind} task: it takes a choice (A, B, tie, both_bad), "
-                             "not a ranking")
+            raise StoreError(f"task {task_id} is a {task.kind} task: it takes {TAKES[task.kind]}, not a ranking")
         if not valid_ranking([[p] for p in shown] if isinstance(shown, (list, tuple)) else None, k):
             raise StoreError(f"shown must list the positions 0-{k - 1} once each")
         if ranking is not None:
@@ -291,6 +324,45 @@ class Writes:
         return self._add_vote(annotator, task_id, ("rank",), dict(
             choice="ranked" if ranking is not None else "both_bad", strength=2, rationale=rationale, left="A",
             guideline_version=guideline_version, seconds=seconds, ranking=ranking, shown=[int(p) for p in shown]))
+
+    def submit_rating(self, annotator: str, task_id: int, choice: str, likert: int | None = None,
+                      rationale: str = "", guideline_version: str = "", seconds: float | None = None) -> int:
+        """Store one rating of a rate task's response: choice "up" or "down", and an optional Likert score 1-5.
+        Same guarantees as `submit`. Returns the vote id."""
+        if choice not in RATE_CHOICES:
+            raise StoreError(f"a rating is one of {', '.join(RATE_CHOICES)}, not {choice!r}")
+        check_likert(likert)
+        return self._add_vote(annotator, task_id, ("rate",), dict(
+            choice=choice, likert=likert, strength=2, rationale=rationale, left="A",
+            guideline_version=guideline_version, seconds=seconds))
+
+    def save_edit(self, annotator: str, task_id: int, position: int, text: str) -> int:
+        """Keep an annotator's rewrite of the response at `position` of a pair, ranking or rating task (the
+        response itself stays as it was); a second edit of the same response by the same annotator replaces the
+        first. Returns the edit's id."""
+        check_ids(annotator, task_id)
+        if isinstance(position, bool) or not isinstance(position, int):
+            raise StoreError(f"no response at position {position!r}")
+        with self.session() as s:
+            who = s.scalar(select(Annotator).where(Annotator.name == annotator))
+            if who is None or not who.active:
+                raise StoreError(f"no active annotator named {annotator!r}")
+            task = s.get(Task, task_id)
+            if task is None or task.kind not in ("pair", "rank", "rate"):
+                raise StoreError(f"no task {task_id} to edit" if task is None else
+                                 f"task {task_id} is an {task.kind} task: its answers are evaluated, not edited")
+            item = next((i for i in task.items if i.position == position), None)
+            if item is None:
+                raise StoreError(f"task {task_id} has no response at position {position}")
+            text = check_edit_text(text, item.response.text)
+            edit = s.scalar(select(Edit).where(Edit.response_id == item.response_id, Edit.annotator_id == who.id))
+            if edit is None:
+                edit = Edit(task_id=task_id, response_id=item.response_id, annotator_id=who.id, text=text)
+                s.add(edit)
+            else:
+                edit.text, edit.task_id, edit.created_at = text, task_id, _now()
+            s.flush()
+            return edit.id
 
     def repeat_task(self, annotator: str, round: int | None = None) -> tuple[TaskView, str] | None:
         """A pair this annotator already judged, as a swapped repeat: the repeat task (how "repeat", repeat_of the
