@@ -151,6 +151,29 @@ def simulate_ranking(golds: list[float], *, tau: float, eps: float = 0.0, rng: r
     return [sorted(g) for g in groups]
 
 
+@dataclass
+class SimulatedRating:
+    choice: str  # "up" or "down"
+    likert: int | None  # 1 (worst) to 5 (best), None without a Likert step
+    p_up: float  # the annotator's probability of a thumb up, for analysis
+
+
+def simulate_rating(gold: float, *, threshold: float, tau: float, likert_step: float = 0.0,
+                    rng: random.Random) -> SimulatedRating:
+    """One rating of one response: thumb up with probability sigmoid((g - threshold) / tau), the Bradley-Terry
+    model with the threshold as the opponent (tau = 0: up exactly when g > threshold). The Likert score reads the
+    same noisy judgement on a scale: g plus logistic noise of scale tau (the noise behind that sigmoid), 3 at the
+    threshold and one point per `likert_step` of gold, clipped to 1-5; likert_step 0 gives no score."""
+    z = (gold - threshold) / tau if tau > 0 else (math.inf if gold > threshold else -math.inf)
+    p_up = 1.0 / (1.0 + math.exp(-max(min(z, 60.0), -60.0)))
+    u = min(max(rng.random(), 1e-12), 1 - 1e-12)
+    noisy = gold + tau * math.log(u / (1 - u))  # a logistic draw: P(noisy > threshold) = p_up
+    likert = None
+    if likert_step > 0:
+        likert = int(min(5, max(1, 3 + round((noisy - threshold) / likert_step))))
+    return SimulatedRating("up" if noisy > threshold else "down", likert, p_up)
+
+
 # ---------------------------------------------------------------- rlhf label-sim
 
 
@@ -162,13 +185,17 @@ class LabelSimConfig:
     tau: float = field(0.05, "Bradley-Terry temperature: P(A > B) = sigmoid((g(A) - g(B)) / tau); 0 = perfect.")
     eps: float = field(0.0, "Vote tie when |g(A) - g(B)| < eps.")
     position_bias: float = field(0.0, "Logit added in favour of the response shown on the left.")
+    rate_threshold: float = field(0.5, "Ratings: thumb up with probability sigmoid((g - rate_threshold) / tau), the "
+                                       "threshold in the gold's units (sentiment: VADER's compound score, -1 to 1).")
+    likert_step: float = field(0.25, "Ratings: one Likert point per this much gold, 3 at the threshold (0: no "
+                                     "Likert score).")
     round: int = field(-1, "Only tasks of this round (-1: any).")
     limit: int = field(0, "Vote on at most this many tasks (0: all open ones).")
     seed: int = field(0, "Random seed of the noise and of the left/right order.")
 
     def __post_init__(self):
-        if self.tau < 0 or self.eps < 0 or self.limit < 0:
-            raise ValueError("tau, eps and limit must be >= 0")
+        if self.tau < 0 or self.eps < 0 or self.limit < 0 or self.likert_step < 0:
+            raise ValueError("tau, eps, likert_step and limit must be >= 0")
 
 
 def label_sim(config: LabelSimConfig) -> dict:
@@ -228,9 +255,28 @@ def label_sim(config: LabelSimConfig) -> dict:
             counts["votes"] += 1
             counts["rankings"] = counts.get("rankings", 0) + 1
             bar.update(1)
-    decided = counts["votes"] - counts["ties"] - counts.get("rankings", 0)
+        # Rating tasks (rlhf generate --rate): a thumb (and a Likert score) from the gold against a threshold.
+        while not config.limit or counts["votes"] < config.limit:
+            task = store.next_task(config.annotator, round=round_, kind="rate")
+            if task is None:
+                break
+            [g] = (float(x) for x in gold([task.prompt[-1]["content"]], task.responses))
+            rating = simulate_rating(g, threshold=config.rate_threshold, tau=config.tau,
+                                     likert_step=config.likert_step, rng=rng)
+            try:
+                store.submit_rating(config.annotator, task.id, rating.choice, likert=rating.likert,
+                                    guideline_version=f"sim:{config.gold}")
+            except TaskFull:
+                continue
+            counts["votes"] += 1
+            counts["ratings"] = counts.get("ratings", 0) + 1
+            counts["thumbs_up"] = counts.get("thumbs_up", 0) + (rating.choice == "up")
+            bar.update(1)
+    decided = counts["votes"] - counts["ties"] - counts.get("rankings", 0) - counts.get("ratings", 0)
     share = counts["agree_with_gold"] / decided if decided else 0.0
     ranked = f", {counts['rankings']} of them rankings" if counts.get("rankings") else ""
+    if counts.get("ratings"):
+        ranked += f", {counts['ratings']} ratings ({counts['thumbs_up']} up)"
     agrees = f"; agrees with gold on {100 * share:.1f} % of the decided pairs" if decided else ""
     print(f"{config.annotator} cast {counts['votes']} votes ({counts['ties']} ties{ranked}){agrees} (tau {config.tau})")
     return {**counts, "agreement": share}

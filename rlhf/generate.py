@@ -61,6 +61,8 @@ class GenerateConfig:
     pairs_per_prompt: int = field(1, "Tasks made per prompt (disjoint pairs; needs n >= 2 x this).")
     rank: int = field(0, "Instead of pairs, one ranking task per prompt of this many responses (3-9; needs n >= "
                          "rank and pairing=random; 0: pairs). The export expands a ranking into its pairs.")
+    rate: bool = field(False, "Also a rating task for every response (thumbs up or down and a Likert score on the "
+                              "app's Rate page; KTO's data), beside the pairs or rankings.")
     overlap: int = field(1, "Votes wanted per task (several annotators: agreement figures).")
     round: int = field(0, "Round number stored with the tasks.")
     skip_existing: bool = field(False, "Skip prompts that already have a task in this round (resume a generation).")
@@ -162,7 +164,7 @@ def run(config: GenerateConfig) -> dict:
                         pair = list(pair) if rng.random() < 0.5 else list(reversed(pair))
                     tasks.append((list(pair), how))
                 ids, task_ids = store.add_candidates(pid, answers, tasks, round=config.round, overlap=config.overlap,
-                                                     kind=kind)
+                                                     kind=kind, rate=config.rate)
                 written["responses"] += len(ids)
                 written["tasks"] += len(task_ids)
                 written["prompts"] += 1
@@ -177,7 +179,8 @@ def run(config: GenerateConfig) -> dict:
     bar.close()
     seconds = time.perf_counter() - start
     written.update(seconds=round(seconds, 1), tokens_per_s=round(tokens / seconds, 1))
+    rated = ", a rating task per response" if config.rate else ""
     print(f"generated {written['responses']} responses to {written['prompts']} prompts and made {written['tasks']} "
-          f"tasks (round {config.round}, {config.pairing}) in {seconds:.0f} s, {written['tokens_per_s']} tokens/s "
-          f"-> {masked_url(store.url)}")
+          f"tasks (round {config.round}, {config.pairing}{rated}) in {seconds:.0f} s, "
+          f"{written['tokens_per_s']} tokens/s -> {masked_url(store.url)}")
     return written

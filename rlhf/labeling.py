@@ -5,6 +5,8 @@
   model_verdict        after a vote, the reward model's probability that the left response is better; a strong vote
                        it gives less than `disagree_below` goes on the review queue
   next_ranking, ...    K-response tasks: a random order shown, the typed order read and mapped back to positions
+  next_rating, rate    one response at a time: thumbs up or down, an optional Likert score 1-5
+  save_edit            "Improve this answer": an annotator's rewrite of a response on screen, kept beside it
   undo, skip           the annotator's last vote taken back, a task put aside
   require_admin, ...   the admin's functions, each checking the role first: progress, the review queue, prompts and
                        accounts, the export (to a server directory, or as a zip to download), the loop's rounds
@@ -26,7 +28,7 @@ from pathlib import Path
 
 from rlhf.arena import is_arena_task
 from rlhf.data import ExportConfig, format_stats, quality_stats, run_export
-from rlhf.store import LABELED, RATIONALE_MAX, AlreadyVoted, Store, StoreError, TaskFull
+from rlhf.store import EDIT_MAX, LABELED, LIKERT, RATIONALE_MAX, AlreadyVoted, Store, StoreError, TaskFull
 
 CHOICE_TO_LABEL = {"left": "Left is better", "right": "Right is better", "tie": "Tie", "both_bad": "Both bad"}
 STRENGTHS = {"slight": 1, "clear": 2, "strong": 3}
@@ -230,6 +232,90 @@ def submit_ranking(store: Store, user: str, current: dict, order: str, all_bad: 
     return ("Saved: all of them bad." if all_bad else "Saved your ranking."), vote_id
 
 
+# ---------------------------------------------------------------- ratings of one response, and edits
+
+THUMBS = {"up": "thumbs up", "down": "thumbs down"}
+
+
+def next_rating(store: Store, user: str, round_: int | None) -> dict:
+    """The next response for `user` to rate: task_id (None when there is nothing left), the prompt's messages (a
+    whole conversation where there is one), the response, when it was shown, and a status line."""
+    task = store.next_task(user, round=round_, kind="rate")
+    progress = store.progress(annotator=user, round=round_, kind="rate")
+    status = (f"{progress['done']} rated by you · {progress['open']} left for you · "
+              f"{progress['votes']}/{progress['slots']} ratings on {progress['tasks']} responses")
+    if task is None:
+        return {"task_id": None, "status": status + " · nothing left to rate — thank you!"}
+    return {"task_id": task.id, "shown_at": time.time(), "status": status, "messages": task.prompt,
+            "response": task.responses[0]}
+
+
+def parse_likert(value) -> int | None:
+    """A Likert score from the page: None or '' for none given, else a whole number 1-5 (ValueError otherwise)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        score = int(str(value).strip())
+    except ValueError:
+        raise ValueError(f"a score is a whole number from {LIKERT[0]} to {LIKERT[1]}") from None
+    if not LIKERT[0] <= score <= LIKERT[1] or str(score) != str(value).strip():
+        raise ValueError(f"a score is a whole number from {LIKERT[0]} to {LIKERT[1]}")
+    return score
+
+
+def rate(store: Store, user: str, current: dict, thumb: str, likert, rationale: str,
+         guideline_version: str) -> tuple[str, int | None]:
+    """Store the rating of the response on screen; returns a one-line message for the page and the vote's id."""
+    if not current or current.get("task_id") is None:
+        return "No response on screen.", None
+    if not isinstance(current["task_id"], int) or isinstance(current["task_id"], bool):
+        return "No such task: give the task_id the page showed.", None
+    if not isinstance(thumb, str) or thumb not in THUMBS:
+        return "Choose first: thumbs up or down (keys 1 and 2).", None
+    if not isinstance(rationale or "", str):
+        return "The rationale must be text.", None
+    if len(rationale or "") > RATIONALE_MAX:
+        return f"Not saved: {rationale_too_long(rationale)}", None
+    try:
+        score = parse_likert(likert)
+    except ValueError as e:
+        return f"Not saved: {e}.", None
+    shown_at = current.get("shown_at")
+    try:
+        vote_id = store.submit_rating(user, current["task_id"], thumb, likert=score,
+                                      rationale=(rationale or "").strip(), guideline_version=guideline_version,
+                                      seconds=round(time.time() - shown_at, 2) if shown_at else None)
+    except AlreadyVoted:
+        return "You had already rated that one.", None
+    except TaskFull:
+        return "That response got all its ratings meanwhile; here is another.", None
+    except StoreError as e:
+        return f"Not saved: {e}.", None
+    return f"Saved: {THUMBS[thumb]}" + (f", {score} of 5." if score else "."), vote_id
+
+
+def save_edit(store: Store, user: str, current: dict, which: str, text: str) -> str:
+    """Keep the annotator's improved version of a response on screen: `which` is "left" or "right" on the Compare
+    page (mapped to the stored position), "response" on the Rate page. Returns a one-line message."""
+    if not current or current.get("task_id") is None:
+        return "No task on screen."
+    if not isinstance(text, str):
+        return "The edit must be text."
+    if len(text) > EDIT_MAX:
+        return f"Not saved: the edit has {len(text):,} characters; at most {EDIT_MAX:,}, please."
+    if which == "response" and "response" in current:
+        position = 0
+    elif which in ("left", "right") and "left_is_a" in current:
+        position = 0 if (which == "left") == bool(current["left_is_a"]) else 1
+    else:
+        return "Not saved: choose the answer to improve."
+    try:
+        store.save_edit(user, current["task_id"], position, text)
+    except StoreError as e:
+        return f"Not saved: {e}."
+    return "Saved your improved answer (the original stays as it was; saving again replaces your edit)."
+
+
 # ---------------------------------------------------------------- admin (every function checks the role first)
 
 
@@ -245,10 +331,10 @@ def require_admin(store: Store, user: str) -> None:
 
 
 def overview(store: Store, user: str) -> dict:
-    """Progress of pairs and rankings, the review queue's length, progress per annotator and round, and the
-    agreement and bias figures (as text)."""
+    """Progress of pairs, rankings and ratings, the review queue's length, progress per annotator and round, and
+    the agreement and bias figures (as text)."""
     require_admin(store, user)
-    return {"pairs": store.progress(), "rankings": store.progress(kind="rank"),
+    return {"pairs": store.progress(), "rankings": store.progress(kind="rank"), "ratings": store.progress(kind="rate"),
             "awaiting_review": len(store.review_queue()), "annotators": store.progress_by_annotator(),
             "stats": format_stats(quality_stats(store.tasks(kind=LABELED)))}
 

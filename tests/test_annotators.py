@@ -7,7 +7,16 @@ import random
 
 import pytest
 
-from rlhf.annotators import keyword, length, load_gold, prob_left_wins, sentiment, simulate_ranking, simulate_vote
+from rlhf.annotators import (
+    keyword,
+    length,
+    load_gold,
+    prob_left_wins,
+    sentiment,
+    simulate_ranking,
+    simulate_rating,
+    simulate_vote,
+)
 from rlhf.config import UserError
 
 
@@ -90,3 +99,19 @@ def test_ranking_follows_plackett_luce():
     after_2 = [r for r in rankings if r[0] == [2]]
     share = sum(r[1] == [1] for r in after_2) / len(after_2)
     assert abs(share - 2 / 3) < 4 * math.sqrt(2 / 9 / len(after_2))
+
+
+def test_a_rating_follows_the_threshold_model():
+    """P(up) = sigmoid((g - threshold) / tau): tau 0 is the threshold exactly; with noise the share of thumbs up
+    matches the sigmoid, and the Likert score is 3 at the threshold and one point per likert_step."""
+    rng = random.Random(0)
+    assert simulate_rating(0.6, threshold=0.5, tau=0.0, rng=rng).choice == "up"
+    assert simulate_rating(0.4, threshold=0.5, tau=0.0, rng=rng).choice == "down"
+    exact = [simulate_rating(g, threshold=0.0, tau=0.0, likert_step=0.25, rng=rng).likert
+             for g in (-0.9, -0.3, 0.01, 0.3, 0.9)]
+    assert exact == [1, 2, 3, 4, 5]
+    assert simulate_rating(0.3, threshold=0.0, tau=0.1, rng=rng).likert is None  # no step, no score
+    draws = [simulate_rating(0.1, threshold=0.0, tau=0.1, rng=rng) for _ in range(4000)]
+    expected = 1 / (1 + math.exp(-1.0))
+    assert draws[0].p_up == pytest.approx(expected)
+    assert abs(sum(d.choice == "up" for d in draws) / len(draws) - expected) < 0.03

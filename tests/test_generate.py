@@ -149,3 +149,22 @@ def test_a_prompts_responses_and_tasks_are_one_transaction(tmp_path, tiny_model_
     counts = store.counts()
     # The first prompt complete (4 responses, 2 tasks), nothing of the second.
     assert (counts["responses"], counts["tasks"], counts["task_items"]) == (4, 2, 4)
+
+
+def test_rate_adds_a_rating_task_per_response_and_the_simulated_annotator_rates_them(tmp_path, tiny_model_dir):
+    """--rate: beside each prompt's pair, one rating task per response (the same responses); label-sim gives each a
+    thumb from its gold against the threshold (tau 0: exactly) and a Likert score."""
+    config = _config(tmp_path, tiny_model_dir, limit=3, rate=True)
+    assert run(config)["tasks"] == 3 + 6
+    store = Store(config.db)
+    rated = store.tasks(kind="rate")
+    assert len(rated) == 6 and all(len(t["responses"]) == 1 for t in rated)
+    pair_responses = {r["id"] for t in store.tasks() for r in t["responses"]}
+    assert {t["responses"][0]["id"] for t in rated} == pair_responses
+    result = label_sim(LabelSimConfig(db=config.db, annotator="oracle", gold="sentiment", tau=0.0,
+                                      rate_threshold=0.0, likert_step=0.25))
+    assert (result["votes"], result["ratings"]) == (3 + 6, 6)
+    for task in store.tasks(kind="rate"):
+        [v] = task["votes"]
+        g = sentiment(["p"], [task["responses"][0]["text"]])[0]
+        assert v["choice"] == ("up" if g > 0.0 else "down") and 1 <= v["likert"] <= 5

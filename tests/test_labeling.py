@@ -205,3 +205,44 @@ def test_text_over_the_limits_is_refused_with_a_message_and_nothing_stored(store
     with pytest.raises(StoreError, match="at most 500 prompts"):
         labeling.add_prompts(store, "boss", "\n".join(f"p{i}" for i in range(labeling.ADMIN_PROMPTS_MAX + 1)), "")
     assert store.counts() == before
+
+
+def test_a_rating_by_thumb_and_likert_and_its_undo(store):
+    store.add_annotator("ann")
+    [pid] = store.add_prompts([[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                                {"role": "user", "content": "Review a film."}]])
+    store.add_candidates(pid, [("A lovely film.", "m", {}), ("A dull film.", "m", {})], [], rate=True)
+    current = labeling.next_rating(store, "ann", None)
+    assert len(current["messages"]) == 3 and current["response"] in ("A lovely film.", "A dull film.")
+    assert "0 rated by you · 2 left for you · 0/2 ratings on 2 responses" in current["status"]
+    assert labeling.rate(store, "ann", current, "", None, "", "v1") == (
+        "Choose first: thumbs up or down (keys 1 and 2).", None)
+    for bad in ("0", "6", "3.5", "three"):
+        message, vote_id = labeling.rate(store, "ann", current, "up", bad, "", "v1")
+        assert vote_id is None and "whole number from 1 to 5" in message
+    assert store.counts()["votes"] == 0
+    message, vote_id = labeling.rate(store, "ann", current, "up", "4", "warm", "v1")
+    assert message == "Saved: thumbs up, 4 of 5." and vote_id
+    [row] = store.votes(kind="rate")
+    assert (row["choice"], row["likert"], row["rationale"], row["guideline_version"]) == ("up", 4, "warm", "v1")
+    assert labeling.rate(store, "ann", current, "down", None, "", "v1")[0] == "You had already rated that one."
+    assert undo(store, "ann", 60) == "Your last vote was undone; it is back in your queue."
+    assert store.votes(kind="rate") == []
+    assert labeling.rate(store, "ann", current, "down", "", "", "v1")[0] == "Saved: thumbs down."
+
+
+def test_an_edit_on_the_compare_page_maps_the_side_to_the_response(store):
+    store.add_annotator("ann")
+    pair = next_pair(store, "ann", None, random.Random(0))
+    left, right = sides(pair)
+    message = labeling.save_edit(store, "ann", pair, "right", f"  Better: {XSS}  ")
+    assert message.startswith("Saved your improved answer")
+    position = 1 if pair["left_is_a"] else 0  # the right side's stored position
+    assert store.edit_of("ann", pair["task_id"], position) == f"Better: {XSS}"
+    assert store.edit_of("ann", pair["task_id"], 1 - position) is None
+    assert labeling.save_edit(store, "ann", pair, "right", right) == (
+        "Not saved: the edit is the same as the answer: change something first.")
+    assert labeling.save_edit(store, "ann", pair, "middle", "x") == "Not saved: choose the answer to improve."
+    assert labeling.save_edit(store, "ann", pair, "left", "x" * 20001).startswith("Not saved: the edit has 20,001")
+    assert labeling.save_edit(store, "ann", {}, "left", "x") == "No task on screen."
+    assert store.counts()["edits"] == 1
