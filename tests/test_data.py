@@ -517,8 +517,8 @@ def test_ratings_and_edits_export_for_kto_and_sft_and_round_trip(tmp_path, db):
     assert all(d["messages"][:-1] == conversation for d in demos)
     pairs = load_preference_dataset(str(tmp_path / "e"))["train"]
     edited = sorted((r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in pairs if r["edit"])
-    assert edited == [("A film worth seeing, <i>truly</i>.", "Bad film."), ("A film worth seeing, <i>truly</i>.",
-                                                                            "Good film."), ("Better film.", "Bad film.")]
+    better = "A film worth seeing, <i>truly</i>."
+    assert edited == [(better, "Bad film."), (better, "Good film."), ("Better film.", "Bad film.")]
     assert [r["edit"] for r in pairs if r["chosen_model"] == "m"] == [False]
     without = run_export(ExportConfig(db=db, out=str(tmp_path / "no-edits"), test_size=0.0, edit_pairs=False))
     assert (without["train"], without["edits"]) == (1, 2)
