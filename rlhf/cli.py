@@ -37,6 +37,8 @@ STAGES = [
      "rlhf.reward", "RewardConfig", "run"),
     ("dpo", "Align a policy on preference pairs with DPO (TRL's DPOTrainer); writes a model directory.",
      "rlhf.dpo", "DPOConfig", "run"),
+    ("kto", "Align a policy on responses rated good or bad with KTO (TRL's KTOTrainer); writes a model directory.",
+     "rlhf.kto", "KTOConfig", "run"),
     ("ppo", "Align a policy with PPO against a reward model or a reward function (our own, on accelerate).",
      "rlhf.ppo", "PPOConfig", "run"),
     ("evaluate", "Aligned vs base: win-rates (gold, reward model), KL, lengths; report.html.",
