@@ -1,5 +1,5 @@
-"""The demo's round for several seeds: DPO, PPO and each critic-free estimator on the same labels per seed, judged
-by the gold function against the base model and head to head against the prompt baseline.
+"""The demo's round for several seeds: DPO, KTO, PPO and each critic-free estimator on the same labels per seed,
+judged by the gold function against the base model and head to head against the prompt baseline.
 
     python benchmarks/alignment_bench.py --work /tmp/ab                       # seeds 0 1 2, every method
     python benchmarks/alignment_bench.py --work /tmp/ab --seeds 0 --methods dpo rloo
@@ -7,8 +7,9 @@ by the gold function against the base model and head to head against the prompt 
 
 Per seed, the round's stages run as `rlhf loop` would run them (each stage's config is built by the loop itself,
 `rlhf.loop.stage_config`, from the demo's defaults or `--config`; seed s labels as the demo with `--seed s` does):
-generate -> label-sim -> export -> dpo -> reward -> `rlhf ppo --estimator` for each RL method -> one `rlhf evaluate`
-of every method against the base and the prompt baseline. Each stage is a subprocess of its own (`rlhf <stage>
+generate (with kto among the methods, a rating task per response too) -> label-sim -> export -> dpo -> kto (on the
+ratings of the same responses) -> reward -> `rlhf ppo --estimator` for each RL method -> one `rlhf evaluate` of
+every method against the base and the prompt baseline. Each stage is a subprocess of its own (`rlhf <stage>
 --config <its yaml>`), so its wall time and peak resident memory (os.wait4) are its own (ru_maxrss counts from
 before the child's exec, so no stage reads below this bench's own ~260 MB; the RL stages hold several GB). A stage
 that finished left its summary in `<work>/seed-<s>/<stage>.json` and is not run again: a seed can be resumed, or
@@ -76,6 +77,7 @@ def run_seed(loop: LoopConfig, work: Path, seed: int, methods: list[str]) -> dic
     from rlhf.dpo import DPOConfig
     from rlhf.evaluate import EvaluateConfig
     from rlhf.generate import GenerateConfig
+    from rlhf.kto import KTOConfig
     from rlhf.ppo import PPOConfig
     from rlhf.reward import RewardConfig
 
@@ -86,7 +88,7 @@ def run_seed(loop: LoopConfig, work: Path, seed: int, methods: list[str]) -> dic
     stages = {}
     stages["generate"] = run_stage(work, "generate", ["generate"], stage_config(
         loop, "generate", GenerateConfig, model=policy, db=db, prompts=loop.prompts, split="train", round=k,
-        seed=seed + k, skip_existing=True, **shared))
+        seed=seed + k, skip_existing=True, rate="kto" in methods, **shared))
     run_stage(work, "label", ["label-sim"], stage_config(
         loop, "label_sim", LabelSimConfig, db=db, annotator=f"sim-{gold.split(':')[0]}", gold=gold, round=k,
         seed=seed + k))
@@ -95,6 +97,10 @@ def run_seed(loop: LoopConfig, work: Path, seed: int, methods: list[str]) -> dic
     if "dpo" in methods:
         stages["dpo"] = run_stage(work, "dpo", ["dpo"], stage_config(
             loop, "dpo", DPOConfig, model=policy, data=str(work / "export"), output_dir=str(work / "dpo"),
+            seed=seed, **shared))
+    if "kto" in methods:
+        stages["kto"] = run_stage(work, "kto", ["kto"], stage_config(
+            loop, "kto", KTOConfig, model=policy, data=str(work / "export"), output_dir=str(work / "kto"),
             seed=seed, **shared))
     rl = [m for m in methods if m in RL_ESTIMATORS]
     if rl:

@@ -1,7 +1,8 @@
 """Rounds of the whole loop: generate -> label -> export -> align -> evaluate -> next round's policy.
 
-Align is a list of methods run side by side on the same pairs: `dpo` on the exported pairs, and RL against a reward
-model trained on them (trained once, shared): `ppo` (a critic and GAE), `rloo`, `grpo` and `reinforce_pp` (no
+Align is a list of methods run side by side on the same labels: `dpo` on the exported pairs, `kto` on ratings of
+single responses (with kto in align, every generated response also gets a rating task), and RL against a reward
+model trained on the pairs (trained once, shared): `ppo` (a critic and GAE), `rloo`, `grpo` and `reinforce_pp` (no
 critic; `rlhf ppo --estimator`). Evaluation compares each with the base and the prompt baselines, and the one with
 the higher gold win-rate (the reward model's, without a gold function) becomes the next round's policy.
 
@@ -34,7 +35,7 @@ from rlhf.models import DEFAULT_MODEL
 
 # The loop's alignment methods: DPO, or RL with a reward model and the estimator (rlhf.ppo) each names.
 RL_ESTIMATORS = {"ppo": "gae", "rloo": "rloo", "grpo": "grpo", "reinforce_pp": "reinforce_pp"}
-ALIGN_METHODS = ("dpo", *RL_ESTIMATORS)
+ALIGN_METHODS = ("dpo", "kto", *RL_ESTIMATORS)
 
 
 @dataclass
@@ -59,9 +60,10 @@ class LoopConfig:
     # Labeling and alignment
     labeler: str = field("simulated", "simulated (gold + Bradley-Terry noise) or human (wait for the app's votes).")
     poll_seconds: float = field(10.0, "With labeler=human: seconds between progress checks.")
-    align: list[str] = field(["dpo", "rloo"], "Alignment methods, compared side by side in the report: dpo, and RL "
-                             "against a reward model trained on the same pairs: ppo, rloo, grpo, reinforce_pp (the "
-                             "`ppo` section configures every RL method; `rlhf ppo --estimator`). 'both' = dpo ppo.")
+    align: list[str] = field(["dpo", "rloo"], "Alignment methods, compared side by side in the report: dpo, kto (on "
+                             "ratings: each response also gets a rating task), and RL against a reward model trained "
+                             "on the same pairs: ppo, rloo, grpo, reinforce_pp (the `ppo` section configures every RL "
+                             "method; `rlhf ppo --estimator`). 'both' = dpo ppo.")
     # The stages, each with its own options
     generate: dict = section(
         "rlhf.generate:GenerateConfig", "Candidates for labeling (`rlhf generate`); `limit` = prompts per round.",
@@ -69,7 +71,7 @@ class LoopConfig:
         # reward model learns from ~1400 pairs and its held-out split (25 prompts) holds ~150 (docs/performance.md,
         # "Reward-model recipes").
         {"limit": 0, "n": 4, "rank": 4, "max_new_tokens": 48, "temperature": 0.8, "batch_size": 32, "overlap": 1},
-        fixed=("model", "db", "prompts", "split", "round", "seed", "device", "precision", "skip_existing"))
+        fixed=("model", "db", "prompts", "split", "round", "seed", "device", "precision", "skip_existing", "rate"))
     label_sim: dict = section(
         "rlhf.annotators:LabelSimConfig", "The simulated annotator (`rlhf label-sim`), with labeler=simulated.",
         {"tau": 0.05}, fixed=("db", "annotator", "gold", "round", "seed"))
@@ -82,6 +84,12 @@ class LoopConfig:
         # judge of the aligned model).
         {"learning_rate": 5e-5, "beta": 0.1, "epochs": 1.0, "max_steps": 15, "batch_size": 8, "lora": False,
          "max_length": 160, "logging_steps": 4, "eval_pairs": 64},
+        fixed=("model", "data", "output_dir", "device", "precision", "seed"))
+    kto: dict = section(
+        "rlhf.kto:KTOConfig", "KTO on the exported ratings (`rlhf kto`), with kto in align.",
+        # DPO's budget (15 steps of 8), on single rated responses instead of pairs.
+        {"learning_rate": 5e-5, "beta": 0.1, "epochs": 1.0, "max_steps": 15, "batch_size": 8, "lora": False,
+         "max_length": 160, "logging_steps": 4, "eval_examples": 64},
         fixed=("model", "data", "output_dir", "device", "precision", "seed"))
     reward: dict = section(
         "rlhf.reward:RewardConfig", "The reward model on the exported pairs (`rlhf reward`), for the RL methods; "
@@ -135,8 +143,12 @@ def _step(path: Path, name: str, timings: dict, fn):
 
 
 def _wait_for_votes(store, round_: int, poll: float) -> dict:
+    from rlhf.store import LABELED
+
     while True:
-        progress = store.progress(round=round_)
+        # Pairs, rankings and ratings alike: the round is labeled when every task of every kind has its votes.
+        each = [store.progress(round=round_, kind=kind) for kind in LABELED]
+        progress = {key: sum(p[key] for p in each) for key in each[0]}
         print(f"\r  waiting for labels: {progress['votes']}/{progress['slots']} votes, "
               f"{progress['complete_tasks']}/{progress['tasks']} tasks complete", end="", flush=True)
         if progress["complete_tasks"] >= progress["tasks"]:
@@ -161,6 +173,8 @@ def _round(config: LoopConfig, k: int, policy: str, db: str, store, rd: Path, ti
     from rlhf.evaluate import run as run_evaluate
     from rlhf.generate import GenerateConfig
     from rlhf.generate import run as run_generate
+    from rlhf.kto import KTOConfig
+    from rlhf.kto import run as run_kto
     from rlhf.ppo import PPOConfig
     from rlhf.ppo import run as run_ppo
     from rlhf.reward import RewardConfig
@@ -176,7 +190,7 @@ def _round(config: LoopConfig, k: int, policy: str, db: str, store, rd: Path, ti
     shared = {"device": config.device, "precision": config.precision}
     step("generate", lambda: run_generate(stage_config(
         config, "generate", GenerateConfig, model=policy, db=db, prompts=config.prompts, split="train", round=k,
-        seed=config.seed + k, skip_existing=True, **shared)))
+        seed=config.seed + k, skip_existing=True, rate="kto" in config.align, **shared)))
     if config.labeler == "simulated":
         step("label", lambda: label_sim(stage_config(
             config, "label_sim", LabelSimConfig, db=db, annotator=f"sim-{config.gold.split(':')[0]}",
@@ -193,6 +207,10 @@ def _round(config: LoopConfig, k: int, policy: str, db: str, store, rd: Path, ti
         if method == "dpo":
             step("dpo", lambda: run_dpo(stage_config(
                 config, "dpo", DPOConfig, model=policy, data=str(rd / "export"), output_dir=str(rd / "dpo"),
+                seed=config.seed, **shared)))
+        elif method == "kto":
+            step("kto", lambda: run_kto(stage_config(
+                config, "kto", KTOConfig, model=policy, data=str(rd / "export"), output_dir=str(rd / "kto"),
                 seed=config.seed, **shared)))
         else:
             if method == rl[0]:  # one reward model for every RL method

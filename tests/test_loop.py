@@ -214,3 +214,47 @@ def test_a_round_on_postgresql(tmp_path, tiny_model_dir, store_url, capsys):
     assert (tmp_path / "pg" / "round-1" / "dpo" / "model.safetensors").is_file()
     [recorded] = rounds(store)  # the Rounds page's record lives in PostgreSQL as well
     assert recorded["name"] == "pg" and recorded["rounds"][0]["models"][0]["label"] == "dpo"
+
+
+def test_kto_in_align_rates_every_response_and_trains_on_the_ratings(tmp_path, tiny_model_dir, capsys):
+    """align kto: generate adds a rating task per response, the simulated annotator rates them, the export holds
+    them as KTO rows, and `rlhf kto` trains the round's model, evaluated beside the others."""
+    config = load_config(LoopConfig, name="kto", runs_dir=str(tmp_path), base_model=tiny_model_dir, device="cpu",
+                         align=["kto"], generate={"limit": 6, "n": 2, "rank": 0, "max_new_tokens": 6, "batch_size": 4},
+                         label_sim={"rate_threshold": 0.0}, export={"test_size": 0.0},
+                         kto={"max_steps": 2, "batch_size": 4, "max_length": 64, "eval_examples": 0},
+                         evaluate={"limit": 3, "max_new_tokens": 6})
+    result = run(config)
+    rd = tmp_path / "kto" / "round-1"
+    store = Store(f"sqlite:///{tmp_path / 'kto' / 'store.db'}")
+    rated = store.tasks(kind="rate")
+    assert len(rated) == 12 and all(len(t["votes"]) == 1 for t in rated)
+    exported = json.loads((rd / "export.json").read_text())
+    assert exported["ratings_train"] == 12 and not (rd / "dpo.json").exists()
+    summary = json.loads((rd / "kto.json").read_text())
+    assert summary["steps"] == 2
+    assert str(rd / "kto") in [m["model"] for m in result["evaluation"]["models"]]
+    assert "KTO vs base" in capsys.readouterr().out
+
+
+def test_a_human_round_waits_for_ratings_and_rankings_too(tmp_path, capsys):
+    """The loop waits until every labeled kind of the round has its votes, not the pairs alone."""
+    import threading
+
+    from rlhf.loop import _wait_for_votes
+
+    store = Store(f"sqlite:///{tmp_path / 's.db'}")
+    store.add_annotator("ann")
+    [pid] = store.add_prompts(["p"])
+    _, [pair, rate_a, rate_b] = store.add_candidates(pid, [("a", "m", {}), ("b", "m", {})], [([0, 1], "random")],
+                                                     round=1, rate=True)
+    store.submit("ann", pair, "A")
+    done = threading.Event()
+    waiter = threading.Thread(target=lambda: (_wait_for_votes(store, 1, 0.01), done.set()))
+    waiter.start()
+    assert not done.wait(0.3)  # the pair is voted, the ratings are not
+    store.submit_rating("ann", rate_a, "up")
+    store.submit_rating("ann", rate_b, "down")
+    assert done.wait(30)
+    waiter.join()
+    assert "3/3 tasks complete" in capsys.readouterr().out
