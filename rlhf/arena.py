@@ -4,7 +4,8 @@
                    ratings on the Elo scale fitted by minorization-maximization (Hunter 2004), human win-rates over
                    the base model with percentile-bootstrap intervals over votes (Efron & Tibshirani 1993, ch. 13)
   contestants      `LABEL=MODEL` or `LABEL=MODEL|SYSTEM PROMPT` (a prompt baseline), stored under `arena_name`
-  Arena, ask_both  two different contestants, in random order, answer one prompt; the pair is one arena task
+  Arena, ask_both  two different contestants, in random order, answer one prompt (or a conversation typed as
+                   "User: ... / Assistant: ..." turns); the pair is one arena task
   record_vote      the vote; `standings` are the figures of the leaderboard
 
 The app imports this module at start-up and `rlhf evaluate --db` reads the same figures, so it needs numpy only:
@@ -14,6 +15,7 @@ the contestants' models (torch, transformers) load inside `Arena.answer`, on fir
 from __future__ import annotations
 
 import random
+import re
 import threading
 import time
 
@@ -161,10 +163,38 @@ class Arena:
         return out["text"] or "(no answer)"
 
 
+TURN = re.compile(r"^(system|user|assistant):[ \t]*", re.IGNORECASE | re.MULTILINE)
+
+
+def parse_conversation(text: str) -> list[dict]:
+    """What a person typed as chat messages: one user turn, or, when the text starts with a "User:", "System:" or
+    "Assistant:" line, one turn per such marker at a line's start (the text up to the next marker is that turn's).
+    A conversation must end with the user's turn, every turn non-empty (ValueError with what to fix)."""
+    text = text.strip()
+    marks = list(TURN.finditer(text))
+    if not marks or marks[0].start() != 0:
+        return [{"role": "user", "content": text}]
+    turns = [{"role": m.group(1).lower(), "content": text[m.end(): nxt.start() if nxt else len(text)].strip()}
+             for m, nxt in zip(marks, [*marks[1:], None])]
+    if any(not t["content"] for t in turns):
+        raise ValueError("every turn of the conversation needs text after its 'User:' or 'Assistant:'")
+    if turns[-1]["role"] != "user":
+        raise ValueError("a conversation ends with the user's turn: add a last 'User:' line for the models to answer")
+    return turns
+
+
+def conversation_text(messages: list[dict]) -> str:
+    """Chat messages as parse_conversation reads them back: a lone user turn as its text, else "Role: text" turns."""
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
+
+
 def draw_prompt(store: Store) -> str:
-    """A stored prompt to try in the arena: a held-out one where there is one."""
+    """A stored prompt to try in the arena (a held-out one where there is one), as text; a conversation as its turns
+    (conversation_text)."""
     messages = store.random_prompt(split="test") or store.random_prompt()
-    return messages[-1]["content"] if messages else FALLBACK_PROMPT
+    return conversation_text(messages) if messages else FALLBACK_PROMPT
 
 
 def ask_both(store: Store, arena: Arena, prompt_text: str, rng: random.Random) -> dict:
@@ -176,7 +206,10 @@ def ask_both(store: Store, arena: Arena, prompt_text: str, rng: random.Random) -
         return {"task_id": None, "message": "Type a prompt or draw one first."}
     if len(prompt_text) > MAX_PROMPT_CHARS:
         return {"task_id": None, "message": "That prompt is too long for the arena (4,000 characters at most)."}
-    messages = [{"role": "user", "content": prompt_text}]
+    try:
+        messages = parse_conversation(prompt_text)
+    except ValueError as e:
+        return {"task_id": None, "message": f"Not asked: {e}."}
     first, second = rng.sample(arena.contestants, 2)
     seed = rng.randrange(2**31)
     texts = [arena.answer(c, messages, seed) for c in (first, second)]

@@ -6,7 +6,17 @@ import random
 
 import pytest
 
-from rlhf.arena import Arena, arena_name, ask_both, draw_prompt, parse_contestants, record_vote, standings
+from rlhf.arena import (
+    Arena,
+    arena_name,
+    ask_both,
+    conversation_text,
+    draw_prompt,
+    parse_contestants,
+    parse_conversation,
+    record_vote,
+    standings,
+)
 from rlhf.config import UserError
 from rlhf.store import Store
 
@@ -78,3 +88,27 @@ def test_the_arena_and_the_pairs_page_take_votes_only_on_their_own_kind_of_task(
                                      "v1")
     assert vote_id is None and "arena task" in message
     assert store.counts() == before
+
+
+def test_a_typed_conversation_becomes_its_turns_and_reads_back():
+    typed = "System: Be brief.\nUser: Hi\nAssistant: Hello!\nuser: Review Alien,\nin two lines."
+    turns = parse_conversation(typed)
+    assert [t["role"] for t in turns] == ["system", "user", "assistant", "user"]
+    assert turns[3]["content"] == "Review Alien,\nin two lines."
+    assert parse_conversation(conversation_text(turns)) == turns
+    assert parse_conversation("Review Alien. User: not a turn") == [
+        {"role": "user", "content": "Review Alien. User: not a turn"}]  # a marker counts only at a line's start
+    assert conversation_text([{"role": "user", "content": "Just this."}]) == "Just this."
+    with pytest.raises(ValueError, match="ends with the user's turn"):
+        parse_conversation("User: Hi\nAssistant: Hello!")
+    with pytest.raises(ValueError, match="needs text"):
+        parse_conversation("User: Hi\nAssistant:\nUser: Well?")
+
+
+def test_a_conversation_is_asked_whole_and_a_malformed_one_is_refused(store):
+    arena = Arena(parse_contestants(["a=missing-a", "b=missing-b"]))  # would fail to load if asked
+    refused = ask_both(store, arena, "User: Hi\nAssistant: Hello!", random.Random(0))
+    assert refused["task_id"] is None and "ends with the user's turn" in refused["message"]
+    store.add_prompts([[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                        {"role": "user", "content": "A film?"}]], split="test")
+    assert draw_prompt(store) == "User: Hi\n\nAssistant: Hello!\n\nUser: A film?"
