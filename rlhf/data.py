@@ -347,6 +347,60 @@ def read_preference_rows(path: Path, on_bad_row: str = "fail") -> tuple[list[tup
     return out, bad
 
 
+def _rating(row: dict) -> dict:
+    """One rated response (KTO's unpaired format: prompt, completion, and a label and/or a Likert score) as a
+    conversational prompt, the response's text, its thumb and score; ValueError says what is wrong."""
+    if "prompt" not in row or "completion" not in row:
+        raise ValueError("needs prompt and completion, with label (true/false) or likert (1-5)")
+    prompt = _as_messages(row["prompt"], "user")
+    completion = _as_messages(row["completion"], "assistant")
+    text = completion[-1]["content"] if completion else ""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("empty completion")
+    if not prompt or not all(isinstance(m["content"], str) and m["content"].strip() for m in prompt):
+        raise ValueError("an empty prompt, or an empty turn in it")
+    label, likert = row.get("label"), row.get("likert")
+    if isinstance(label, str) and label.strip().lower() in ("true", "false"):
+        label = label.strip().lower() == "true"
+    if label is not None and not isinstance(label, bool):
+        raise ValueError(f"label must be true or false, not {label!r}")
+    if likert is not None and likert != "":
+        if isinstance(likert, str) and likert.strip().isdigit():
+            likert = int(likert)
+        if isinstance(likert, bool) or not isinstance(likert, int) or not 1 <= likert <= 5:
+            raise ValueError(f"likert must be a whole number from 1 to 5, not {likert!r}")
+    else:
+        likert = None
+    thumb = ("up" if label else "down") if label is not None else likert_thumb(likert) if likert is not None else None
+    if thumb is None:
+        raise ValueError("no label, and no Likert score but 3 (neither good nor bad: not a KTO label)" if likert
+                         else "needs label (true/false) or likert (1-5)")
+    return {"prompt": prompt, "text": text, "choice": thumb, "likert": likert}
+
+
+def read_rating_rows(path: Path, on_bad_row: str = "fail") -> tuple[list[tuple[int, dict]], list[str]]:
+    """(line, rating) pairs from a file of rated responses (`_rating`), and the rows left out ("file:line: why"),
+    with the same rules as `read_preference_rows`: a bad row refused or left out, a duplicate always refused."""
+    out, seen, bad = [], {}, []
+    for lineno, row in _read_rows(path):
+        try:
+            rating = _rating(row)
+        except (ValueError, KeyError, TypeError) as e:
+            why = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+            if on_bad_row == "fail":
+                raise UserError(f"{path}:{lineno}: {why}") from None
+            bad.append(f"{path}:{lineno}: {why}")
+            continue
+        key = json.dumps([rating["prompt"], rating["text"]], sort_keys=True)
+        if key in seen:
+            raise UserError(f"{path}:{lineno}: duplicate of line {seen[key]}")
+        seen[key] = lineno
+        out.append((lineno, rating))
+    if not out:
+        raise UserError(f"{path}: no rating rows" + (f" (the first bad one: {bad[0]})" if bad else ""))
+    return out, bad
+
+
 # ---------------------------------------------------------------- export
 
 
@@ -554,15 +608,16 @@ EXPORT_SPLITS = {"train": _PAIR_COLUMNS, "test": _PAIR_COLUMNS, "ties": _PAIR_CO
 class ImportConfig:
     db: str = field("", "Database URL ('' = sqlite under $RLHF_HOME).")
     file: str = field("", "File to import: .jsonl, .json, .csv or .parquet.")
-    kind: str = field("auto", "prompts, preferences (TRL or HH-RLHF), tasks (a lossless dump), or auto.")
+    kind: str = field("auto", "prompts, preferences (TRL or HH-RLHF), ratings (rated responses: prompt, completion, "
+                              "label and/or likert), tasks (a lossless dump), or auto.")
     source: str = field("", "Source name stored with imported prompts (default: the file name).")
-    round: int = field(0, "Round number given to imported preference tasks.")
-    on_bad_row: str = field("skip", "Preferences: skip a bad row (an empty reply, histories that differ, ...) and "
-                            "list it, or fail: refuse the whole file at its first bad row.")
+    round: int = field(0, "Round number given to imported preference and rating tasks.")
+    on_bad_row: str = field("skip", "Preferences and ratings: skip a bad row (an empty reply, histories that differ, "
+                            "...) and list it, or fail: refuse the whole file at its first bad row.")
 
     def __post_init__(self):
-        if self.kind not in ("auto", "prompts", "preferences", "tasks"):
-            raise ValueError("kind must be auto, prompts, preferences or tasks")
+        if self.kind not in ("auto", "prompts", "preferences", "ratings", "tasks"):
+            raise ValueError("kind must be auto, prompts, preferences, ratings or tasks")
         if self.on_bad_row not in ("skip", "fail"):
             raise ValueError("on_bad_row must be skip or fail")
 
@@ -613,7 +668,7 @@ def run_import(config: ImportConfig) -> dict:
     if kind == "auto":
         first = rows[0][1] if rows else {}
         kind = ("tasks" if "responses" in first or "record" in first else "preferences" if "chosen" in first
-                else "prompts")
+                else "ratings" if "completion" in first else "prompts")
     source = config.source or path.name
     bad: list[str] = []
     if kind == "prompts":
@@ -642,6 +697,14 @@ def run_import(config: ImportConfig) -> dict:
                                      "margin": margin, "simulated": True}]})
         store = _store(config.db)
         result = import_tasks(store, tasks, source=source, where=where)
+    elif kind == "ratings":
+        ratings, bad = read_rating_rows(path, config.on_bad_row)
+        tasks = [{"prompt": r["prompt"], "prompt_source": source, "round": config.round, "how": "import",
+                  "kind": "rate", "responses": [{"text": r["text"], "model": f"import:{source}"}],
+                  "votes": [{"annotator": f"import:{source}", "choice": r["choice"], "likert": r["likert"],
+                             "simulated": True}]} for _, r in ratings]
+        store = _store(config.db)
+        result = import_tasks(store, tasks, source=source, where=[f"{path}:{lineno}" for lineno, _ in ratings])
     else:
         store = _store(config.db)
         result = import_tasks(store, [row for _, row in rows], source=source,

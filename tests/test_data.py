@@ -568,3 +568,27 @@ def test_rating_agreement_by_hand(tmp_path, db):
     assert (ratings["ratings"], ratings["up_share"]) == (12, pytest.approx(7 / 12))
     printed = run_stats(StatsConfig(db=db))
     assert printed["ratings"]["cohen_kappa"] == {"a ~ b": pytest.approx(2 / 3)}
+
+
+def test_rated_responses_import_as_rating_tasks_and_export_back(tmp_path, db):
+    """A file of rated responses (KTO's format: label, or a Likert score only: 4-5 up, 1-2 down, 3 no label) becomes
+    rating tasks with their vote; a bad row is left out and listed; the export gives the same labels back."""
+    rows = [{"prompt": "p1", "completion": "Lovely.", "label": True},
+            {"prompt": [{"role": "user", "content": "p2"}], "completion": [{"role": "assistant", "content": "Dull."}],
+             "label": "false", "likert": 2},
+            {"prompt": "p3", "completion": "Fine.", "likert": 5},
+            {"prompt": "p4", "completion": "So-so.", "likert": 3},
+            {"prompt": "p5", "completion": "Odd.", "label": "maybe"}]
+    path = tmp_path / "ratings.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = run_import(ImportConfig(db=db, file=str(path)))
+    assert (result["tasks"], result["votes"], result["bad_rows"]) == (3, 3, 2)
+    votes = {v["responses"][0]: (v["choice"], v["likert"]) for v in Store(db).votes(kind="rate")}
+    assert votes == {"Lovely.": ("up", None), "Dull.": ("down", 2), "Fine.": ("up", 5)}
+    run_export(ExportConfig(db=db, out=str(tmp_path / "e"), test_size=0.0))
+    exported = [json.loads(line) for line in (tmp_path / "e" / "ratings_train.jsonl").read_text().splitlines()]
+    assert sorted((r["completion"][0]["content"], r["label"]) for r in exported) == [
+        ("Dull.", False), ("Fine.", True), ("Lovely.", True)]
+    with pytest.raises(UserError, match=r"ratings.jsonl:4: no label, and no Likert score but 3"):
+        run_import(ImportConfig(db=db, file=str(path), on_bad_row="fail"))
+    assert Store(db).counts()["tasks"] == 3
