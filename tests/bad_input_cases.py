@@ -378,7 +378,7 @@ STORE_CASES = [
     _store_case("prompts-no-messages", lambda s, i: s.add_prompts([[]]), r"prompt"),
     _store_case("prompts-splits-mismatch", lambda s, i: s.add_prompts(["new a", "new b"], split=["train"]), r"split"),
     _store_case("responses-no-prompt", lambda s, i: s.add_responses(99999, ["text"]), r"99999"),
-    _store_case("task-one-response", lambda s, i: s.add_task(i["r2"][:1]), r"two or more"),
+    _store_case("task-one-response", lambda s, i: s.add_task(i["r2"][:1]), r"a pair task takes two responses"),
     _store_case("task-same-response-twice", lambda s, i: s.add_task([i["r2"][0]] * 2), r"distinct"),
     _store_case("task-unknown-response", lambda s, i: s.add_task([i["r2"][0], 99999]), r"99999"),
     _store_case("task-two-prompts", lambda s, i: s.add_task([i["r1"][0], i["r2"][0]]), r"same prompt"),
