@@ -1,18 +1,19 @@
-"""The labeling app: annotators compare pairs or rank several responses, anyone signed in can try the arena, and
-admins watch progress, agreement and bias, review disagreements, add prompts and accounts, export (a download or a
-server directory), and follow the loop's rounds (labeling progress, the reward model, win-rates, reports), the
-figures refreshing on their own.
+"""The labeling app: annotators compare pairs, rank several responses or rate one at a time (and may rewrite an answer
+they judge: "Improve this answer"), anyone signed in can try the arena, and admins watch progress, agreement and
+bias, review disagreements, add prompts and accounts, export (a download or a server directory), and follow the
+loop's rounds (labeling progress, the reward model, win-rates, reports), the figures refreshing on their own.
 
 Thin over rlhf: the rules (which task to serve and how, the vote's checks, the review queue, rankings, the arena,
 the admin's rights) are functions of rlhf.labeling and rlhf.arena, which the tests call without a browser. This
 module lays out the page, wires those functions to buttons and renders what they return as Markdown
-(labeling_ui.render: a bounded subset, no links, images or HTML from what people and models wrote). Who the user
-is comes from Gradio's login (checked against the store's hashed credentials, off the event loop and throttled:
-labeling_ui.guard, which also expires sign-ins and ends a deactivated account's), never from anything the page
-sends; the admin functions check the role on the server, so hiding the admin tab is a convenience, not the
-protection. Two endpoints are public API (`/next_task`, `/vote`: what a script or the load test needs); every other
-event is private to the page. The page's style and keys are static/app.css and static/keys.js; static/secrets.js
-shows a new account's credential, fetched by the admin's own request (never on the event stream).
+(labeling_ui.render: a bounded subset, no links, images or HTML from what people and models wrote; a prompt as a
+chat, one block per turn). Who the user is comes from Gradio's login (checked against the store's hashed
+credentials, off the event loop and throttled: labeling_ui.guard, which also expires sign-ins and ends a deactivated
+account's), never from anything the page sends; the admin functions check the role on the server, so hiding the
+admin tab is a convenience, not the protection. Two endpoints are public API (`/next_task`, `/vote`: what a script
+or the load test needs); every other event is private to the page. The page's style and keys are static/app.css and
+static/keys.js; static/secrets.js shows a new account's credential, fetched by the admin's own request (never on
+the event stream).
 
     rlhf annotators add alice          # prints alice's credential once
     rlhf label --db sqlite:///runs/demo/store.db --reward_model runs/demo/round-1/reward \\
@@ -32,7 +33,7 @@ from pathlib import Path
 import gradio as gr
 
 from labeling_ui.guard import EXPORT_PATH, REPORT_PATH, SECRET_PATH, GuardedBlocks
-from labeling_ui.render import plain, render_prompt_messages, render_text
+from labeling_ui.render import plain, render_chat, render_text
 from rlhf import labeling
 from rlhf.arena import (
     ARENA_CHOICES,
@@ -47,7 +48,7 @@ from rlhf.arena import (
 from rlhf.config import UserError, field
 from rlhf.labeling import ADMIN_PROMPT_MAX, ADMIN_PROMPTS_MAX, CHOICE_TO_LABEL, RATIONALE_MAX, STRENGTHS
 from rlhf.rounds import PREFIX, curves, percent
-from rlhf.store import NAME_MAX, Store, StoreError
+from rlhf.store import EDIT_MAX, LIKERT, NAME_MAX, Store, StoreError
 
 MAX_RANK = 9
 REVIEW_SHOWN = 50
@@ -55,6 +56,10 @@ REFRESH_S = 10.0  # how often the admin's figures (progress, agreement, rounds) 
 STATIC = Path(__file__).parent / "static"
 PRIVATE = {"api_visibility": "private"}
 EMPTY = {"task_id": None}
+RATE_KEYS = ("Keys: `1` thumbs up, `2` thumbs down (either one saves the rating, with the score and reason given so "
+             "far); `Q` `W` `E` `R` `T` score 1-5, `0` no score; `S` skip; `U` or `Ctrl+Z` undo; `Esc` leaves a text "
+             "box so that the keys work again.")
+LIKERT_CHOICES = [("no score (0)", "")] + [(f"{n} ({key})", str(n)) for n, key in enumerate("QWERT", LIKERT[0])]
 STRENGTH_KEY = ("slight: a small difference · clear: plainly better · strong: the other is wrong or harmful "
                 "(keys Q, W, E)")
 
@@ -70,6 +75,10 @@ then clarity. Ignore which side a response is on, and do not reward length for i
   submit, `S` skip, `U` or `Ctrl+Z` undo.
 * **Ranking several**: press the response numbers from best to worst (`=` before a number ties it with the one
   before), `Backspace` takes the last one back, `X` marks all of them bad, `Enter` submits.
+* **Rating one response**: thumbs up if you would be glad to get this answer, thumbs down if not; a score from 1
+  (poor) to 5 (excellent) if you can say more. Keys on the Rate page.
+* **Improve this answer**: rewrite an answer as it should have been; it is kept beside the original (which stays
+  as it was) and can become a demonstration for fine-tuning. Your vote on the task is separate from your edit.
 """
 
 
@@ -128,7 +137,7 @@ def render_pair(pair: dict) -> dict:
     if pair.get("task_id") is None:
         return {}
     left, right = labeling.sides(pair)
-    return {"prompt": render_prompt_messages(pair["messages"]), "left": render_text(left), "right": render_text(right)}
+    return {"prompt": render_chat(pair["messages"]), "left": render_text(left), "right": render_text(right)}
 
 
 def describe_order(text: str, k: int) -> str:
@@ -183,10 +192,11 @@ def leaderboard(store: Store, arena: Arena) -> str:
 def admin_overview(store: Store, user: str) -> str:
     """Progress per round and annotator, agreement and bias figures, as Markdown (admins only)."""
     figures = labeling.overview(store, user)
-    p, r = figures["pairs"], figures["rankings"]
+    p, r, t = figures["pairs"], figures["rankings"], figures["ratings"]
     lines = [f"**Pairs: {p['complete_tasks']}/{p['tasks']} tasks complete, {p['votes']}/{p['slots']} votes · "
-             f"rankings: {r['complete_tasks']}/{r['tasks']} complete · {figures['awaiting_review']} votes await "
-             "review**", "", "| annotator | round | done | skipped | s/vote | last vote |",
+             f"rankings: {r['complete_tasks']}/{r['tasks']} complete · ratings: {t['complete_tasks']}/{t['tasks']} "
+             f"complete, {t['votes']}/{t['slots']} votes · {figures['awaiting_review']} votes await review**", "",
+             "| annotator | round | done | skipped | s/vote | last vote |",
              "|---|---:|---:|---:|---:|---|"]
     rows = figures["annotators"]
     if not rows:
@@ -210,7 +220,7 @@ def admin_queue(store: Store, user: str) -> str:
         out.append(f"**Vote {row['vote_id']}** by {plain(row['annotator'])}: response {row['choice']} "
                    f"(strong); the reward model gave it {100 * row['p_chosen']:.0f} %."
                    + (f" Rationale: {render_text(row['rationale'])}" if row["rationale"] else "")
-                   + f"\n\n{render_prompt_messages(row['prompt'])}\n\n**A:** {render_text(row['responses'][0])}\n\n"
+                   + f"\n\n{render_chat(row['prompt'])}\n\n**A:** {render_text(row['responses'][0])}\n\n"
                    f"**B:** {render_text(row['responses'][1])}")
     return f"{len(rows)} votes to review (oldest first):\n\n" + "\n\n---\n\n".join(out)
 
@@ -383,6 +393,43 @@ def side_by_side(*panes: tuple[str, str]) -> list:
     return out
 
 
+def improve_box(prefix: str, sides: bool) -> tuple:
+    """"Improve this answer" (closed until opened): on the Compare page which answer; a box with its text to
+    rewrite; Save; the message; the edit stored for it. Returns (which or None, box, save, message, saved)."""
+    with gr.Accordion("Improve this answer", open=False, elem_id=f"{prefix}improve"):
+        which = gr.Radio([("Left", "left"), ("Right", "right")], label="Which answer?",
+                         elem_id=f"{prefix}edit-which") if sides else None
+        box = gr.Textbox(label="Your improved answer (the original stays as it was; saving again replaces your edit)",
+                         lines=6, max_length=EDIT_MAX, elem_id=f"{prefix}edit")
+        with gr.Row(equal_height=True):
+            save = gr.Button("Save improved answer", elem_id=f"{prefix}edit-btn", scale=0, min_width=280)
+            message = gr.Markdown(elem_id=f"{prefix}edit-msg")
+        saved = gr.Markdown(elem_classes="response", elem_id=f"{prefix}edit-saved", visible=False)
+    return which, box, save, message, saved
+
+
+def edit_draft(text: str) -> tuple[str, str]:
+    """The edit box's starting text, the answer itself, cut to what an edit may hold; and a note when it was cut."""
+    if len(text) <= EDIT_MAX:
+        return text, ""
+    return text[:EDIT_MAX], f"This answer is longer than an edit may be: the box holds its first {EDIT_MAX:,}."
+
+
+def shown_edit(store: Store, user: str, current: dict, which: str | None):
+    """The edit `user` has stored for the answer `which` on screen ("left"/"right" as shown, or "response"), as text
+    under the box so they see exactly what was kept; hidden when there is none."""
+    position = None
+    if current.get("task_id") is not None:
+        if which == "response" and "response" in current:
+            position = 0
+        elif which in ("left", "right") and "left_is_a" in current:
+            position = "AB".index(labeling.stored_choice(which, current["left_is_a"]))  # as labeling.save_edit maps it
+    text = None if position is None else store.edit_of(user, current["task_id"], position)
+    if text is None:
+        return gr.update(value="", visible=False)
+    return gr.update(value=f"**Your saved edit:**\n\n{render_text(text)}", visible=True)
+
+
 def pairs_page(store: Store, config: LabelConfig, scorer, rng: random.Random, round_: int | None, guidelines: str):
     """The "Compare pairs" tab and its events. Returns the components a page load fills and the function of the
     user name that fills them."""
@@ -403,20 +450,22 @@ def pairs_page(store: Store, config: LabelConfig, scorer, rng: random.Random, ro
         submit = gr.Button("Submit (Enter)", variant="primary", elem_id="submit-btn")
         skip = gr.Button("Skip (S)", elem_id="skip-btn")
         undo_btn = gr.Button("Undo last vote (U)", elem_id="undo-btn")
-    screen = [current, status, prompt, left, right, choice, rationale, submit]
+    which, box, save_edit, edit_msg, saved = improve_box("", sides=True)
+    screen = [current, status, prompt, left, right, choice, rationale, submit, which, box, edit_msg, saved]
 
     def show_next(user: str, message: str = ""):
         task = labeling.next_pair(store, user, round_, rng, config.repeat_share)
         has, shown = task["task_id"] is not None, render_pair(task)
         return (task, task["status"] + (f" · {message}" if message else ""),
                 shown.get("prompt", "*Nothing left to label.*"), shown.get("left", ""), shown.get("right", ""),
-                gr.update(value=None, interactive=has), gr.update(value=""), gr.update(interactive=has))
+                gr.update(value=None, interactive=has), gr.update(value=""), gr.update(interactive=has),
+                gr.update(value=None, interactive=has), "", "", gr.update(value="", visible=False))
 
     def on_submit(current, choice, strength, rationale, request: gr.Request):
         message, vote_id = labeling.vote(store, request.username, current, choice, strength, rationale or "",
                                          config.guideline_version)
         if vote_id is None and message.startswith(("Choose", "No task", "Not saved")):
-            return (current, message, *(gr.skip(),) * 6, gr.skip())
+            return (current, message, *(gr.skip(),) * (len(screen) - 2), gr.skip())
         verdict = ""
         if vote_id is not None and scorer is not None:
             try:
@@ -436,9 +485,21 @@ def pairs_page(store: Store, config: LabelConfig, scorer, rng: random.Random, ro
         # The verdict shown was about the vote now undone.
         return (*show_next(request.username, labeling.undo(store, request.username, config.undo_window_s)), "")
 
+    def on_which(current, which, request: gr.Request):
+        if current.get("task_id") is None or which not in ("left", "right"):
+            return "", "", gr.update(visible=False)
+        draft, note = edit_draft(labeling.sides(current)[which == "right"])
+        return draft, note, shown_edit(store, request.username, current, which)
+
+    def on_save_edit(current, which, text, request: gr.Request):
+        message = labeling.save_edit(store, request.username, current, which or "", text)
+        return plain(message), shown_edit(store, request.username, current, which)
+
     submit.click(on_submit, [current, choice, strength, rationale], screen + [verdict], **PRIVATE)
     skip.click(on_skip, [current], screen, **PRIVATE)
     undo_btn.click(on_undo, None, screen + [verdict], **PRIVATE)
+    which.input(on_which, [current, which], [box, edit_msg, saved], **PRIVATE)
+    save_edit.click(on_save_edit, [current, which, box], [edit_msg, saved], **PRIVATE)
     return screen, show_next
 
 
@@ -472,7 +533,7 @@ def rank_page(store: Store, config: LabelConfig, rng: random.Random, round_: int
         updates = [gr.update(value=f"#### {i + 1}\n\n{texts[i]}" if i < k else "", visible=i < k)
                    for i in range(MAX_RANK)]
         return (task, task["status"] + (f" · {message}" if message else ""),
-                render_prompt_messages(task["messages"]) if task["task_id"] is not None else "*Nothing left to rank.*",
+                render_chat(task["messages"]) if task["task_id"] is not None else "*Nothing left to rank.*",
                 *updates,
                 gr.update(value="", interactive=k > 0), describe_order("", k) if k else "")
 
@@ -501,6 +562,68 @@ def rank_page(store: Store, config: LabelConfig, rng: random.Random, round_: int
     skip.click(on_rank_skip, [current], screen, **PRIVATE)
     undo_btn.click(on_rank_undo, None, screen, **PRIVATE)
     order.change(on_order, [current, order], preview, queue=False, **PRIVATE)
+    return screen, show_next
+
+
+def rate_page(store: Store, config: LabelConfig, round_: int | None, guidelines: str):
+    """The "Rate" tab and its events: one response at a time, thumbs up or down (which saves it), an optional score
+    and reason; returns what pairs_page returns."""
+    current = gr.State(EMPTY)
+    status = gr.Markdown(elem_id="rate-status")
+    message = gr.Markdown(elem_id="rate-msg")
+    with gr.Accordion(f"Guidelines ({config.guideline_version})", open=False):
+        gr.Markdown(guidelines)
+    prompt = gr.Markdown(elem_id="rate-prompt")
+    gr.Markdown("**The response to rate**")
+    response = gr.Markdown(elem_classes="response", elem_id="rate-response")
+    with gr.Row():
+        likert = gr.Radio(LIKERT_CHOICES, value="", label="Score (optional): 1 poor … 5 excellent",
+                          elem_id="rate-likert", scale=3)
+        rationale = gr.Textbox(label="Why? (optional)", lines=1, elem_id="rate-rationale", scale=2,
+                               max_length=RATIONALE_MAX)
+    with gr.Row():
+        up = gr.Button("Thumbs up (1)", variant="primary", elem_id="rate-up-btn")
+        down = gr.Button("Thumbs down (2)", variant="primary", elem_id="rate-down-btn")
+        skip = gr.Button("Skip (S)", elem_id="rate-skip-btn")
+        undo_btn = gr.Button("Undo last vote (U)", elem_id="rate-undo-btn")
+    gr.Markdown(RATE_KEYS, elem_id="rate-keys")
+    _, box, save_edit, edit_msg, saved = improve_box("rate-", sides=False)
+    screen = [current, status, message, prompt, response, likert, rationale, up, down, box, edit_msg, saved]
+
+    def show_next(user: str, message: str = ""):
+        task = labeling.next_rating(store, user, round_)
+        has, text = task["task_id"] is not None, task.get("response", "")
+        draft, note = edit_draft(text)
+        return (task, task["status"], message, render_chat(task["messages"]) if has else "*Nothing left to rate.*",
+                render_text(text), gr.update(value="", interactive=has), gr.update(value=""),
+                gr.update(interactive=has), gr.update(interactive=has), draft, note,
+                shown_edit(store, user, task, "response"))
+
+    def on_thumb(thumb: str):
+        def handler(current, likert, rationale, request: gr.Request):
+            message, vote_id = labeling.rate(store, request.username, current, thumb, likert, rationale or "",
+                                             config.guideline_version)
+            if vote_id is None and message.startswith(("Not saved", "Choose", "The rationale", "No such")):
+                return (current, gr.skip(), plain(message), *(gr.skip(),) * (len(screen) - 3))  # fix it, same one
+            return show_next(request.username, plain(message))
+        return handler
+
+    def on_rate_skip(current, request: gr.Request):
+        labeling.skip(store, request.username, current)
+        return show_next(request.username, "Skipped.")
+
+    def on_rate_undo(request: gr.Request):
+        return show_next(request.username, labeling.undo(store, request.username, config.undo_window_s))
+
+    def on_rate_edit(current, text, request: gr.Request):
+        message = labeling.save_edit(store, request.username, current, "response", text)
+        return plain(message), shown_edit(store, request.username, current, "response")
+
+    up.click(on_thumb("up"), [current, likert, rationale], screen, **PRIVATE)
+    down.click(on_thumb("down"), [current, likert, rationale], screen, **PRIVATE)
+    skip.click(on_rate_skip, [current], screen, **PRIVATE)
+    undo_btn.click(on_rate_undo, None, screen, **PRIVATE)
+    save_edit.click(on_rate_edit, [current, box], [edit_msg, saved], **PRIVATE)
     return screen, show_next
 
 
@@ -699,6 +822,8 @@ def build_app(config: LabelConfig, store: Store | None = None, scorer=None, aren
             pair_screen, show_pair = pairs_page(store, config, scorer, rng, round_, guidelines)
         with gr.Tab("Rank several"):
             rank_screen, show_ranking = rank_page(store, config, rng, round_)
+        with gr.Tab("Rate"):
+            rate_screen, show_rating = rate_page(store, config, round_, guidelines)
         with gr.Tab("Arena", visible=arena is not None):
             board = arena_page(store, arena, rng)
         with gr.Tab("Admin", visible=False) as admin_tab:
@@ -716,11 +841,11 @@ def build_app(config: LabelConfig, store: Store | None = None, scorer=None, aren
             user = request.username
             is_admin = labeling.is_admin(store, user)
             figures = admin_figures(request) if is_admin else (gr.skip(),) * len(admin_screen)
-            return (*show_pair(user), *show_ranking(user), gr.update(visible=is_admin), gr.update(visible=is_admin),
-                    gr.Timer(active=is_admin), *figures, f"Signed in as **{plain(user)}**")
+            return (*show_pair(user), *show_ranking(user), *show_rating(user), gr.update(visible=is_admin),
+                    gr.update(visible=is_admin), gr.Timer(active=is_admin), *figures, f"Signed in as **{plain(user)}**")
 
-        app.load(on_load, None, pair_screen + rank_screen + [admin_tab, rounds_tab, timer, *admin_screen, who],
-                 **PRIVATE)
+        app.load(on_load, None, pair_screen + rank_screen + rate_screen +
+                 [admin_tab, rounds_tab, timer, *admin_screen, who], **PRIVATE)
         timer.tick(admin_figures, None, admin_screen, show_progress="hidden", **PRIVATE)
         if arena is not None:
             app.load(lambda: leaderboard(store, arena), None, board, **PRIVATE)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 import socket
@@ -23,6 +24,7 @@ from labeling_ui.app import (
     page_assets,
     render_text,
 )
+from labeling_ui.render import render_chat
 from rlhf.arena import Arena, ask_both, parse_contestants
 from rlhf.store import Store
 
@@ -58,7 +60,8 @@ def test_admin_handlers_refuse_annotators(store, tmp_path):
         with pytest.raises(PermissionError):
             handler(store, "ann", *args)
     assert store.annotator("boss").role == "admin" and "mallory" not in [a.name for a in store.list_annotators()]
-    assert "tasks complete" in admin_overview(store, "boss")
+    shown = admin_overview(store, "boss")
+    assert "tasks complete" in shown and "ratings: 0/0 complete, 0/0 votes" in shown
     assert admin_export(store, "boss", str(tmp_path / "out")).startswith("Exported")
     message = admin_add_prompts(store, "boss", "First new prompt\n\n  Second new prompt  \n", "test")
     assert message.startswith("Stored 2")
@@ -145,14 +148,14 @@ def test_annotator_votes_with_mouse_and_keyboard_in_chromium(running_app, browse
 
     # Mouse: pick "Left is better", submit.
     assert "strong: the other is wrong or harmful" in page.inner_text("#strength")  # what "how sure" means
-    judged = page.inner_text("#prompt")
+    judged = page.inner_text("#prompt .turn-text")
     page.get_by_label("Left is better").check()
     page.click("#submit-btn")
     page.wait_for_function("document.querySelector('#status').innerText.includes('1 done')")
     # The reward model's verdict shows only now, after the vote, named by the pair it judged (the next is on screen).
     verdict = page.inner_text("#verdict")
     assert "Your last vote" in verdict and "The reward model gives the left response" in verdict
-    assert " ".join(judged.split("user:", 1)[-1].split())[:40] in " ".join(verdict.split())
+    assert " ".join(judged.split())[:40] in " ".join(verdict.split())
     # Keyboard: 2 = right, E = strong, Enter = submit.
     page.click("#prompt")
     page.keyboard.press("2")
@@ -461,6 +464,18 @@ def test_render_text_is_a_bounded_markdown_subset():
     assert render_text("    indented < code").startswith("\u00a0" * 4)  # no indented code block showing &lt;
 
 
+@contextlib.contextmanager
+def _plain_app(store: Store):
+    """The app on localhost over `store`, without a reward model or arena (quick to start); yields its URL."""
+    port = _free_port()
+    app = build_app(LabelConfig(db=store.url, port=port, repeat_share=0.0), store)
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, footer_links=[], **page_assets())
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        app.close()
+
+
 @pytest.mark.browser
 def test_a_response_cannot_make_the_browser_fetch_and_code_shows_its_angle_brackets(tmp_path, browser):
     import http.server
@@ -486,19 +501,148 @@ def test_a_response_cannot_make_the_browser_fetch_and_code_shows_its_angle_brack
                 f"![alt][1] inline `a < b && c > d` and\n\n```\nif x < y:\n    print('<b>')\n```\n")
     store.add_task(store.add_responses(pid, [response, response], model="m"), overlap=1)
     credential = store.add_annotator("ann")
-    port = _free_port()
-    app = build_app(LabelConfig(db=store.url, port=port, repeat_share=0.0), store)
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, footer_links=[], **page_assets())
     try:
-        page = browser.new_page()
-        _sign_in(page, f"http://127.0.0.1:{port}", "ann", credential)
-        page.wait_for_function("document.querySelector('#left code')")
-        page.wait_for_timeout(1000)
-        assert hits == []
-        codes = [page.inner_text(c) for c in ("#left code >> nth=0", "#left pre")]
-        assert codes[0] == "a < b && c > d" and "if x < y:" in codes[1] and "print('<b>')" in codes[1]
-        assert page.locator("#left img, #prompt img").count() == 0
-        page.close()
+        with _plain_app(store) as url:
+            page = browser.new_page()
+            _sign_in(page, url, "ann", credential)
+            page.wait_for_function("document.querySelector('#left code')")
+            page.wait_for_timeout(1000)
+            assert hits == []
+            codes = [page.inner_text(c) for c in ("#left code >> nth=0", "#left pre")]
+            assert codes[0] == "a < b && c > d" and "if x < y:" in codes[1] and "print('<b>')" in codes[1]
+            assert page.locator("#left img, #prompt img").count() == 0
+            page.close()
     finally:
-        app.close()
         pixel.shutdown()
+
+
+def test_a_conversation_is_rendered_turn_by_turn_each_escaped():
+    chat = render_chat([{"role": "system", "content": "Be <b>brief</b>."}, {"role": "user", "content": XSS},
+                        {"role": "assistant", "content": "See http://h/x or www.h.org, mail a@h.org"},
+                        {"role": "user", "content": "And `<i>` **now**?"}])
+    assert re.findall(r'<div class="turn turn-(\w+)"><div class="turn-role">(\w+)</div>', chat) == [
+        ("system", "System"), ("user", "User"), ("assistant", "Assistant"), ("user", "User")]
+    assert "4 turns" in chat and "<script>" not in chat and "<b>" not in chat and "<img" not in chat
+    assert "&lt;script&gt;" in chat and "<code>&lt;i&gt;</code>" in chat
+    # What GFM would make a link of by itself (a URL, www., an address) is escaped into text.
+    assert "http\\://h/x" in chat and "www\\.h.org" in chat and "a\\@h.org" in chat
+    assert len(re.findall(r'class="turn ', render_chat([{"role": "user", "content": "Hi"}]))) == 1
+    assert "conversation" not in render_chat([{"role": "user", "content": "Hi"}])
+    assert 'turn-other"><div class="turn-role">&lt;b&gt;' in render_chat([{"role": "<b>", "content": "x"}])
+
+
+def _rate_task(store: Store, messages, answer: str) -> int:
+    [pid] = store.add_prompts([messages])
+    _, [task_id] = store.add_candidates(pid, [(answer, "m", {})], [], rate=True)
+    return task_id
+
+
+@pytest.mark.browser
+def test_rating_by_keys_with_undo_and_a_score_in_chromium(running_app, browser, artifacts_dir, store):
+    url, credentials, _ = running_app
+    answer = "A warm, funny film about **two** brothers; I would see it again."
+    task_id = _rate_task(store, [{"role": "system", "content": "You review films in one sentence."},
+                                 {"role": "user", "content": "Review the film *Brothers* for a newspaper."}], answer)
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    _sign_in(page, url, "ann", credentials["ann"])
+    page.get_by_role("tab", name="Rate").click()
+    page.wait_for_function("document.querySelector('#rate-response').innerText.includes('two brothers')")
+    assert "1 thumbs up, 2 thumbs down" in page.inner_text("#rate-keys")  # the keys, on the page
+    assert page.locator("#rate-prompt .turn").count() == 2  # the prompt as a chat
+    # 1 = thumbs up: saved at once (no score given).
+    page.click("#rate-prompt")
+    page.keyboard.press("1")
+    page.wait_for_function("document.querySelector('#rate-status').innerText.includes('1 rated by you')")
+    assert "Saved: thumbs up." in page.inner_text("#rate-msg")
+    [v] = store.votes(kind="rate")
+    assert (v["task_id"], v["annotator"], v["choice"], v["likert"]) == (task_id, "ann", "up", None)
+    # U = undo: the vote is gone and the same response is back on screen.
+    page.keyboard.press("u")
+    page.wait_for_function("document.querySelector('#rate-status').innerText.includes('0 rated by you')")
+    assert "undone" in page.inner_text("#rate-msg") and "two brothers" in page.inner_text("#rate-response")
+    assert store.votes(kind="rate") == []
+    # R = a score of 4, a reason typed (Esc leaves the box), then 2 = thumbs down saves all three.
+    page.keyboard.press("r")
+    assert page.is_checked("#rate-likert input[value='4']")
+    page.fill("#rate-rationale textarea, #rate-rationale input", "Too <b>long</b> for one sentence.")
+    page.keyboard.press("Escape")
+    page.screenshot(path=str(artifacts_dir / "labeling_rate.png"), full_page=True)
+    page.keyboard.press("2")
+    page.wait_for_function("document.querySelector('#rate-status').innerText.includes('1 rated by you')")
+    assert "Saved: thumbs down, 4 of 5." in page.inner_text("#rate-msg")
+    [v] = store.votes(kind="rate")
+    assert (v["choice"], v["likert"], v["rationale"]) == ("down", 4, "Too <b>long</b> for one sentence.")
+    assert "Nothing left to rate" in page.inner_text("#rate-prompt")
+    assert not page.is_enabled("#rate-up-btn")
+    page.close()
+
+
+@pytest.mark.browser
+def test_an_edit_is_saved_exactly_and_shown_as_text_in_chromium(running_app, browser, artifacts_dir, store):
+    url, credentials, _ = running_app
+    edit = "<img src=x onerror=alert(1)> **bold** [link](http://x)"
+    page = browser.new_page(viewport={"width": 1280, "height": 1100})
+    dialogs = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    _sign_in(page, url, "ann", credentials["ann"])
+    page.wait_for_function("document.querySelector('#left').innerText.includes('film')")
+    side = "left" if page.inner_text("#left").startswith("Dull") else "right"  # the long answer, on either side
+    chosen = page.inner_text(f"#{side}")
+    page.get_by_text("Improve this answer").first.click()
+    page.get_by_label(side.title(), exact=True).check()
+    # The box starts with the answer chosen, cut to what an edit may hold (and the page says so).
+    page.wait_for_function("document.querySelector('#edit textarea').value.length > 0")
+    draft = page.input_value("#edit textarea")
+    assert " ".join(draft.split())[:40] == " ".join(chosen.split())[:40]
+    assert len(draft) == 20_000 and "first 20,000" in page.inner_text("#edit-msg")
+    page.fill("#edit textarea", f"  {edit}\n\n")
+    page.click("#edit-btn")
+    page.wait_for_selector("#edit-saved", state="visible")
+    assert "Saved your improved answer" in page.inner_text("#edit-msg")
+    [task] = [t for t in store.tasks() if t["edits"]]
+    [stored] = task["edits"]
+    assert stored["annotator"] == "ann" and stored["text"] == edit  # exactly, but the surrounding whitespace
+    assert store.edit_of("ann", task["task_id"], stored["position"]) == edit
+    assert task["responses"][stored["position"]]["text"].startswith("Dull film")  # the answer chosen
+    # Shown as text: the tag and the link's brackets as typed, no element made of them, nothing ran.
+    shown = page.inner_text("#edit-saved")
+    assert "<img src=x onerror=alert(1)>" in shown and "[link](http://x)" in shown and "bold" in shown
+    assert page.locator("#edit-saved img, #edit-saved a, #edit-saved script").count() == 0
+    page.screenshot(path=str(artifacts_dir / "labeling_edit.png"), full_page=True)
+    # Saving again replaces the edit; the original response stays as it was.
+    page.fill("#edit textarea", "Better: a short review.")
+    page.click("#edit-btn")
+    page.wait_for_function("document.querySelector('#edit-saved').innerText.includes('Better: a short review.')")
+    assert store.edit_of("ann", task["task_id"], stored["position"]) == "Better: a short review."
+    assert [t for t in store.tasks() if t["edits"]][0]["responses"] == task["responses"]
+    assert dialogs == [] and page.evaluate("window.__pwned === undefined")
+    page.close()
+
+
+@pytest.mark.browser
+def test_a_four_turn_conversation_shows_as_four_turns_in_chromium(tmp_path, browser, artifacts_dir):
+    store = Store(f"sqlite:///{tmp_path / 'chat.db'}")
+    conversation = [
+        {"role": "system", "content": "You are a film critic. Answer in **two** sentences."},
+        {"role": "user", "content": "What did you think of *Brothers*?"},
+        {"role": "assistant", "content": "It was warm. <script>window.__pwned = 6</script> Also long."},
+        {"role": "user", "content": "And the ending — too `<abrupt>`?"},
+    ]
+    [pid] = store.add_prompts([conversation])
+    store.add_task(store.add_responses(pid, ["Yes, it ends too soon.", "No: it ends just right."], model="m"))
+    credential = store.add_annotator("ann")
+    with _plain_app(store) as url:
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        _sign_in(page, url, "ann", credential)
+        page.wait_for_selector("#prompt .turn")
+        turns = page.locator("#prompt .turn")
+        assert turns.count() == 4
+        assert page.locator("#prompt .turn-role").all_inner_texts() == ["System", "User", "Assistant", "User"]
+        assert [turns.nth(i).get_attribute("class").split()[-1] for i in range(4)] == [
+            "turn-system", "turn-user", "turn-assistant", "turn-user"]
+        texts = page.locator("#prompt .turn-text").all_inner_texts()
+        assert "<script>window.__pwned = 6</script>" in texts[2] and "two" in texts[0] and "<abrupt>" in texts[3]
+        assert page.locator("#prompt script, #prompt a, #prompt img").count() == 0
+        assert page.evaluate("window.__pwned === undefined")
+        page.screenshot(path=str(artifacts_dir / "labeling_conversation.png"), full_page=True)
+        page.close()

@@ -1,4 +1,4 @@
-// The labeling app's keys (pairs, rankings, arena) and drag-to-rank; labeling_ui/app.py puts it in the page's <head>.
+// The labeling app's keys (pairs, rankings, ratings, arena) and drag-to-rank; labeling_ui/app.py puts it in the page's <head>.
 const rankBox = () => document.querySelector('#rank-order textarea, #rank-order input');
 // Set the order textbox as typing would (Gradio listens for input events).
 const setRankOrder = (v) => {
@@ -22,13 +22,17 @@ document.addEventListener('drop', (e) => {
 });
 document.addEventListener('keydown', (e) => {
   const t = e.target;
-  if (t && (t.tagName === 'TEXTAREA' || (t.tagName === 'INPUT' && t.type !== 'radio' && t.type !== 'checkbox'))) return;
+  if (t && (t.tagName === 'TEXTAREA' || (t.tagName === 'INPUT' && t.type !== 'radio' && t.type !== 'checkbox'))) {
+    if (e.key === 'Escape') t.blur();  // out of a text box (a rationale, an edit), so that the keys work again
+    return;
+  }
   const visible = (sel) => { const el = document.querySelector(sel); return el && el.offsetParent !== null; };
   const click = (id) => document.querySelector(`#${id}`)?.click();
   const k = e.key.toLowerCase();
   const onRank = visible('#rank-submit-btn'), onPairs = visible('#submit-btn'), onArena = visible('#arena-ask-btn');
-  if ((e.ctrlKey || e.metaKey) && k === 'z' && (onPairs || onRank)) {
-    e.preventDefault(); click(onRank ? 'rank-undo-btn' : 'undo-btn'); return;
+  const onRate = visible('#rate-up-btn');
+  if ((e.ctrlKey || e.metaKey) && k === 'z' && (onPairs || onRank || onRate)) {
+    e.preventDefault(); click(onRank ? 'rank-undo-btn' : onRate ? 'rate-undo-btn' : 'undo-btn'); return;
   }
   if (e.ctrlKey || e.metaKey || e.altKey) return;
   if (onPairs) {
@@ -49,6 +53,13 @@ document.addEventListener('keydown', (e) => {
     else if (k === 'enter') { e.preventDefault(); click('rank-submit-btn'); }
     else if (k === 's') { e.preventDefault(); click('rank-skip-btn'); }
     else if (k === 'u') { e.preventDefault(); click('rank-undo-btn'); }
+  } else if (onRate) {
+    // A thumb saves the rating (with the score and reason chosen so far); Q-T pick the score 1-5, 0 none.
+    const thumbs = {'1': 'rate-up-btn', '2': 'rate-down-btn'}, scores = {'0': '', 'q': '1', 'w': '2', 'e': '3', 'r': '4', 't': '5'};
+    if (k in thumbs) { e.preventDefault(); click(thumbs[k]); }
+    else if (k in scores) { e.preventDefault(); document.querySelector(`#rate-likert input[value="${scores[k]}"]`)?.click(); }
+    else if (k === 's') { e.preventDefault(); click('rate-skip-btn'); }
+    else if (k === 'u') { e.preventDefault(); click('rate-undo-btn'); }
   } else if (onArena) {
     const votes = {'1': 'arena-a-btn', 'a': 'arena-a-btn', '2': 'arena-b-btn', 'b': 'arena-b-btn', '3': 'arena-tie-btn', 't': 'arena-tie-btn', '4': 'arena-bad-btn', 'x': 'arena-bad-btn'};
     if (k in votes && visible('#' + votes[k])) { e.preventDefault(); click(votes[k]); }
