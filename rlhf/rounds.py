@@ -108,8 +108,8 @@ def reward_agreement(votes: list[dict]) -> dict | None:
 
 
 def rounds(store) -> list[dict]:
-    """Every loop run recorded in the store, oldest key first, each round with its live labeling progress (pairs and
-    rankings, per annotator) and the reward model's agreement with the round's votes so far."""
+    """Every loop run recorded in the store, oldest key first, each round with its live labeling progress (pairs,
+    rankings and ratings, per annotator) and the reward model's agreement with the round's votes so far."""
     runs = []
     for key, record in store.records(PREFIX).items():
         entries = []
@@ -117,6 +117,7 @@ def rounds(store) -> list[dict]:
             k = int(k)
             entries.append({**entry, "round": k, "pairs": store.progress(round=k),
                             "rankings": store.progress(round=k, kind="rank"),
+                            "ratings": store.progress(round=k, kind="rate"),
                             "annotators": store.progress_by_annotator(round=k),
                             "reward_agreement": reward_agreement(store.votes(round=k))})
         runs.append({"key": key, "name": record.get("name", key), "root": record.get("root", ""), "rounds": entries})
@@ -177,8 +178,8 @@ def describe(runs: list[dict]) -> str:
         for e in run["rounds"]:
             reward = e.get("reward") or {}
             labeling = "; ".join(f"{kind} {x['votes']}/{x['slots']} votes, {x['complete_tasks']}/{x['tasks']} tasks "
-                                 "complete" for kind, x in (("pairs", e["pairs"]), ("rankings", e["rankings"]))
-                                 if x["tasks"]) or "no tasks yet"
+                                 "complete" for kind, x in (("pairs", e["pairs"]), ("rankings", e["rankings"]),
+                                                            ("ratings", e["ratings"])) if x["tasks"]) or "no tasks yet"
             lines.append(f"  round {e['round']}: steps done {', '.join(e['steps']) or 'none'}; labeling: {labeling}")
             if reward:
                 ceiling = f", ceiling {percent(reward['ceiling'])}" if reward.get("ceiling") is not None else ""

@@ -11,7 +11,7 @@ import pytest
 from rlhf.cli import main
 from rlhf.config import UserError, load_config
 from rlhf.loop import LoopConfig, _next_policy, run
-from rlhf.rounds import curves, rounds
+from rlhf.rounds import curves, describe, rounds
 from rlhf.store import Store
 
 
@@ -235,6 +235,9 @@ def test_kto_in_align_rates_every_response_and_trains_on_the_ratings(tmp_path, t
     assert summary["steps"] == 2
     assert str(rd / "kto") in [m["model"] for m in result["evaluation"]["models"]]
     assert "KTO vs base" in capsys.readouterr().out
+    [entry] = rounds(store)[0]["rounds"]
+    assert entry["ratings"]["complete_tasks"] == 12 and "kto" in entry["steps"]
+    assert "ratings 12/12 votes, 12/12 tasks complete" in describe(rounds(store))
 
 
 def test_a_human_round_waits_for_ratings_and_rankings_too(tmp_path, capsys):
