@@ -587,14 +587,12 @@ def test_an_edit_is_saved_exactly_and_shown_as_text_in_chromium(running_app, bro
     _sign_in(page, url, "ann", credentials["ann"])
     page.wait_for_function("document.querySelector('#left').innerText.includes('film')")
     side = "left" if "Dull film" in page.inner_text("#left") else "right"  # the long answer, on either side
-    chosen = page.inner_text(f"#{side}")
     page.get_by_text("Improve this answer").first.click()
     page.get_by_label(side.title(), exact=True).check()
     # The box starts with the answer chosen, cut to what an edit may hold (and the page says so).
     page.wait_for_function("document.querySelector('#edit textarea').value.length > 0")
     draft = page.input_value("#edit textarea")
-    assert " ".join(draft.split())[:40] == " ".join(chosen.split())[:40]
-    assert len(draft) == 20_000 and "first 20,000" in page.inner_text("#edit-msg")
+    assert draft.startswith("Dull film") and len(draft) == 20_000 and "first 20,000" in page.inner_text("#edit-msg")
     page.fill("#edit textarea", f"  {edit}\n\n")
     page.click("#edit-btn")
     page.wait_for_selector("#edit-saved", state="visible")
