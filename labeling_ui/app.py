@@ -273,9 +273,10 @@ def _round_rows(run: dict) -> list[str]:
     rows = ["| round | steps done | labeling | reward model (held out) | ceiling | "
             "app's reward model vs new votes | report |", "|---:|---|---|---|---|---|---|"]
     for e in run["rounds"]:
-        p, r, reward = e["pairs"], e["rankings"], e.get("reward") or {}
+        reward = e.get("reward") or {}
         labeling_cell = " · ".join(f"{kind}: {x['votes']}/{x['slots']} votes, {x['complete_tasks']}/{x['tasks']} done"
-                                   for kind, x in (("pairs", p), ("rankings", r)) if x["tasks"]) or "no tasks yet"
+                                   for kind, x in (("pairs", e["pairs"]), ("rankings", e["rankings"]),
+                                                   ("ratings", e["ratings"])) if x["tasks"]) or "no tasks yet"
         if reward.get("test_pairs"):
             held_out = f"{_percent(reward['accuracy'], reward['accuracy_ci'])} on {reward['test_pairs']} pairs"
         else:

@@ -263,12 +263,13 @@ def test_the_rounds_page_names_what_it_counts_and_escapes_names(store, tmp_path)
         labeling.rounds(store, "ann")
     record_step(store, tmp_path / "r", "<b>run</b>", 0, "generate", {})  # the fixture's 3 pair tasks are round 0
     store.submit("ann", store.tasks()[0]["task_id"], "A")
+    store.submit_rating("ann", _rate_task(store, "Rate this.", "An answer."), "up")
     runs = labeling.rounds(store, "boss")
     shown = rounds_markdown(runs)
     [row] = [line for line in shown.splitlines() if line.startswith("| 0 |")]
-    assert "pairs: 1/6 votes, 0/3 done" in row and "rankings" not in row
+    assert "pairs: 1/6 votes, 0/3 done" in row and "ratings: 1/1 votes, 1/1 done" in row and "rankings" not in row
     assert "<b>" not in shown and "Run &lt;b&gt;run" in shown
-    assert "| ann | 1 | 0 |" in shown  # the latest round, per annotator
+    assert "| ann | 2 | 0 |" in shown  # the latest round, per annotator (a vote and a rating)
     accuracy, wins = rounds_plots(runs)  # nothing measured yet: the plots say so rather than fail
     assert accuracy.axes[0].texts[0].get_text() == "nothing measured yet"
 
