@@ -419,13 +419,7 @@ def edit_draft(text: str) -> tuple[str, str]:
 def shown_edit(store: Store, user: str, current: dict, which: str | None):
     """The edit `user` has stored for the answer `which` on screen ("left"/"right" as shown, or "response"), as text
     under the box so they see exactly what was kept; hidden when there is none."""
-    position = None
-    if current.get("task_id") is not None:
-        if which == "response" and "response" in current:
-            position = 0
-        elif which in ("left", "right") and "left_is_a" in current:
-            position = "AB".index(labeling.stored_choice(which, current["left_is_a"]))  # as labeling.save_edit maps it
-    text = None if position is None else store.edit_of(user, current["task_id"], position)
+    text = labeling.edit_of(store, user, current, which) if which else None
     if text is None:
         return gr.update(value="", visible=False)
     return gr.update(value=f"**Your saved edit:**\n\n{render_text(text)}", visible=True)

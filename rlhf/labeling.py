@@ -6,7 +6,7 @@
                        it gives less than `disagree_below` goes on the review queue
   next_ranking, ...    K-response tasks: a random order shown, the typed order read and mapped back to positions
   next_rating, rate    one response at a time: thumbs up or down, an optional Likert score 1-5
-  save_edit            "Improve this answer": an annotator's rewrite of a response on screen, kept beside it
+  save_edit, edit_of   "Improve this answer": an annotator's rewrite of a response on screen, kept beside it
   undo, skip           the annotator's last vote taken back, a task put aside
   require_admin, ...   the admin's functions, each checking the role first: progress, the review queue, prompts and
                        accounts, the export (to a server directory, or as a zip to download), the loop's rounds
@@ -294,6 +294,18 @@ def rate(store: Store, user: str, current: dict, thumb: str, likert, rationale: 
     return f"Saved: {THUMBS[thumb]}" + (f", {score} of 5." if score else "."), vote_id
 
 
+def _edited_position(current: dict, which: str) -> int | None:
+    """The stored position of the answer `which` on screen: "left"/"right" on the Compare page (by the side shown),
+    "response" on the Rate page; None when that is not an answer of the task on screen."""
+    if not current or current.get("task_id") is None:
+        return None
+    if which == "response" and "response" in current:
+        return 0
+    if which in ("left", "right") and "left_is_a" in current:
+        return 0 if (which == "left") == bool(current["left_is_a"]) else 1
+    return None
+
+
 def save_edit(store: Store, user: str, current: dict, which: str, text: str) -> str:
     """Keep the annotator's improved version of a response on screen: `which` is "left" or "right" on the Compare
     page (mapped to the stored position), "response" on the Rate page. Returns a one-line message."""
@@ -303,17 +315,20 @@ def save_edit(store: Store, user: str, current: dict, which: str, text: str) -> 
         return "The edit must be text."
     if len(text) > EDIT_MAX:
         return f"Not saved: the edit has {len(text):,} characters; at most {EDIT_MAX:,}, please."
-    if which == "response" and "response" in current:
-        position = 0
-    elif which in ("left", "right") and "left_is_a" in current:
-        position = 0 if (which == "left") == bool(current["left_is_a"]) else 1
-    else:
+    position = _edited_position(current, which)
+    if position is None:
         return "Not saved: choose the answer to improve."
     try:
         store.save_edit(user, current["task_id"], position, text)
     except StoreError as e:
         return f"Not saved: {e}."
     return "Saved your improved answer (the original stays as it was; saving again replaces your edit)."
+
+
+def edit_of(store: Store, user: str, current: dict, which: str) -> str | None:
+    """The edit `user` has stored for the answer `which` on screen (as save_edit names it), or None."""
+    position = _edited_position(current, which)
+    return None if position is None else store.edit_of(user, current["task_id"], position)
 
 
 # ---------------------------------------------------------------- admin (every function checks the role first)

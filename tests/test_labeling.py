@@ -240,6 +240,8 @@ def test_an_edit_on_the_compare_page_maps_the_side_to_the_response(store):
     position = 1 if pair["left_is_a"] else 0  # the right side's stored position
     assert store.edit_of("ann", pair["task_id"], position) == f"Better: {XSS}"
     assert store.edit_of("ann", pair["task_id"], 1 - position) is None
+    assert labeling.edit_of(store, "ann", pair, "right") == f"Better: {XSS}"
+    assert labeling.edit_of(store, "ann", pair, "left") is None and labeling.edit_of(store, "ann", {}, "left") is None
     assert labeling.save_edit(store, "ann", pair, "right", right) == (
         "Not saved: the edit is the same as the answer: change something first.")
     assert labeling.save_edit(store, "ann", pair, "middle", "x") == "Not saved: choose the answer to improve."
