@@ -192,7 +192,7 @@ def build_trainer(config: DPOConfig):
         trainer_cls, collator_cls = _offset_trainer(trl, config.margin_scale)
         collator = collator_cls(pad_token_id=tokenizer.pad_token_id, max_length=config.max_length)
     train = _pairs_to_train(data["train"], config, args)
-    if config.precompute_ref_log_probs:
+    if config.precompute_ref_log_probs and args.process_index == 0:  # once, not once per process
         held_out = f" and {len(data['test'])} held-out" if has_test else ""
         print(f"DPO: reference log-probs of {len(train)} training{held_out} pairs, computed once")
     with without_library_bars():  # TRL's bar for that pass

@@ -257,7 +257,7 @@ def build_trainer(config: KTOConfig):
     args.desirable_weight, args.undesirable_weight, note = loss_weights(n_desirable, len(train) - n_desirable, config)
     if note:
         print(note)
-    if config.precompute_ref_log_probs:
+    if config.precompute_ref_log_probs and args.process_index == 0:  # once, not once per process
         held_out = f" and {len(data['test'])} held-out" if has_test else ""
         print(f"KTO: reference log-probs of {len(train)} training{held_out} responses, computed once")
     with without_library_bars():  # TRL's bars for tokenizing and that pass

@@ -341,13 +341,45 @@ def load(
     return Loaded(model=model.to(dev).eval(), tokenizer=tokenizer, path=path)
 
 
-def save_model_dir(model, tokenizer, out: str | Path, padding_side: str = "left"):
+def save_model_dir(model, tokenizer, out: str | Path, padding_side: str = "left", state_dict: dict | None = None):
     """Save a trained model as the full model directory the next stage loads by path: a LoRA adapter is merged into
     its base first, weights go out as safetensors, the tokenizer with the padding side its users need (left for
-    generation, right for a reward model's scoring). Returns the saved (merged) model."""
-    if hasattr(model, "merge_and_unload"):
+    generation, right for a reward model's scoring). Returns the saved (merged) model.
+
+    state_dict: the whole model's weights gathered from its shards (FSDP, ZeRO-3: `accelerator.get_state_dict`),
+    saved in place of the model's own, which are shards; the model then gives the architecture and config only."""
+    if state_dict is not None and hasattr(model, "merge_and_unload"):
+        model = _rebuilt(model, state_dict).merge_and_unload()
+        state_dict = model.state_dict()
+    elif hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    model.save_pretrained(out, safe_serialization=True)
+    if state_dict is not None:
+        # Gathered tensors are copies, so saving cannot tell tied weights by their shared storage: drop the tied
+        # copies (an lm_head that is the embeddings) as saving the model itself does.
+        tied = getattr(model, "all_tied_weights_keys", None) or {}
+        state_dict = {k: v for k, v in state_dict.items() if tied.get(k) not in state_dict}
+    model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
     tokenizer.padding_side = padding_side
     tokenizer.save_pretrained(out)
     return model
+
+
+def _rebuilt(peft_model, state_dict: dict):
+    """A PEFT model's copy holding `state_dict` (base and adapter, gathered from shards), for merging: the adapter
+    cannot be merged into shards. Built on the meta device and given the gathered tensors, so no weights are
+    initialised or copied; its non-persistent buffers (rotary frequencies) stay on meta, which saving never reads."""
+    import copy
+
+    from peft import get_peft_model
+    from torch.distributed.fsdp import FSDPModule
+
+    base = peft_model.get_base_model()
+    # FSDP2's fully_shard swaps a module's class for a subclass of it and FSDPModule: build the model's own class.
+    cls = next(c for c in type(base).__mro__ if not issubclass(c, FSDPModule))
+    with torch.device("meta"):
+        skeleton = get_peft_model(cls(base.config), copy.deepcopy(peft_model.peft_config[peft_model.active_adapter]))
+    skeleton.load_state_dict(state_dict, assign=True)
+    # Assigned tensors are separate copies, so tied weights (an lm_head that is the embeddings) came apart: tie them
+    # again, or merging would record them as untied and saving drop the lm_head all the same.
+    skeleton.get_base_model().tie_weights()
+    return skeleton

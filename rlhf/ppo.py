@@ -42,7 +42,7 @@ fused one, and glibc keeps freed memory for the next micro-batch's tensors (`rlh
 LoRA the frozen base is held in the compute precision.
 
 Runs under accelerate (`accelerate launch --config_file configs/accelerate/ddp.yaml -m rlhf.cli ppo ...`):
-one CPU, one GPU, DDP; configs for DeepSpeed ZeRO-2 and FSDP are in configs/accelerate/.
+one CPU, one GPU, DDP, FSDP2, DeepSpeed ZeRO-2 and ZeRO-3 (configs/accelerate/; the README says what ran where).
 
     rlhf ppo --config configs/ppo.yaml --reward_model runs/reward --steps 20 --batch_size 8 --max_new_tokens 32
     rlhf ppo --reward_model runs/reward --estimator rloo --samples_per_prompt 4 --batch_size 16
@@ -50,12 +50,14 @@ one CPU, one GPU, DDP; configs for DeepSpeed ZeRO-2 and FSDP are in configs/acce
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -65,6 +67,7 @@ import torch
 
 from rlhf import losses, sampler
 from rlhf.config import UserError, field, resume_checkpoint
+from rlhf.distributed import describe, honour_launch_on_cpu, loading_whole, weights_sharded
 from rlhf.models import DEFAULT_MODEL
 from rlhf.rollout import (
     SHAPE_MULTIPLE,
@@ -404,6 +407,8 @@ def prepare(config: PPOConfig, reward_fn: Callable | None = None) -> PPORun:
         # state, and accelerate refuses to change it; one process has nothing to keep in sync, so start afresh.
         AcceleratorState._reset_state()
         GradientState._reset_state()
+    if device.type == "cpu":
+        honour_launch_on_cpu(mixed)
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed,
                               gradient_accumulation_steps=config.gradient_accumulation_steps,
                               log_with=None if config.report_to == "none" else config.report_to,
@@ -426,7 +431,11 @@ def prepare(config: PPOConfig, reward_fn: Callable | None = None) -> PPORun:
             raise UserError("the over-optimisation guard keeps the best policy's weights, which FSDP shards: run "
                             "it without FSDP, or set guard_gap, guard_spread and guard_kl to 0")
         guard = Guard(gap_limit=config.guard_gap, spread_limit=config.guard_spread, kl_limit=config.guard_kl)
-    parts = _load_models(config, accelerator, reward_fn)
+    # Whole on every process, also under ZeRO-3: the reference and reward model run outside DeepSpeed, and the
+    # critic's fresh value head is zeroed in place, which a partitioned tensor would ignore; prepare() partitions
+    # the policy and critic (zero3_init_flag: false in configs/accelerate/deepspeed_zero3.yaml).
+    with loading_whole(accelerator):
+        parts = _load_models(config, accelerator, reward_fn)
     if config.guard_spread and (parts["rm"] is None or parts["rm"].size < 2):
         raise UserError("guard_spread watches an ensemble's members disagree: give a reward model trained with "
                         "`rlhf reward --ensemble K` (K >= 2), or set guard_spread to 0")
@@ -442,6 +451,20 @@ def prepare(config: PPOConfig, reward_fn: Callable | None = None) -> PPORun:
         ds.update(train_micro_batch_size_per_gpu=config.mini_batch_size // config.gradient_accumulation_steps,
                   gradient_accumulation_steps=config.gradient_accumulation_steps,
                   gradient_clipping=config.max_grad_norm or 0.0)
+    plugin = accelerator.state.fsdp_plugin if accelerator.distributed_type == DistributedType.FSDP else None
+    if plugin is not None and plugin.transformer_cls_names_to_wrap is None:
+        # TRANSFORMER_BASED_WRAP reads the layer classes from the model's _no_split_modules, which PolicyAndCritic
+        # has none of: name the policy's and the critic's, so each of their layers is its own unit.
+        from accelerate.utils.dataclasses import get_module_class_from_name
+
+        trained = [m for m in (parts["policy"], parts["critic"]) if m is not None]
+        plugin.transformer_cls_names_to_wrap = sorted({
+            name for m in trained for name in getattr(m, "_no_split_modules", None) or []
+            if get_module_class_from_name(m, name) is not None})
+    if plugin is not None and plugin.fsdp_version == 2:
+        # FSDP2 warns that forward's outputs are views (sliced logits, squeezed values) because an in-place op on one
+        # would skip its gradient hook; rlhf never changes them in place.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     model, optimizer = accelerator.prepare(model, optimizer)
 
     tokenizer = parts["tokenizer"]
@@ -532,10 +555,31 @@ def prompt_indices(run: PPORun, step: int) -> list[int]:
     return [_prompt_order(run.config.seed, n, j // n)[j % n] for j in range(first, first + size) for _ in range(k)]
 
 
+@contextlib.contextmanager
+def gathered_for_sampling(run: PPORun):
+    """The prepared model to sample through; under DeepSpeed ZeRO-3 the unwrapped one, its policy's weights gathered
+    whole on every process for the rollout and DeepSpeed's per-forward gathering hooks off (as TRL's
+    unwrap_model_for_generation does), so decoding does not gather every layer at every step."""
+    plugin = run.accelerator.state.deepspeed_plugin
+    if plugin is None or plugin.zero_stage != 3:
+        yield run.model
+        return
+    import deepspeed
+    from trl.models.utils import add_hooks, remove_hooks
+
+    with deepspeed.zero.GatheredParameters(list(run.policy.parameters())):
+        remove_hooks(run.model)
+        try:
+            yield run.accelerator.unwrap_model(run.model)
+        finally:
+            add_hooks(run.model)
+
+
 def sample_rollout(run: PPORun, step: int) -> Rollout:
     """Phase 1: a response per prompt, recording log pi at the sampling temperature; masks through the first EOS."""
     from accelerate.utils import DistributedType
     from transformers import LogitsProcessorList
+
 
     config, tokenizer = run.config, run.tokenizer
     # Seeded by step (and process), so an interrupted run resumed from a checkpoint samples the same.
@@ -548,13 +592,14 @@ def sample_rollout(run: PPORun, step: int) -> Rollout:
     eos_ids = run.eos_ids if config.stop_at_eos else None
     if config.backend == "hf" or run.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         recorder = SampledLogprobs(config.temperature)
-        with torch.no_grad():
-            sequences = run.model(
+        with torch.no_grad(), gathered_for_sampling(run) as model:
+            sequences = model(
                 prompt_ids, prompt_mask, mode="generate", max_new_tokens=config.max_new_tokens, do_sample=True,
                 temperature=config.temperature, top_k=0, top_p=1.0, repetition_penalty=1.0, eos_token_id=eos_ids,
                 pad_token_id=tokenizer.pad_token_id, logits_processor=LogitsProcessorList([recorder]),
-                # With sharded weights every process must run the same number of decoding steps (each gathers them).
-                synced_gpus=run.accelerator.distributed_type == DistributedType.FSDP)
+                # With sharded weights every process runs the same number of decoding steps, however early its own
+                # responses end: FSDP gathers each layer's weights in every step, with all processes taking part.
+                synced_gpus=weights_sharded(run.accelerator))
         responses = sequences[:, Q:]  # (B, R)
         logprobs = recorder.result(responses)  # (B, R)
     else:
@@ -829,15 +874,19 @@ def _resume(run: PPORun, resume_from: Path | None, metrics_file: Path) -> tuple[
 
 def save_policy(run: PPORun, out: Path) -> None:
     """The policy as a full model directory (a LoRA adapter merged) that the next stage loads by path."""
-    from rlhf.models import load
+    from rlhf.models import load, save_model_dir
 
     accelerator, config = run.accelerator, run.config
     accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(run.model)
+    state_dict = accelerator.get_state_dict(run.model)  # every process; the whole model on the main one
     final_policy = accelerator.unwrap_model(run.model).policy
     if not accelerator.is_main_process:
         return
     policy_state = {k[len("policy."):]: v for k, v in state_dict.items() if k.startswith("policy.")}
+    if weights_sharded(accelerator):
+        # The module holds shards: save the gathered weights, a LoRA adapter merged into them.
+        save_model_dir(final_policy, run.tokenizer, out, "left", state_dict=policy_state)
+        return
     if config.lora:
         if run.frozen_base:
             # Merged into the base as stored (fp32), not into the compute-dtype copy trained against: the saved
@@ -912,7 +961,7 @@ def run(config: PPOConfig, reward_fn: Callable | None = None) -> dict:
         "samples_per_prompt": config.k, "steps": config.steps, "steps_run": len(history) - len(kept_history),
         "resumed_from": str(resume_from) if resume_from else None,
         "first": history[0] if history else {}, "final": history[-1] if history else {},
-        "kl_coef": r.kl_coef, "prompts": len(r.prompts), "processes": r.world,
+        "kl_coef": r.kl_coef, "prompts": len(r.prompts), "processes": r.world, "distributed": describe(accelerator),
         "reward": "reward_fn" if r.scorer.fn is not None else config.reward_model,
         "reward_scoring": "token ids" if r.scorer.suffix is not None else "text",
         "seconds": round(time.perf_counter() - start, 1), "config": asdict(config), "device": str(r.device),

@@ -19,6 +19,7 @@ from unittest.mock import patch
 
 from rlhf.config import field
 from rlhf.console import use_stage_progress
+from rlhf.distributed import describe, honour_launch_on_cpu, loading_whole, weights_sharded
 from rlhf.models import DEFAULT_MODEL, precision_flags, reuse_freed_memory, save_model_dir
 
 
@@ -27,8 +28,8 @@ class TRLStageConfig:
     """The options every TRL-backed stage has, with the same default and meaning (TRL's configs share a base too)."""
 
     # Model
-    model: str = field(DEFAULT_MODEL, "The starting model (spec or directory): the policy for sft and dpo; for reward "
-                       "the backbone given a scalar head, a causal LM or an encoder such as minilm-l6.")
+    model: str = field(DEFAULT_MODEL, "The starting model (spec or directory): the policy for sft, dpo and kto; for "
+                       "reward the backbone given a scalar head, a causal LM or an encoder such as minilm-l6.")
     device: str = field("auto", "auto (GPU if present) or cpu.")
     precision: str = field("auto", "auto (bf16 where the hardware has it, else fp32), fp32, bf16 or fp16.")
     lora: bool = field(False, "Train a LoRA adapter instead of all weights (merged into the saved model); a reward "
@@ -93,7 +94,7 @@ def training_args(args_cls, config: TRLStageConfig, device, *, eval_steps: int =
     # The variable says the stage's precision only while the arguments are built.
     launcher = "bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "no"
     with patch.dict(os.environ, ACCELERATE_MIXED_PRECISION=launcher):
-        return args_cls(
+        args = args_cls(
             output_dir=config.output_dir, per_device_train_batch_size=config.batch_size,
             per_device_eval_batch_size=config.batch_size,
             gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -104,6 +105,10 @@ def training_args(args_cls, config: TRLStageConfig, device, *, eval_steps: int =
             seed=config.seed, logging_steps=config.logging_steps, report_to=config.report_to,
             eval_strategy=evaluation, eval_steps=eval_steps or None, dataloader_num_workers=0, **save, **extras,
         )
+    # After the arguments, which reset accelerate's state.
+    if device.type == "cpu" and honour_launch_on_cpu(launcher, getattr(args, "deepspeed_plugin", None)):
+        args.deepspeed_plugin = None  # the state holds it: the trainer's Accelerator takes it from there
+    return args
 
 
 def mixed_precision(args) -> str:
@@ -122,7 +127,8 @@ class Trained:
 
     result: Any  # trainer.train's TrainOutput (training_loss, metrics)
     eval_metrics: dict  # trainer.evaluate()'s on the test split; {} when not asked for
-    model: Any  # the saved model, a LoRA adapter merged into it, on the main process; None on the others
+    model: Any  # the saved model, a LoRA adapter merged into it, on the main process; None on the others (with
+    # sharded weights every process's own copy of the saved model: save_trained)
     main: bool  # the main process: the one that writes
     logs: list[dict]  # the per-step training entries of trainer.state.log_history
 
@@ -150,19 +156,46 @@ def train_and_save(trainer, config: TRLStageConfig, resume_from: str | None, *, 
     with reuse_freed_memory(trainer.args.device.type == "cpu"):  # large tensors reused, not mapped afresh
         result = trainer.train(resume_from_checkpoint=resume_from)
     eval_metrics = trainer.evaluate() if evaluate else {}
-    # Under `accelerate launch` only the main process writes (processes writing one file at once can corrupt it).
     main = trainer.is_world_process_zero()
-    model = None
-    if main:
-        model = save_model_dir(trainer.model, trainer.processing_class, Path(config.output_dir), padding_side)
+    model = save_trained(trainer, Path(config.output_dir), padding_side)
     logs = [h for h in trainer.state.log_history if "loss" in h and "train_loss" not in h]
     return Trained(result, eval_metrics, model, main, logs)
+
+
+def save_trained(trainer, out: Path, padding_side: str = "left"):
+    """Save the trainer's model as a full model directory in `out` from the main process, and return the saved
+    model there (None on the others).
+
+    Under FSDP or DeepSpeed ZeRO-3 each process holds shards, and a sharded forward pass needs every process in step;
+    so every process takes part in gathering the whole model, and afterwards every process (the main one too) loads
+    the saved directory onto its device, returns it and makes it the trainer's model: forward passes after training
+    (the reward stage's figures) then run on each process alone."""
+    from rlhf.models import load
+
+    accelerator, tokenizer = trainer.accelerator, trainer.processing_class
+    main = trainer.is_world_process_zero()
+    if not weights_sharded(accelerator):
+        # Only the main process writes (processes writing one file at once can corrupt it).
+        return save_model_dir(trainer.model, tokenizer, out, padding_side) if main else None
+    # The DeepSpeed engine (model_wrapped) gathers ZeRO-3 shards; under FSDP model_wrapped is the model itself.
+    state_dict = accelerator.get_state_dict(trainer.model_wrapped)  # every process; the whole of it on the main one
+    if main:
+        save_model_dir(accelerator.unwrap_model(trainer.model), tokenizer, out, padding_side, state_dict=state_dict)
+    del state_dict
+    accelerator.wait_for_everyone()
+    score = type(accelerator.unwrap_model(trainer.model)).__name__.endswith("ForSequenceClassification")
+    with loading_whole(accelerator):
+        model = load(str(out), head="score" if score else "causal-lm", device=str(trainer.args.device),
+                     precision="fp32", padding_side=padding_side).model
+    trainer.model = trainer.model_wrapped = model
+    return model
 
 
 def write_metrics(trainer, config: TRLStageConfig, metrics: dict) -> bool:
     """Write output_dir/metrics.json from the main process, then wait for every process; True on the main one."""
     main = trainer.is_world_process_zero()
     if main:
+        metrics = {**metrics, "distributed": describe(trainer.accelerator)}
         (Path(config.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
     trainer.accelerator.wait_for_everyone()  # no process goes on to load the model before it is written
     return main

@@ -1,11 +1,15 @@
 """On a CUDA machine: device-aware precision picks bf16, batched sampling works on the GPU, and so does our PPO
-(full weights and LoRA) on one GPU at bf16.
+(full weights and LoRA) on one GPU at bf16; every stage runs on one GPU under `accelerate launch` with each launch
+config (DDP, FSDP2, DeepSpeed ZeRO-2 and ZeRO-3), and vLLM samples where it is installed.
 
 These run where a GPU is present (a lent accelerator machine, a user's workstation); CI has none.
+tests/gpu_check.sh runs them all.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -71,3 +75,67 @@ def test_ppo_with_a_reward_model_on_gpu(tmp_path, tiny_model_dir, tiny_reward_di
     assert loaded.model.device.type == "cuda"
     text = render_prompt(loaded.tokenizer, "Write a short review of the film Alien.")
     assert len(generate_batch(loaded.model, loaded.tokenizer, [text], max_new_tokens=4, temperature=0.0)) == 1
+
+
+# ---------------------------------------------------------------- every stage under every launch config
+
+
+# On one GPU accelerate starts even a 1-process FSDP or DeepSpeed launch through torchrun, so the run is set up as
+# the config says; plain DDP with one process is accelerate's NO.
+ONE_GPU_LAYOUT = {
+    "ddp.yaml": {"type": "NO", "processes": 1},
+    "fsdp2.yaml": {"type": "FSDP", "processes": 1, "fsdp_version": 2},
+    "deepspeed_zero2.yaml": {"type": "DEEPSPEED", "processes": 1, "zero_stage": 2},
+    "deepspeed_zero3.yaml": {"type": "DEEPSPEED", "processes": 1, "zero_stage": 3},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ONE_GPU_LAYOUT)
+@pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "ppo"])
+def test_stage_on_one_gpu(tmp_path, stage, launcher, tiny_model_dir):
+    """`accelerate launch --config_file configs/accelerate/<launcher> --num_processes 1 -m rlhf.cli <stage>` on the
+    GPU at `auto` precision: the run is laid out as the config says and writes a full model directory that loads
+    and computes finite outputs."""
+    from test_distributed import _launch, _pairs
+
+    if launcher.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed here (pip install deepspeed)")
+    data = tmp_path / "data"
+    data.mkdir()
+    if stage == "sft":
+        rows = [{"instruction": r["prompt"], "response": r["chosen"]} for r in _pairs(32, 0)]
+        (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        for split, n, seed in (("train", 32, 0), ("test", 16, 1)):
+            (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _pairs(n, seed)))
+    options = {"model": tiny_model_dir, "device": "cuda", "precision": "auto", "output_dir": tmp_path / "out"}
+    if stage == "ppo":
+        options.update(reward_model="", reward_fn="length:8", prompts=data / "train.jsonl", steps=2, batch_size=4,
+                       mini_batch_size=2, max_new_tokens=8)
+    else:
+        options.update(data=data, epochs=1, batch_size=4, max_length=64)
+        if stage == "sft":
+            options["test_size"] = 0.0
+    flags = [a for k, v in options.items() for a in (f"--{k}", str(v))]
+    _launch(launcher, "--num_processes", "1", "-m", "rlhf.cli", stage, "--config", f"configs/{stage}.yaml", *flags)
+    out = tmp_path / "out"
+    assert json.loads((out / "metrics.json").read_text())["distributed"] == ONE_GPU_LAYOUT[launcher]
+    loaded = load(str(out), head="score" if stage == "reward" else "causal-lm", device="cuda")
+    batch = loaded.tokenizer(["Review film 0: the plot was wonderful"], return_tensors="pt").to("cuda")
+    with torch.no_grad():
+        assert torch.isfinite(loaded.model(**batch).logits).all()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed here (pip install vllm)")
+def test_vllm_backend_samples(tiny_model_dir):
+    """`rlhf generate --backend vllm`'s path: vLLM loads the saved model and samples one response per prompt, each
+    with its own seed (a prompt repeated twice gets two samples)."""
+    from rlhf.sample import load_for_sampling
+
+    loaded = load_for_sampling(tiny_model_dir, backend="vllm", memory=0.3)
+    assert not isinstance(loaded.model, torch.nn.Module)  # vLLM's engine, not the transformers fallback
+    texts = [render_prompt(loaded.tokenizer, "Write a short review of the film Alien.")] * 2
+    out = generate_batch(loaded.model, loaded.tokenizer, texts, max_new_tokens=8, temperature=1.0, generator_seed=0)
+    assert len(out) == 2 and all(0 < r["new_tokens"] <= 9 for r in out)
+    assert out[0]["token_ids"] != out[1]["token_ids"]
