@@ -427,9 +427,9 @@ def prepare(config: PPOConfig, reward_fn: Callable | None = None) -> PPORun:
         gold_fn = load_gold(config.gold)
     guard = None
     if config.guard_gap or config.guard_spread or config.guard_kl:
-        if accelerator.distributed_type == DistributedType.FSDP:
-            raise UserError("the over-optimisation guard keeps the best policy's weights, which FSDP shards: run "
-                            "it without FSDP, or set guard_gap, guard_spread and guard_kl to 0")
+        if weights_sharded(accelerator):
+            raise UserError("the over-optimisation guard keeps the best policy's weights, which FSDP and ZeRO-3 "
+                            "shard: run it under DDP or ZeRO-2, or set guard_gap, guard_spread and guard_kl to 0")
         guard = Guard(gap_limit=config.guard_gap, spread_limit=config.guard_spread, kl_limit=config.guard_kl)
     # Whole on every process, also under ZeRO-3: the reference and reward model run outside DeepSpeed, and the
     # critic's fresh value head is zeroed in place, which a partitioned tensor would ignore; prepare() partitions

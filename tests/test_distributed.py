@@ -402,6 +402,21 @@ def test_fsdp1_on_cpu_processes_is_refused_in_one_line(tmp_path, tiny_model_dir,
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", SHARDED)
+def test_ppo_guard_under_sharded_weights_is_refused_in_one_line(tmp_path, launcher, tiny_model_dir):
+    """The guard keeps a copy of the best policy's weights, which under sharding would be shards."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / launcher),
+           "--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "rlhf.cli", "ppo", "--config",
+           "configs/ppo.yaml", "--model", tiny_model_dir, "--reward_model", "", "--reward_fn", "length:8",
+           "--device", "cpu", "--steps", "2", "--guard_kl", "5", "--output_dir", str(tmp_path / "out")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0
+    assert "rlhf ppo: error: the over-optimisation guard keeps the best policy's weights" in proc.stderr
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
 # ---------------------------------------------------------------- the README's commands
 
 
