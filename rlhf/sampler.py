@@ -9,6 +9,10 @@ distribution (the same distribution, `draw`), and on a CPU in bf16 runs the line
 oneDNN once per call (`packed_linears`). What that buys, measured:
 docs/performance.md and benchmarks/generate_bench.py.
 
+For Llama-family models (Llama, Qwen2, Mistral) each decoding step after the prompt runs as plain tensor operations
+with the q/k/v and gate/up projections fused (`FusedDecoder`); other models, adapters and training-mode models go
+through their own forward.
+
 The log-prob of every sampled token at the sampling temperature is recorded as it is drawn (RL needs it as the
 behaviour policy's, without a second forward pass). Where packing does not apply (fp32, where oneDNN was measured
 slower than the default; GPUs; a layer oneDNN refuses) the layers run unchanged. Under FSDP or DeepSpeed, where
@@ -165,7 +169,9 @@ def _in_place_layer(capacity: int):
             self.keys, self.values = self.buffers[0][:, :, :end], self.buffers[1][:, :, :end]
             return self.keys, self.values
 
-    return InPlaceLayer()
+    layer = InPlaceLayer()
+    layer.in_place = True  # what FusedDecoder reads and writes
+    return layer
 
 
 def kv_cache(model, capacity: int):
@@ -177,6 +183,112 @@ def kv_cache(model, capacity: int):
     cache = DynamicCache(config=model.config)
     cache.layers = [_in_place_layer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
+
+
+# ---------------------------------------------------------------- a fused decoding step (Llama-family models)
+
+# The architectures whose decoder layer is exactly: RMSNorm, q/k/v projections (biases allowed), rotary embedding,
+# grouped-query softmax attention, o projection, residual; RMSNorm, SiLU-gated MLP, residual (transformers'
+# modeling_llama.py, modeling_qwen2.py, modeling_mistral.py). Sliding-window layers are left to transformers: their
+# caches are not in-place layers, which `FusedDecoder.build` requires.
+FUSED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+
+
+class FusedDecoder:
+    """One decoding step of a Llama-family model written out as plain tensor operations over the in-place KV cache:
+    the q, k and v projections as one matrix product and the MLP's gate and up projections as another (weights
+    concatenated, and packed for oneDNN on a CPU in bf16), the attention as two matrix products over the filled part
+    of the cache. It computes what the model's forward computes for one new token per row (tested against it in
+    fp32); in a step of a small model at batch 16 most of transformers' time is its modules' Python and the
+    separate small operators around seven linear layers, not arithmetic (docs/performance.md)."""
+
+    def __init__(self, model, cache, rows: int, dtype: torch.dtype, pack: bool):
+        inner = model.model
+        config = model.config
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.scale = self.head_dim**-0.5
+        self.rotary, self.embed, self.cache = inner.rotary_emb, inner.embed_tokens.weight, cache
+        self.dtype, self.pack, self.rows = dtype, pack, rows
+
+        def weight(*linears):
+            w = torch.cat([m.weight.detach() for m in linears]).to(dtype)
+            b = None if linears[0].bias is None else torch.cat([m.bias.detach() for m in linears]).to(dtype)
+            return (torch.ops.mkldnn._reorder_linear_weight(w, rows) if pack else w), b
+
+        self.layers = []
+        for layer in inner.layers:
+            a, m = layer.self_attn, layer.mlp
+            self.layers.append((layer.input_layernorm, weight(a.q_proj, a.k_proj, a.v_proj), weight(a.o_proj),
+                                layer.post_attention_layernorm, weight(m.gate_proj, m.up_proj), weight(m.down_proj)))
+        self.norm, self.head = inner.norm, weight(model.lm_head)
+
+    @staticmethod
+    def build(model, cache, rows: int) -> FusedDecoder | None:
+        """The fused step for `model` and its cache, or None where it does not apply: another architecture, any
+        layer that is not a plain nn.Linear (a LoRA adapter, a quantised layer), a cache layer that is not in place
+        (sliding windows), a model in training mode (dropout), or under autocast."""
+        inner = getattr(model, "model", None)
+        config = getattr(model, "config", None)
+        if (getattr(config, "model_type", None) not in FUSED_MODEL_TYPES
+                or getattr(config, "hidden_act", None) != "silu" or getattr(config, "pretraining_tp", 1) != 1
+                or model.training or torch.is_autocast_enabled("cpu") or not hasattr(inner, "rotary_emb")
+                or type(getattr(model, "lm_head", None)) is not torch.nn.Linear
+                or len(cache.layers) != len(inner.layers)
+                or not all(getattr(layer, "in_place", False) for layer in cache.layers)):
+            return None
+        for layer in inner.layers:
+            a, m = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+            names = [(a, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + [
+                (m, n) for n in ("gate_proj", "up_proj", "down_proj")]
+            if a is None or m is None or not all(type(getattr(mod, n, None)) is torch.nn.Linear for mod, n in names):
+                return None
+        weight = model.lm_head.weight
+        dtype = weight.dtype
+        pack = _pack_dtype(model) is not None
+        return FusedDecoder(model, cache, rows, dtype, pack)
+
+    def _linear(self, x: torch.Tensor, weight_bias) -> torch.Tensor:
+        weight, bias = weight_bias
+        if not self.pack:
+            return torch.nn.functional.linear(x, weight, bias)
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def _rms(norm, x: torch.Tensor) -> torch.Tensor:
+        """transformers' LlamaRMSNorm: in float32, scaled back in the input's dtype."""
+        xf = x.float()
+        return norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)).to(x.dtype)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = self.head_dim // 2
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+    def __call__(self, token: torch.Tensor, position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) after feeding `token` (B,) at `position` (B, 1); `mask` (B, n): the cache's filled part
+        including this token, which is written at index n - 1 of every layer's buffers."""
+        B, n = mask.shape
+        H, Hkv, d = self.heads, self.kv_heads, self.head_dim
+        bias = torch.zeros(B, 1, 1, n, dtype=torch.float32, device=mask.device).masked_fill_(
+            ~mask.bool()[:, None, None, :], float("-inf"))
+        h = torch.nn.functional.embedding(token[:, None], self.embed).to(self.dtype)  # (B, 1, D)
+        cos, sin = self.rotary(h, position)  # (B, 1, d)
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, 1, d): over heads
+        for i, (norm_in, qkv_w, o_w, norm_post, gate_up_w, down_w) in enumerate(self.layers):
+            qkv = self._linear(self._rms(norm_in, h), qkv_w).view(B, H + 2 * Hkv, 1, d)
+            q = self._rotate(qkv[:, :H], cos, sin)  # (B, H, 1, d)
+            keys, values = self.cache.layers[i].buffers  # (B, Hkv, capacity, d)
+            keys[:, :, n - 1 : n] = self._rotate(qkv[:, H : H + Hkv], cos, sin)
+            values[:, :, n - 1 : n] = qkv[:, H + Hkv :]
+            # Grouped-query attention without repeating the keys: each kv head's G query heads as G rows.
+            scores = torch.matmul(q.view(B, Hkv, H // Hkv, d), keys[:, :, :n].transpose(-1, -2)).float()
+            probs = (scores * self.scale + bias).softmax(-1).to(values.dtype)  # (B, Hkv, G, n)
+            attended = torch.matmul(probs, values[:, :, :n]).view(B, 1, H * d)
+            h = h + self._linear(attended, o_w)
+            gate, up = self._linear(self._rms(norm_post, h), gate_up_w).chunk(2, -1)
+            h = h + self._linear(torch.nn.functional.silu(gate) * up, down_w)
+        return self._linear(self._rms(self.norm, h), self.head)[:, 0]
 
 
 # ---------------------------------------------------------------- the decode loop
@@ -203,9 +315,13 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
     # transformers 5.x calls the cache argument `cache` (`past_key_values` is deprecated); older models, the old name.
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model passes it on
     cache_arg = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
-    cached = {cache_arg: kv_cache(model, Q + max_new_tokens), "use_cache": True}
+    cache = kv_cache(model, Q + max_new_tokens)
+    cached = {cache_arg: cache, "use_cache": True}
+    fused = FusedDecoder.build(model, cache, B) if max_new_tokens > 1 else None
     steps = 0
-    with packed_linears(model, B):
+    # The prompt goes through the model's own forward; with the fused step, on unpacked weights (at a prompt's
+    # number of rows a linear layer's own weight reorder costs what packing does, and the fused step packs its own).
+    with packed_linears(model, B) if fused is None else contextlib.nullcontext():
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position, logits_to_keep=1,
                        **cached).logits[:, -1]
         position = position[:, -1:]
@@ -221,7 +337,10 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
                 break
             mask[:, Q + t] = 1
             position = position + 1
-            logits = model(input_ids=tokens[:, t : t + 1], attention_mask=mask[:, : Q + t + 1],
-                           position_ids=position, **cached).logits[:, -1]
+            if fused is not None:
+                logits = fused(tokens[:, t], position, mask[:, : Q + t + 1])
+            else:
+                logits = model(input_ids=tokens[:, t : t + 1], attention_mask=mask[:, : Q + t + 1],
+                               position_ids=position, **cached).logits[:, -1]
     return Samples(tokens=tokens[:, :steps], logprobs=logprobs[:, :steps], ended=done,
                    lengths=lengths.clamp(max=steps))

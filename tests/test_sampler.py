@@ -11,7 +11,7 @@ import torch
 from rlhf import losses, rollout
 from rlhf.models import load
 from rlhf.sample import render_prompt
-from rlhf.sampler import draw, next_tokens, nucleus, packed_linears, sample
+from rlhf.sampler import FusedDecoder, draw, kv_cache, next_tokens, nucleus, packed_linears, sample
 
 PROMPTS = ["Hi", "Write a short review of the film Alien, in some detail please.", "What is the capital of France?"]
 
@@ -89,6 +89,48 @@ def test_sampled_log_probs_equal_a_full_forward_and_seeds_reproduce(tiny_model_d
                                        rollout.positions(attention), responses.shape[1])
     forward = losses.logprobs_from_logits(logits / 0.7, responses)
     assert torch.allclose(first.logprobs, forward * response_mask, atol=1e-4)
+
+
+def test_the_fused_step_computes_the_models_forward(tiny_model_dir, monkeypatch):
+    """The Llama-family decoding step (FusedDecoder) against transformers' forward through the same loop: the same
+    greedy tokens, the same recorded log-probs, on left-padded rows (fp32)."""
+    loaded = load(tiny_model_dir, device="cpu", precision="fp32")
+    model, tok = loaded.model, loaded.tokenizer
+    ids, mask = _batch(tok)
+    assert FusedDecoder.build(model, kv_cache(model, 32), ids.shape[0]) is not None  # the tiny Llama takes it
+    steps = []
+    real_call = FusedDecoder.__call__
+    monkeypatch.setattr(FusedDecoder, "__call__", lambda self, *a: steps.append(1) or real_call(self, *a))
+
+    def run():
+        return sample(model, ids, mask, max_new_tokens=12, temperature=0.7, eos_ids=[], pad_id=tok.pad_token_id,
+                      generator=torch.Generator().manual_seed(3))
+
+    fused = run()
+    assert len(steps) == 11  # every token after the first came from the fused step
+    monkeypatch.setattr(FusedDecoder, "build", staticmethod(lambda *a: None))
+    plain = run()
+    assert torch.equal(fused.tokens, plain.tokens)
+    assert torch.allclose(fused.logprobs, plain.logprobs, atol=1e-5)
+    assert fused.logprobs.abs().sum() > 0
+
+
+def test_the_fused_step_leaves_adapters_training_and_autocast_to_the_model(tiny_model_dir):
+    from peft import get_peft_model
+
+    from rlhf.trl_stage import lora_config
+
+    model = load(tiny_model_dir, device="cpu", precision="fp32").model
+    cache = kv_cache(model, 32)
+    assert FusedDecoder.build(model, cache, 2) is not None
+    model.train()
+    assert FusedDecoder.build(model, cache, 2) is None  # dropout would be skipped
+    model.eval()
+    with torch.autocast("cpu", torch.bfloat16):
+        assert FusedDecoder.build(model, cache, 2) is None  # fp32 weights computing in bf16: the model's own path
+    assert FusedDecoder.build(model, kv_cache(model, 32), 2) is not None
+    adapted = get_peft_model(model, lora_config(4, 8, "CAUSAL_LM")).eval()
+    assert FusedDecoder.build(adapted.get_base_model(), kv_cache(model, 32), 2) is None  # LoRA layers
 
 
 def test_rows_stop_at_their_eos_and_the_loop_at_the_last(tiny_model_dir):
