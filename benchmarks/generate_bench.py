@@ -1,4 +1,6 @@
-"""transformers' batched `generate` against rlhf.sampler, same model, prompts, batch and token count, side by side.
+"""transformers' batched `generate` against rlhf.sampler, same model, prompts, batch and token count, side by side;
+and the sampler without its fused decoding step (every step through the model's modules), to show what that step
+adds.
 
     python benchmarks/generate_bench.py                        # SmolLM2-135M-Instruct, batches 16 and 32, 48 tokens
     python benchmarks/generate_bench.py --model PATH --batch 8 32 64 --new-tokens 64 --repeats 5
@@ -38,7 +40,7 @@ def timed(side: str, model, enc, new_tokens: int, top_p: float, pad_id: int) -> 
         width = out.shape[1] - enc["input_ids"].shape[1]
     else:
         width = sample(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=new_tokens, temperature=0.8,
-                       top_p=top_p, pad_id=pad_id).tokens.shape[1]
+                       top_p=top_p, pad_id=pad_id, fused=side == "sampler").tokens.shape[1]
     elapsed = time.perf_counter() - start
     assert width == new_tokens
     return elapsed
@@ -84,14 +86,14 @@ def main() -> None:
     print(f"measured here: matmul {gflops:.0f} GFLOP/s, read bandwidth {bandwidth:.1f} GB/s, "
           f"{weight_bytes / 1e6:.0f} MB of linear weights read per decoding step")
     print(f"{'batch':>5} {'top_p':>5}  {'transformers tok/s':>22}  {'rlhf.sampler tok/s':>22}  {'ratio':>6}  "
-          f"{'compute-bound':>13}  {'memory-bound':>12}")
+          f"{'sampler unfused tok/s':>22}  {'fused/unfused':>13}  {'compute-bound':>13}  {'memory-bound':>12}")
     for batch in args.batch:
         texts = [render_prompt(tok, p) for p in (prompts * (batch // len(prompts) + 1))[:batch]]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         for top_p in args.top_p:
-            for side in ("hf", "sampler"):  # warm-up
+            for side in ("hf", "sampler", "unfused"):  # warm-up
                 timed(side, model, enc, 4, top_p, tok.pad_token_id)
-            times = {"hf": [], "sampler": []}
+            times = {"hf": [], "sampler": [], "unfused": []}
             for _ in range(args.repeats):
                 for side in times:
                     times[side].append(timed(side, model, enc, args.new_tokens, top_p, tok.pad_token_id))
@@ -99,10 +101,12 @@ def main() -> None:
             rate = {side: sorted(tokens / t for t in ts) for side, ts in times.items()}
             cell = {side: f"{statistics.median(r):7.0f} [{r[0]:.0f}, {r[-1]:.0f}]" for side, r in rate.items()}
             ratio = statistics.median(times["hf"]) / statistics.median(times["sampler"])
+            fused_gain = statistics.median(times["unfused"]) / statistics.median(times["sampler"])
             compute_bound = gflops * 1e9 / (2 * params)
             memory_bound = batch * bandwidth * 1e9 / weight_bytes
             print(f"{batch:>5} {top_p:>5}  {cell['hf']:>22}  {cell['sampler']:>22}  {ratio:5.2f}x  "
-                  f"{compute_bound:13.0f}  {memory_bound:12.0f}", flush=True)
+                  f"{cell['unfused']:>22}  {fused_gain:12.2f}x  {compute_bound:13.0f}  {memory_bound:12.0f}",
+                  flush=True)
     print("target: ratio >= 3x at batch 16 to 32")
 
 

@@ -297,11 +297,12 @@ class FusedDecoder:
 @torch.no_grad()
 def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
            temperature: float, top_p: float = 1.0, eos_ids: Iterable[int] = (), pad_id: int = 0,
-           generator: torch.Generator | None = None) -> Samples:
+           generator: torch.Generator | None = None, fused: bool = True) -> Samples:
     """Continue each left-padded row of `input_ids` (B, Q) by up to max_new_tokens tokens, drawn from
     softmax(logits / temperature) restricted to the top_p nucleus (temperature 0: greedy), until every row has
     emitted one of `eos_ids` (none given: exactly max_new_tokens). Position ids follow the attention mask, so a
-    padded row continues as it would alone (tested). `generator` seeds the draws (None: torch's global RNG)."""
+    padded row continues as it would alone (tested). `generator` seeds the draws (None: torch's global RNG).
+    `fused`: decode with FusedDecoder where it applies (False: always through the model's forward, for comparison)."""
     B, Q = input_ids.shape
     device = input_ids.device
     mask = attention_mask.new_zeros(B, Q + max_new_tokens)
@@ -317,7 +318,7 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
     cache_arg = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
     cache = kv_cache(model, Q + max_new_tokens)
     cached = {cache_arg: cache, "use_cache": True}
-    fused = FusedDecoder.build(model, cache, B) if max_new_tokens > 1 else None
+    fused = FusedDecoder.build(model, cache, B) if fused and max_new_tokens > 1 else None
     steps = 0
     # The prompt goes through the model's own forward; with the fused step, on unpacked weights (at a prompt's
     # number of rows a linear layer's own weight reorder costs what packing does, and the fused step packs its own).

@@ -102,14 +102,14 @@ def test_the_fused_step_computes_the_models_forward(tiny_model_dir, monkeypatch)
     real_call = FusedDecoder.__call__
     monkeypatch.setattr(FusedDecoder, "__call__", lambda self, *a: steps.append(1) or real_call(self, *a))
 
-    def run():
+    def run(fused: bool):
         return sample(model, ids, mask, max_new_tokens=12, temperature=0.7, eos_ids=[], pad_id=tok.pad_token_id,
-                      generator=torch.Generator().manual_seed(3))
+                      generator=torch.Generator().manual_seed(3), fused=fused)
 
-    fused = run()
+    fused = run(True)
     assert len(steps) == 11  # every token after the first came from the fused step
-    monkeypatch.setattr(FusedDecoder, "build", staticmethod(lambda *a: None))
-    plain = run()
+    plain = run(False)
+    assert len(steps) == 11
     assert torch.equal(fused.tokens, plain.tokens)
     assert torch.allclose(fused.logprobs, plain.logprobs, atol=1e-5)
     assert fused.logprobs.abs().sum() > 0
