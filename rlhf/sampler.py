@@ -9,9 +9,10 @@ distribution (the same distribution, `draw`), and on a CPU in bf16 runs the line
 oneDNN once per call (`packed_linears`). What that buys, measured:
 docs/performance.md and benchmarks/generate_bench.py.
 
-For Llama-family models (Llama, Qwen2, Mistral) each decoding step after the prompt runs as plain tensor operations
-with the q/k/v and gate/up projections fused (`FusedDecoder`); other models, adapters and training-mode models go
-through their own forward.
+A prompt prefix every row shares (a chat template's system prompt) is prefilled once, as one row, and copied
+into every row's cache. For Llama-family models (Llama, Qwen2, Mistral) each decoding step after the prompt runs
+as plain tensor operations with the q/k/v and gate/up projections fused (`FusedDecoder`); other models, adapters
+and training-mode models go through their own forward.
 
 The log-prob of every sampled token at the sampling temperature is recorded as it is drawn (RL needs it as the
 behaviour policy's, without a second forward pass). Where packing does not apply (fp32, where oneDNN was measured
@@ -185,6 +186,54 @@ def kv_cache(model, capacity: int):
     return cache
 
 
+# ---------------------------------------------------------------- a prompt prefix shared by every row
+
+# Below this many shared tokens a separate forward for the prefix costs more than it saves.
+MIN_SHARED_PREFIX = 8
+
+
+def shared_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
+    """How many tokens every left-padded row's prompt starts with in common (a chat template's system prompt and
+    role markers), at most one fewer than the shortest prompt, so every row keeps a token of its own to prefill."""
+    lengths = attention_mask.sum(1)
+    Q, shortest = input_ids.shape[1], int(lengths.min())
+    if input_ids.shape[0] < 2 or shortest < 2:
+        return 0
+    starts = (Q - lengths).tolist()
+    first = input_ids[0, starts[0] :]
+    common = shortest - 1
+    for row, start in enumerate(starts[1:], 1):
+        same = (input_ids[row, start : start + common] == first[:common]).long()
+        common = int(same.cumprod(0).sum())
+        if common == 0:
+            break
+    return common
+
+
+def prefill_shared_prefix(model, cache, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache_arg: str,
+                          p: int) -> None:
+    """Fill the first p columns of every row's cache from one forward pass over the rows' shared p-token prefix,
+    so the prompt's own forward runs over the remaining columns only. A row with k pads holds the prefix's first
+    p - k tokens in columns k..p-1 (the rest of its prefix falls in the remaining columns and is computed there
+    again); its keys and values are the one row's, since a token's keys depend only on the tokens before it and on
+    its position, which the attention mask's positions make the same in every row."""
+    B, Q = input_ids.shape
+    pads = (Q - attention_mask.sum(1)).tolist()
+    prefix = input_ids[:1, pads[0] : pads[0] + p]  # (1, p)
+    one_row = kv_cache(model, p)
+    positions = torch.arange(p, device=input_ids.device)[None]
+    model(input_ids=prefix, attention_mask=torch.ones_like(prefix), position_ids=positions, logits_to_keep=1,
+          **{cache_arg: one_row, "use_cache": True})
+    for layer, source in zip(cache.layers, one_row.layers):
+        keys = source.keys.new_zeros(B, *source.keys.shape[1:])  # (B, Hkv, p, d); pads stay zero, masked
+        values = source.values.new_zeros(B, *source.values.shape[1:])
+        for row, k in enumerate(pads):
+            k = min(k, p)
+            keys[row, :, k:] = source.keys[0, :, : p - k]
+            values[row, :, k:] = source.values[0, :, : p - k]
+        layer.update(keys, values)
+
+
 # ---------------------------------------------------------------- a fused decoding step (Llama-family models)
 
 # The architectures whose decoder layer is exactly: RMSNorm, q/k/v projections (biases allowed), rotary embedding,
@@ -322,9 +371,15 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
     steps = 0
     # The prompt goes through the model's own forward; with the fused step, on unpacked weights (at a prompt's
     # number of rows a linear layer's own weight reorder costs what packing does, and the fused step packs its own).
+    # A prefix every row shares (a chat template's system prompt) goes through the model once, as one row.
+    p = shared_prefix(input_ids, attention_mask)
+    if p < MIN_SHARED_PREFIX or not all(getattr(layer, "in_place", False) for layer in cache.layers):
+        p = 0
     with packed_linears(model, B) if fused is None else contextlib.nullcontext():
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position, logits_to_keep=1,
-                       **cached).logits[:, -1]
+        if p:
+            prefill_shared_prefix(model, cache, input_ids, attention_mask, cache_arg, p)
+        logits = model(input_ids=input_ids[:, p:], attention_mask=attention_mask, position_ids=position[:, p:],
+                       logits_to_keep=1, **cached).logits[:, -1]
         position = position[:, -1:]
         for t in range(max_new_tokens):
             steps = t + 1
