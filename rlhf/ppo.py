@@ -580,7 +580,6 @@ def sample_rollout(run: PPORun, step: int) -> Rollout:
     from accelerate.utils import DistributedType
     from transformers import LogitsProcessorList
 
-
     config, tokenizer = run.config, run.tokenizer
     # Seeded by step (and process), so an interrupted run resumed from a checkpoint samples the same.
     torch.manual_seed(config.seed * 1_000_003 + step * 997 + run.rank)

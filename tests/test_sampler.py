@@ -8,10 +8,10 @@ import contextlib
 import pytest
 import torch
 
-from rlhf import losses, rollout
+from rlhf import losses, rollout, sampler
 from rlhf.models import load
 from rlhf.sample import render_prompt
-from rlhf.sampler import FusedDecoder, draw, kv_cache, next_tokens, nucleus, packed_linears, sample
+from rlhf.sampler import FusedDecoder, draw, kv_cache, next_tokens, nucleus, packed_linears, sample, shared_prefix
 
 PROMPTS = ["Hi", "Write a short review of the film Alien, in some detail please.", "What is the capital of France?"]
 
@@ -131,6 +131,42 @@ def test_the_fused_step_leaves_adapters_training_and_autocast_to_the_model(tiny_
     assert FusedDecoder.build(model, kv_cache(model, 32), 2) is not None
     adapted = get_peft_model(model, lora_config(4, 8, "CAUSAL_LM")).eval()
     assert FusedDecoder.build(adapted.get_base_model(), kv_cache(model, 32), 2) is None  # LoRA layers
+
+
+def test_shared_prefix_counts_what_every_row_starts_with():
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8, 9], [5, 6, 7, 1, 2, 3, 4], [0, 5, 6, 7, 8, 2, 2]])
+    mask = (ids != 0).long()
+    assert shared_prefix(ids, mask) == 3  # 5 6 7
+    assert shared_prefix(ids[:1], mask[:1]) == 0  # one row: nothing to share
+    same = torch.tensor([[5, 6, 7], [5, 6, 7]])
+    assert shared_prefix(same, torch.ones_like(same)) == 2  # each row keeps its last token to prefill
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_shared_prefix_computed_once_gives_what_the_whole_prompt_does(tiny_model_dir, monkeypatch, fused):
+    """Rows sharing a system prompt, left-padded to different lengths: the prefix's keys and values from one row
+    (prefill_shared_prefix) give the same tokens and log-probs as prefilling every row whole (fp32)."""
+    loaded = load(tiny_model_dir, device="cpu", precision="fp32")
+    model, tok = loaded.model, loaded.tokenizer
+    system = "You are a careful film critic who writes short and honest reviews of films."
+    rows = [tok(render_prompt(tok, p, system), add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    ids, mask = rollout.left_pad(rows, tok.pad_token_id)
+    assert shared_prefix(ids, mask) >= sampler.MIN_SHARED_PREFIX
+    prefills = []
+    real_prefill = sampler.prefill_shared_prefix
+    monkeypatch.setattr(sampler, "prefill_shared_prefix", lambda *a: prefills.append(a[-1]) or real_prefill(*a))
+
+    def run():
+        return sample(model, ids, mask, max_new_tokens=10, temperature=0.7, eos_ids=[], pad_id=tok.pad_token_id,
+                      generator=torch.Generator().manual_seed(5), fused=fused)
+
+    shared = run()
+    assert prefills == [shared_prefix(ids, mask)]
+    monkeypatch.setattr(sampler, "MIN_SHARED_PREFIX", 10**6)  # every row prefilled whole
+    whole = run()
+    assert len(prefills) == 1
+    assert torch.equal(shared.tokens, whole.tokens)
+    assert torch.allclose(shared.logprobs, whole.logprobs, atol=1e-5)
 
 
 def test_rows_stop_at_their_eos_and_the_loop_at_the_last(tiny_model_dir):
