@@ -596,9 +596,10 @@ def sample_rollout(run: PPORun, step: int) -> Rollout:
                 prompt_ids, prompt_mask, mode="generate", max_new_tokens=config.max_new_tokens, do_sample=True,
                 temperature=config.temperature, top_k=0, top_p=1.0, repetition_penalty=1.0, eos_token_id=eos_ids,
                 pad_token_id=tokenizer.pad_token_id, logits_processor=LogitsProcessorList([recorder]),
-                # With sharded weights every process runs the same number of decoding steps, however early its own
-                # responses end: FSDP gathers each layer's weights in every step, with all processes taking part.
-                synced_gpus=weights_sharded(run.accelerator))
+                # Under FSDP every process runs the same number of decoding steps, however early its own responses
+                # end: each step gathers every layer's weights, with all processes taking part. (Under ZeRO-3 the
+                # policy is gathered whole for the rollout, so each process decodes by itself.)
+                synced_gpus=run.accelerator.distributed_type == DistributedType.FSDP)
         responses = sequences[:, Q:]  # (B, R)
         logprobs = recorder.result(responses)  # (B, R)
     else:

@@ -248,17 +248,18 @@ class FusedDecoder:
     the q, k and v projections as one matrix product and the MLP's gate and up projections as another (weights
     concatenated, and packed for oneDNN on a CPU in bf16), the attention as two matrix products over the filled part
     of the cache. It computes what the model's forward computes for one new token per row (tested against it in
-    fp32); in a step of a small model at batch 16 most of transformers' time is its modules' Python and the
-    separate small operators around seven linear layers, not arithmetic (docs/performance.md)."""
+    fp32), with four linear products a layer instead of seven and without the modules' Python around them; what
+    that saves, and how much of a step is the linear products' arithmetic, is in docs/performance.md."""
 
     def __init__(self, model, cache, rows: int, dtype: torch.dtype, pack: bool):
+        """rows: the decoding batch, oneDNN's layout hint for the packed weights."""
         inner = model.model
         config = model.config
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.scale = self.head_dim**-0.5
         self.rotary, self.embed, self.cache = inner.rotary_emb, inner.embed_tokens.weight, cache
-        self.dtype, self.pack, self.rows = dtype, pack, rows
+        self.dtype, self.pack = dtype, pack
 
         def weight(*linears):
             w = torch.cat([m.weight.detach() for m in linears]).to(dtype)
@@ -281,7 +282,7 @@ class FusedDecoder:
         config = getattr(model, "config", None)
         if (getattr(config, "model_type", None) not in FUSED_MODEL_TYPES
                 or getattr(config, "hidden_act", None) != "silu" or getattr(config, "pretraining_tp", 1) != 1
-                or model.training or torch.is_autocast_enabled("cpu") or not hasattr(inner, "rotary_emb")
+                or model.training or not hasattr(inner, "rotary_emb")
                 or type(getattr(model, "lm_head", None)) is not torch.nn.Linear
                 or len(cache.layers) != len(inner.layers)
                 or not all(getattr(layer, "in_place", False) for layer in cache.layers)):
@@ -293,9 +294,9 @@ class FusedDecoder:
             if a is None or m is None or not all(type(getattr(mod, n, None)) is torch.nn.Linear for mod, n in names):
                 return None
         weight = model.lm_head.weight
-        dtype = weight.dtype
-        pack = _pack_dtype(model) is not None
-        return FusedDecoder(model, cache, rows, dtype, pack)
+        if torch.is_autocast_enabled(weight.device.type):  # weights of one dtype computing in another
+            return None
+        return FusedDecoder(model, cache, rows, weight.dtype, pack=_pack_dtype(model) is not None)
 
     def _linear(self, x: torch.Tensor, weight_bias) -> torch.Tensor:
         weight, bias = weight_bias
