@@ -49,6 +49,13 @@ RECIPES = {
     "minilm-nomargin": {"model": "minilm-l6", "learning_rate": 1e-4, "epochs": 4.0, "batch_size": 8,
                         "use_margin": False},
     "minilm-3e-5": {"model": "minilm-l6", "learning_rate": 3e-5, "epochs": 4.0, "batch_size": 8},
+    # The demo's recipe as an ensemble of 3: three seed-trained models (3x the time), or three heads on one backbone,
+    # each on its own bootstrap resample of the pairs (one model's time): which spread says more for its cost?
+    "minilm-e2-x3": {"model": "minilm-l6", "learning_rate": 1e-4, "epochs": 2.0, "batch_size": 8, "ensemble": 3},
+    "minilm-e2-h3": {"model": "minilm-l6", "learning_rate": 1e-4, "epochs": 2.0, "batch_size": 8, "ensemble": 3,
+                     "ensemble_kind": "heads"},
+    "minilm-e2-h8": {"model": "minilm-l6", "learning_rate": 1e-4, "epochs": 2.0, "batch_size": 8, "ensemble": 8,
+                     "ensemble_kind": "heads"},
     # The policy's own backbone: one epoch (a step costs ~10x MiniLM's on a CPU).
     "smollm2": {"model": "smollm2-135m-instruct", "learning_rate": 1e-5, "epochs": 1.0, "batch_size": 8},
     "smollm2-lora": {"model": "smollm2-135m-instruct", "lora": True, "learning_rate": 2e-4, "epochs": 1.0,

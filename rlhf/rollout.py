@@ -147,8 +147,13 @@ def build_critic(spec: str, rm, policy_path: str, tokenizer, device, precision: 
         if spec:
             critic = load(spec, head="score", device=str(device), precision=precision).model
         elif rm is not None and hasattr(rm.model, "score") and rm.tokenizer.get_vocab() == tokenizer.get_vocab():
-            critic = AutoModelForSequenceClassification.from_pretrained(rm.paths[0], num_labels=1, dtype=dtype,
-                                                                        use_safetensors=True).to(device)
+            heads = rm.model.score.weight
+            critic = AutoModelForSequenceClassification.from_pretrained(
+                rm.paths[0], num_labels=1, dtype=dtype, use_safetensors=True,
+                ignore_mismatched_sizes=len(heads) > 1).to(device)
+            if len(heads) > 1:  # a reward model with K heads (rlhf.reward.heads): the value starts as their mean
+                with torch.no_grad():
+                    critic.score.weight.copy_(heads.mean(0, keepdim=True))
         else:
             critic = AutoModelForSequenceClassification.from_pretrained(policy_path, num_labels=1, dtype=dtype,
                                                                         use_safetensors=True).to(device)

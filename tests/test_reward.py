@@ -464,3 +464,101 @@ def test_pooling_mean_needs_an_encoder_and_a_mean_trained_model_keeps_it(tmp_pat
         build_trainer(_config(tmp_path, str(tmp_path / "mean"), pooling="cls"))
     trainer, _ = build_trainer(_config(tmp_path, str(tmp_path / "mean"), pooling="mean"))
     assert len(trainer.model.bert._forward_hooks) == 1  # the mean is restored on load, once
+
+
+# ---------------------------------------------------------------- K heads on one backbone
+
+
+def test_bootstrap_weights_are_poisson_one_and_a_function_of_the_pair_alone():
+    from rlhf.reward import heads
+
+    # The inverse CDF by hand: P(0) = e^-1 = 0.368, P(<= 1) = 0.736, P(<= 2) = 0.920, P(<= 3) = 0.981.
+    assert [heads.poisson_weight(u) for u in (0.0, 0.36, 0.37, 0.73, 0.74, 0.91, 0.93, 0.99)] == [0, 0, 1, 1, 2, 2, 3,
+                                                                                                     4]
+    keys = [(i, -1, i + 7) for i in range(3000)]
+    w = heads.bootstrap_weights(keys, 3, seed=0)
+    assert w.shape == (3000, 3)
+    assert w.mean().item() == pytest.approx(1.0, abs=0.04) and w.var().item() == pytest.approx(1.0, abs=0.08)
+    assert (w == 0).float().mean().item() == pytest.approx(math.exp(-1), abs=0.02)
+    torch.testing.assert_close(heads.bootstrap_weights(keys[5:9], 3, seed=0), w[5:9])  # whatever the batch
+    assert (w[:, 0] != w[:, 1]).float().mean() > 0.4  # each head its own resample
+    assert (heads.bootstrap_weights(keys, 3, seed=1) != w).float().mean() > 0.4
+
+
+def test_weighted_bradley_terry_loss_by_hand():
+    from rlhf.reward import heads
+
+    chosen, rejected = torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    margin = torch.tensor([0.5, 0.0])
+    nll = lambda d: -math.log(1 / (1 + math.exp(-d)))  # noqa: E731
+    # diffs minus margins: [[0.5, -0.5], [-1, 2]]; head 0 counts pair 0 twice, head 1 counts pair 1 once.
+    weights = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    expected = (2 * nll(0.5) + nll(2.0)) / 3
+    assert heads.weighted_bradley_terry_loss(chosen, rejected, weights, margin).item() == pytest.approx(expected)
+    unweighted = (nll(0.5) + nll(-0.5) + nll(-1.0) + nll(2.0)) / 4
+    assert heads.weighted_bradley_terry_loss(chosen, rejected, None, margin).item() == pytest.approx(unweighted)
+    # one head, unit weights: the loss the figures and TRL compute
+    assert heads.weighted_bradley_terry_loss(chosen[:, :1], rejected[:, :1], torch.ones(2, 1), margin).item() == \
+        pytest.approx(figures.bradley_terry_loss(chosen[:, 0], rejected[:, 0], margin))
+
+
+def test_the_heads_trainer_weighs_pairs_by_their_bootstrap_in_training_only(tmp_path, tiny_model_dir):
+    from rlhf.reward import heads
+
+    trainer, _ = build_trainer(_config(tmp_path, tiny_model_dir, ensemble=3, ensemble_kind="heads",
+                                       data=str(_write_data(tmp_path / "data", margin=True))))
+    model = trainer.model
+    assert heads.score_head(model)[1].out_features == 3 and model.config.num_labels == 3
+    batch = next(iter(trainer.get_train_dataloader()))
+    with torch.no_grad():
+        chosen, rejected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.chunk(2)
+    weights = heads.bootstrap_weights(heads.pair_keys(batch["input_ids"], batch["attention_mask"]), 3, seed=0)
+    assert not torch.equal(weights, torch.ones_like(weights))  # so the comparison below can tell them apart
+    by_hand = heads.weighted_bradley_terry_loss(chosen, rejected, weights, batch["margin"])
+    plain = heads.weighted_bradley_terry_loss(chosen, rejected, None, batch["margin"])
+    with torch.no_grad():
+        model.train()
+        trained = trainer.compute_loss(model, dict(batch))
+        model.eval()
+        evaluated = trainer.compute_loss(model, dict(batch))
+    assert trained.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert evaluated.item() == pytest.approx(plain.item(), rel=1e-5)
+    assert abs(by_hand.item() - plain.item()) > 1e-4
+
+
+def test_a_heads_ensemble_is_one_model_whose_heads_are_its_members(tmp_path, tiny_model_dir):
+    from rlhf.rollout import build_critic
+
+    metrics = run(_config(tmp_path, tiny_model_dir, ensemble=3, ensemble_kind="heads", max_steps=4))
+    out = tmp_path / "rm"
+    assert not (out / ENSEMBLE_FILE).exists() and metrics["steps"] == 4  # one model, trained once
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(str(out)).num_labels == 3
+    assert len(metrics["normalization"]["heads"]["mean"]) == 3 and metrics["ensemble"]["members"] == 3
+    assert metrics["ensemble"]["mean_pair_spread"] > 0 and len(metrics["ensemble"]["member_accuracy"]) == 3
+    scorer = RewardModel.load(str(out), device="cpu", precision="fp32")
+    assert scorer.size == 3 and scorer.means == pytest.approx(metrics["normalization"]["heads"]["mean"])
+    prompts, responses = ["Review film a", "Review film b"], ["a wonderful plot", "a dull scene"]
+    members = scorer.score_members(prompts, responses)
+    assert members.shape == (3, 2) and (members[0] - members[1]).abs().min() > 1e-4
+    with torch.no_grad():
+        ids = scorer.encode(prompts[0], responses[0])
+        logits = scorer.model(torch.tensor([ids])).logits[0]  # (3,): one score per head
+    torch.testing.assert_close(members[:, 0], logits)
+    torch.testing.assert_close(scorer.score(prompts, responses), members.mean(0))
+    normalized = scorer.score_members(prompts, responses, normalize=True)
+    means, stds = torch.tensor(scorer.means)[:, None], torch.tensor(scorer.stds)[:, None]
+    torch.testing.assert_close(normalized, (members - means) / stds)
+    # PPO's critic from this reward model: one value head, the mean of the K heads
+    critic = build_critic("", scorer, tiny_model_dir, scorer.tokenizer, "cpu")
+    torch.testing.assert_close(critic.score.weight, scorer.model.score.weight.mean(0, keepdim=True))
+
+
+@pytest.mark.parametrize("backbone", ["lora", "encoder"])
+def test_heads_on_a_lora_backbone_and_on_an_encoder(tmp_path, tiny_model_dir, tiny_encoder_dir, backbone):
+    model_dir = tiny_model_dir if backbone == "lora" else tiny_encoder_dir
+    run(_config(tmp_path, model_dir, ensemble=2, ensemble_kind="heads", max_steps=3, lora=backbone == "lora"))
+    scorer = RewardModel.load(str(tmp_path / "rm"), device="cpu", precision="fp32")
+    members = scorer.score_members(["Review film a"], ["a wonderful plot"])
+    assert members.shape == (2, 1) and abs(float(members[0, 0] - members[1, 0])) > 1e-5

@@ -17,8 +17,10 @@ loss, expected calibration error, length bias, and beside them the ceiling: how 
 function (`gold`, for simulated labels) or with each other (pairs several people voted on). With a test split,
 training evaluates every epoch (or `eval_steps`) and keeps the checkpoint with the lowest held-out loss
 (`keep_best`). `ensemble` K trains K members with seeds seed, seed + 1, ... into one directory that scores as one
-model (rlhf.reward.model). Normalisation statistics (mean and std of the reward on samples from a reference policy,
-else on the test split's responses) are saved in metrics.json for PPO, which scores with `normalize=True`.
+model (rlhf.reward.model), or with `ensemble_kind: heads` K score heads on one backbone, each fitted to its own
+bootstrap resample of the pairs (rlhf.reward.heads), at one model's cost. Normalisation statistics (mean and std
+of the reward on samples from a reference policy, else on the test split's responses; per head for K heads) are
+saved in metrics.json for PPO, which scores with `normalize=True`.
 
 Departures from TRL's defaults: precision follows the device (fp32 master weights, bf16/fp16 autocast only where
 the hardware has it), gradient checkpointing is off, and a LoRA adapter is merged so the output is always a full
@@ -46,6 +48,7 @@ from rlhf.reward.figures import (  # noqa: F401  (the figures' names, re-exporte
     mean_margin,
     pairwise_accuracy,
 )
+from rlhf.reward.heads import heads_trainer_class, record_heads, widen_head
 from rlhf.reward.model import (  # noqa: F401  (re-exported: callers import the scorer from rlhf.reward)
     ENCODER_CHAT_TEMPLATE,
     ENSEMBLE_FILE,
@@ -85,8 +88,12 @@ class RewardConfig(TRLStageConfig):
     gold: str = field("", "The gold function simulated labels came from (e.g. sentiment): the held-out ceiling is "
                       "how often the labels agree with it ('' : from overlapping votes, where there are any).")
     # Ensemble
-    ensemble: int = field(1, "Train this many members (seeds seed, seed + 1, ...) saved as one reward model that "
-                          "scores their mean; their spread is its uncertainty.")
+    ensemble: int = field(1, "Train this many members saved as one reward model that scores their mean; their "
+                          "spread is its uncertainty.")
+    ensemble_kind: Literal["seeds", "heads"] = field(
+        "seeds", "How an ensemble's members differ: seeds (K models trained one after another with seeds seed, "
+        "seed + 1, ...: K times the time) or heads (K score heads on one backbone, each on its own bootstrap "
+        "resample of the pairs: one model's time).")
     # Normalisation
     norm_policy: str = field("", "Reference policy whose samples give the reward mean/std for PPO ('' = use the "
                              "test split's chosen and rejected responses).")
@@ -151,7 +158,7 @@ def _normalization(config: RewardConfig, scorer: RewardModel, data, device) -> d
                                  generator_seed=config.seed + start)
             texts += [r["text"] for r in out]
         del policy
-        rewards = scorer.score(prompts, texts, batch_size=config.batch_size)
+        members = scorer.score_members(prompts, texts, batch_size=config.batch_size)
         source = {"source": "policy", "policy": config.norm_policy,
                   "prompts": config.norm_prompts or "training prompts", "max_new_tokens": config.norm_max_new_tokens,
                   "temperature": config.norm_temperature}
@@ -159,10 +166,15 @@ def _normalization(config: RewardConfig, scorer: RewardModel, data, device) -> d
         split = data["test"] if len(data["test"]) else data["train"]
         prompts = list(split["prompt"]) * 2
         texts = [m[-1]["content"] for m in split["chosen"]] + [m[-1]["content"] for m in split["rejected"]]
-        rewards = scorer.score(prompts, texts, batch_size=config.batch_size)
+        members = scorer.score_members(prompts, texts, batch_size=config.batch_size)
         source = {"source": ("test" if len(data["test"]) else "train") + " split chosen+rejected responses"}
-    return {"mean": float(rewards.mean()), "std": float(rewards.std()) if len(rewards) > 1 else 1.0,
-            "n": len(rewards), **source}
+    rewards = members.mean(0)
+    out = {"mean": float(rewards.mean()), "std": float(rewards.std()) if len(rewards) > 1 else 1.0,
+           "n": len(rewards), **source}
+    if len(members) > 1:  # K heads: each normalised by its own statistics, as seed-trained members are
+        out["heads"] = {"mean": members.mean(1).tolist(),
+                        "std": members.std(1).tolist() if len(rewards) > 1 else [1.0] * len(members)}
+    return out
 
 
 def build_trainer(config: RewardConfig):
@@ -204,6 +216,9 @@ def build_trainer(config: RewardConfig):
         raise UserError(f"{config.model} reads the mean token state (pooling mean); give --pooling mean")
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = ENCODER_CHAT_TEMPLATE if tokenizer.cls_token else PLAIN_CHAT_TEMPLATE
+    heads = config.ensemble if config.ensemble_kind == "heads" else 1
+    if heads > 1:
+        widen_head(model, heads)
     # SEQ_CLS: PEFT trains the fresh head (score / classifier) in full beside the adapter.
     peft_config = lora_config(config.lora_r, config.lora_alpha, "SEQ_CLS") if config.lora else None
     has_test = len(data.get("test", [])) > 0
@@ -215,9 +230,12 @@ def build_trainer(config: RewardConfig):
                          include_num_input_tokens_seen="non_padding")
     model.train()
     eval_data = data["test"].remove_columns([c for c in VOTE_COLUMNS if c in data["test"].column_names])
-    trainer = trl.RewardTrainer(model=model, args=args, train_dataset=data["train"],
-                                eval_dataset=eval_data if has_test else None, processing_class=tokenizer,
-                                peft_config=peft_config)
+    trainer_class = heads_trainer_class(trl.RewardTrainer) if heads > 1 else trl.RewardTrainer
+    trainer = trainer_class(model=model, args=args, train_dataset=data["train"],
+                            eval_dataset=eval_data if has_test else None, processing_class=tokenizer,
+                            peft_config=peft_config)
+    if heads > 1:
+        record_heads(trainer.model, heads)
     return trainer, data
 
 
@@ -299,7 +317,7 @@ def summary_line(metrics: dict) -> str:
 
 def run(config: RewardConfig) -> dict:
     """Train the reward model (or each member of an ensemble), then write metrics.json with the held-out evidence."""
-    if config.ensemble > 1:
+    if config.ensemble > 1 and config.ensemble_kind == "seeds":
         return _run_ensemble(config)
     return _run_one(config)
 

@@ -52,7 +52,7 @@ def right_padded(rows: list[list[int]], pad_id: int, width: int | None = None) -
 
 
 def _load_member(path: Path, device: str, precision: str):
-    """(model, tokenizer, mean, std) of one reward model directory."""
+    """(model, tokenizer, path, means, stds) of one reward model directory: a mean and std per head."""
     from rlhf.models import load
 
     config_file = path / "config.json"
@@ -61,21 +61,38 @@ def _load_member(path: Path, device: str, precision: str):
         if not any(a.endswith("ForSequenceClassification") for a in architectures):
             raise UserError(f"{path} is not a reward model (architectures {architectures}); train one with "
                             "`rlhf reward`")
-    loaded = load(str(path), head="score", device=device, precision=precision, padding_side="right")
-    mean, std = 0.0, 1.0
+        from transformers import AutoConfig
+
+        # config.json leaves id2label out when it is the default's (2 labels): the parsed config knows the count.
+        heads = AutoConfig.from_pretrained(str(path)).num_labels
+    else:
+        heads = 1  # a Hub id: a fresh head is not a reward model, but load says so in its own words
+    loaded = load(str(path), head="score", device=device, precision=precision, padding_side="right",
+                  num_labels=heads)
+    means, stds = [0.0] * heads, [1.0] * heads
     metrics_file = path / "metrics.json"
     if metrics_file.is_file():
         norm = json.loads(metrics_file.read_text()).get("normalization") or {}
-        mean, std = float(norm.get("mean", 0.0)), float(norm.get("std", 1.0))
-    return loaded.model, loaded.tokenizer, loaded.path, mean, std
+        per_head = norm.get("heads") or {"mean": [norm.get("mean", 0.0)], "std": [norm.get("std", 1.0)]}
+        if len(per_head["mean"]) == heads:
+            means, stds = [float(m) for m in per_head["mean"]], [float(v) for v in per_head["std"]]
+    return loaded.model, loaded.tokenizer, loaded.path, means, stds
+
+
+def _per_head(value: float | list[float], heads: int) -> list[float]:
+    return [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)] * heads
 
 
 class RewardModel:
-    """One reward model, or an ensemble of members sharing a tokenizer; `model` is the first member (a critic is
-    initialised from it)."""
+    """One reward model, or an ensemble of members sharing a tokenizer; `model` is the first model (a critic is
+    initialised from it). Each output of a model is a member: one for a plain reward model, K for one trained with
+    K heads (rlhf.reward.heads), each normalised by its own mean and std."""
 
-    def __init__(self, model, tokenizer, path: str = "", mean: float = 0.0, std: float = 1.0):
-        self.models, self.means, self.stds = [model], [float(mean)], [float(std)]
+    def __init__(self, model, tokenizer, path: str = "", mean: float | list[float] = 0.0,
+                 std: float | list[float] = 1.0):
+        self.heads = [int(getattr(model.config, "num_labels", 1) or 1)]
+        self.models = [model]
+        self.means, self.stds = _per_head(mean, self.heads[0]), _per_head(std, self.heads[0])
         self.tokenizer, self.path = tokenizer, path
         self.paths = [path]  # each member's own directory (an ensemble's `path` is the one holding them)
         if not getattr(tokenizer, "chat_template", None):
@@ -109,14 +126,17 @@ class RewardModel:
 
     @property
     def size(self) -> int:
-        """Members: 1 for a single reward model."""
-        return len(self.models)
+        """Members: 1 for a single reward model with one head."""
+        return sum(self.heads)
 
-    def add_member(self, model, mean: float = 0.0, std: float = 1.0, path: str = "") -> None:
+    def add_member(self, model, mean: float | list[float] = 0.0, std: float | list[float] = 1.0,
+                   path: str = "") -> None:
+        heads = int(getattr(model.config, "num_labels", 1) or 1)
         self.paths.append(path)
         self.models.append(model)
-        self.means.append(float(mean))
-        self.stds.append(float(std))
+        self.heads.append(heads)
+        self.means += _per_head(mean, heads)
+        self.stds += _per_head(std, heads)
 
     @classmethod
     def load(cls, path: str, device: str = "auto", precision: str = "auto") -> RewardModel:
@@ -147,16 +167,17 @@ class RewardModel:
 
     @torch.no_grad()
     def forward_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Raw rewards (K, B) float32 on the CPU of right-padded token ids (B, T), one row per member."""
+        """Raw rewards (K, B) float32 on the CPU of right-padded token ids (B, T), one row per member (each head
+        of each model)."""
         device = next(self.model.parameters()).device
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         rows = []
         for model in self.models:
             was_training = model.training
             model.eval()
-            rows.append(model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float().cpu())
+            rows.append(model(input_ids=input_ids, attention_mask=attention_mask).logits.float().cpu().T)
             model.train(was_training)
-        return torch.stack(rows)
+        return torch.cat(rows)
 
     def normalized(self, raw: torch.Tensor) -> torch.Tensor:
         """(K, B) raw member rewards as (r - mean_k) / std_k, each member by its own statistics."""
