@@ -293,20 +293,34 @@ def use_mean_pooling(model) -> None:
     setattr(model.config, POOLING_KEY, "mean")
 
 
+def saved_num_labels(path: str, trust_remote_code: bool = False) -> int:
+    """How many outputs a saved sequence-classification model has (config.json leaves id2label out when it is the
+    default's two, so the parsed config is asked); 1 for any other checkpoint."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return 1  # from_pretrained below says what is wrong, in its words
+    classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+    return config.num_labels if classifier else 1
+
+
 def load(
     spec: str,
     *,
     head: str = "causal-lm",
     device: str = "auto",
     precision: str = "auto",
-    num_labels: int = 1,
+    num_labels: int | None = None,
     trust_remote_code: bool = False,
     padding_side: str = "left",
 ) -> Loaded:
     """Load a model and its tokenizer from a spec.
 
     head: `causal-lm` (a policy) or `score` (a sequence-classification model with `num_labels` outputs, e.g. a
-    reward model; a causal-LM checkpoint gets a freshly initialised score head). Weights load only from
+    reward model; a causal-LM checkpoint gets a freshly initialised score head). num_labels None: as many as a
+    sequence-classification checkpoint has (K for a reward model with K heads), else 1. Weights load only from
     safetensors, and remote code only runs when asked for.
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -324,6 +338,8 @@ def load(
         if head == "causal-lm":
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         elif head == "score":
+            if num_labels is None:
+                num_labels = saved_num_labels(path, trust_remote_code)
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
             model.config.pad_token_id = tokenizer.pad_token_id
             if getattr(model.config, POOLING_KEY, "") == "mean":

@@ -145,7 +145,7 @@ def build_critic(spec: str, rm, policy_path: str, tokenizer, device, precision: 
     hf_logging.set_verbosity_error()  # the fresh head's "newly initialized" report is expected
     try:
         if spec:
-            critic = load(spec, head="score", device=str(device), precision=precision).model
+            critic = load(spec, head="score", device=str(device), precision=precision, num_labels=1).model
         elif rm is not None and hasattr(rm.model, "score") and rm.tokenizer.get_vocab() == tokenizer.get_vocab():
             heads = rm.model.score.weight
             critic = AutoModelForSequenceClassification.from_pretrained(

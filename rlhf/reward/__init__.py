@@ -205,7 +205,8 @@ def build_trainer(config: RewardConfig):
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        backbone = load(config.model, head="score", device=str(device), precision="fp32", padding_side="right")
+        backbone = load(config.model, head="score", device=str(device), precision="fp32", padding_side="right",
+                        num_labels=1)  # one fresh or trained head, whatever the backbone had; widened below
     finally:
         hf_logging.set_verbosity(verbosity)
     model, tokenizer = backbone.model, backbone.tokenizer

@@ -61,14 +61,8 @@ def _load_member(path: Path, device: str, precision: str):
         if not any(a.endswith("ForSequenceClassification") for a in architectures):
             raise UserError(f"{path} is not a reward model (architectures {architectures}); train one with "
                             "`rlhf reward`")
-        from transformers import AutoConfig
-
-        # config.json leaves id2label out when it is the default's (2 labels): the parsed config knows the count.
-        heads = AutoConfig.from_pretrained(str(path)).num_labels
-    else:
-        heads = 1  # a Hub id: a fresh head is not a reward model, but load says so in its own words
-    loaded = load(str(path), head="score", device=device, precision=precision, padding_side="right",
-                  num_labels=heads)
+    loaded = load(str(path), head="score", device=device, precision=precision, padding_side="right")
+    heads = loaded.model.config.num_labels
     means, stds = [0.0] * heads, [1.0] * heads
     metrics_file = path / "metrics.json"
     if metrics_file.is_file():
