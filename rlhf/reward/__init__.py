@@ -391,10 +391,15 @@ def _run_one(config: RewardConfig) -> dict:
     if not write_metrics(trainer, config, metrics):
         return metrics
     kept = (f"; kept step {metrics['kept']['step']} of {metrics['steps']} (lowest held-out loss)" if best else "")
-    print(f"Reward model: {metrics['steps']} steps on {n_kept} pairs in {metrics['seconds']:.0f} s "
+    heads = f" with {scorer.size} heads" if scorer.size > 1 else ""
+    print(f"Reward model{heads}: {metrics['steps']} steps on {n_kept} pairs in {metrics['seconds']:.0f} s "
           f"({metrics['tokens_per_second'] or 0:.0f} tokens/s); {loss_trend(metrics)}{kept}; reward mean "
           f"{normalization['mean']:.3f} std {normalization['std']:.3f} ({normalization['source']}) -> {out}\n  "
           f"{summary_line(metrics)}")
+    if "ensemble" in metrics:
+        e = metrics["ensemble"]
+        print(f"  heads' held-out accuracy {min(e['member_accuracy']):.3f}-{max(e['member_accuracy']):.3f}, mean "
+              f"spread of r_c - r_r {e['mean_pair_spread']:.3f}")
     return metrics
 
 
