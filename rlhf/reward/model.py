@@ -73,8 +73,11 @@ def _load_member(path: Path, device: str, precision: str):
     return loaded.model, loaded.tokenizer, loaded.path, means, stds
 
 
-def _per_head(value: float | list[float], heads: int) -> list[float]:
-    return [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)] * heads
+def _per_head(value: float | list[float], model) -> list[float]:
+    """A member's statistic per output of `model`: a list as given, or one value repeated for every head."""
+    if isinstance(value, (list, tuple)):
+        return [float(v) for v in value]
+    return [float(value)] * int(getattr(model.config, "num_labels", 1) or 1)
 
 
 class RewardModel:
@@ -84,9 +87,8 @@ class RewardModel:
 
     def __init__(self, model, tokenizer, path: str = "", mean: float | list[float] = 0.0,
                  std: float | list[float] = 1.0):
-        self.heads = [int(getattr(model.config, "num_labels", 1) or 1)]
         self.models = [model]
-        self.means, self.stds = _per_head(mean, self.heads[0]), _per_head(std, self.heads[0])
+        self.means, self.stds = _per_head(mean, model), _per_head(std, model)  # one entry per member
         self.tokenizer, self.path = tokenizer, path
         self.paths = [path]  # each member's own directory (an ensemble's `path` is the one holding them)
         if not getattr(tokenizer, "chat_template", None):
@@ -121,16 +123,14 @@ class RewardModel:
     @property
     def size(self) -> int:
         """Members: 1 for a single reward model with one head."""
-        return sum(self.heads)
+        return len(self.means)
 
     def add_member(self, model, mean: float | list[float] = 0.0, std: float | list[float] = 1.0,
                    path: str = "") -> None:
-        heads = int(getattr(model.config, "num_labels", 1) or 1)
         self.paths.append(path)
         self.models.append(model)
-        self.heads.append(heads)
-        self.means += _per_head(mean, heads)
-        self.stds += _per_head(std, heads)
+        self.means += _per_head(mean, model)
+        self.stds += _per_head(std, model)
 
     @classmethod
     def load(cls, path: str, device: str = "auto", precision: str = "auto") -> RewardModel:
