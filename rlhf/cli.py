@@ -96,7 +96,13 @@ class _UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     """argparse's parser, except that a refused command line is one line (argparse prints the whole usage first,
-    which for a stage is dozens of lines above the error); subcommands' parsers are of this class too."""
+    which for a stage is dozens of lines above the error); subcommands' parsers are of this class too. Prefixes of
+    long options are refused: `--learning` silently meaning `--learning_rate` today would turn into an error, or
+    into another option, the day an option sharing that prefix is added."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         raise _UsageError(self.prog, message)

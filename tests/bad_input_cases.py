@@ -233,6 +233,8 @@ CONFIG_CASES = [
 FLAG_CASES = [
     cli_case("flag-unknown-command", lambda c: ["nosuchcommand"], r"invalid choice: 'nosuchcommand'"),
     cli_case("flag-unknown-option", lambda c: ["sample", "--no-such-option", "1"], r"unrecognized arguments"),
+    cli_case("flag-prefix-of-option", lambda c: ["ppo", "--learning", "1e-3"], r"unrecognized arguments: --learning"),
+    cli_case("flag-section-prefix", lambda c: ["loop", "--ppo.learn", "1"], r"unrecognized arguments: --ppo.learn"),
     cli_case("flag-int-text", lambda c: ["sample", "--n", "abc"], r"--n: invalid int value: 'abc'"),
     cli_case("flag-float-text", lambda c: ["sample", "--temperature", "hot"], r"invalid float value: 'hot'"),
     cli_case("flag-bool-maybe", lambda c: ["dpo", "--lora", "maybe"], r"expected true or false, got 'maybe'"),
