@@ -539,6 +539,9 @@ def test_a_heads_ensemble_is_one_model_whose_heads_are_its_members(tmp_path, tin
     assert metrics["ensemble"]["mean_pair_spread"] > 0 and len(metrics["ensemble"]["member_accuracy"]) == 3
     scorer = RewardModel.load(str(out), device="cpu", precision="fp32")
     assert scorer.size == 3 and scorer.means == pytest.approx(metrics["normalization"]["heads"]["mean"])
+    with pytest.raises(ValueError, match="3 members"):  # member 0's statistic would pass for the ensemble's
+        scorer.std = 2.0
+    assert scorer.stds == pytest.approx(metrics["normalization"]["heads"]["std"])
     prompts, responses = ["Review film a", "Review film b"], ["a wonderful plot", "a dull scene"]
     members = scorer.score_members(prompts, responses)
     assert members.shape == (3, 2) and (members[0] - members[1]).abs().min() > 1e-4

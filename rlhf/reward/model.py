@@ -105,20 +105,27 @@ class RewardModel:
 
     @property
     def mean(self) -> float:
-        """The first member's normalisation mean (the only one for a single model)."""
-        return self.means[0]
+        """The normalisation mean of a single reward model (an ensemble has one per member: `means`)."""
+        return self.means[self._single("mean")]
 
     @mean.setter
     def mean(self, value: float) -> None:
-        self.means[0] = float(value)
+        self.means[self._single("mean")] = float(value)
 
     @property
     def std(self) -> float:
-        return self.stds[0]
+        return self.stds[self._single("std")]
 
     @std.setter
     def std(self, value: float) -> None:
-        self.stds[0] = float(value)
+        self.stds[self._single("std")] = float(value)
+
+    def _single(self, name: str) -> int:
+        # Reading or setting member 0's statistic on an ensemble would silently leave the others as they were.
+        if self.size != 1:
+            raise ValueError(f"this reward model has {self.size} members, each with its own {name}: use "
+                             f"`{name}s`")
+        return 0
 
     @property
     def size(self) -> int:
