@@ -565,3 +565,15 @@ def test_heads_on_a_lora_backbone_and_on_an_encoder(tmp_path, tiny_model_dir, ti
     scorer = RewardModel.load(str(tmp_path / "rm"), device="cpu", precision="fp32")
     members = scorer.score_members(["Review film a"], ["a wonderful plot"])
     assert members.shape == (2, 1) and abs(float(members[0, 0] - members[1, 0])) > 1e-5
+
+
+def test_a_two_label_classifier_is_refused_rather_than_read_as_two_members(tmp_path, tiny_tokenizer):
+    from transformers import LlamaForSequenceClassification
+
+    from conftest import _tiny_llama_config
+
+    path = tmp_path / "sentiment-classifier"  # what a Hub classifier looks like: 2 labels, no rlhf metrics.json
+    LlamaForSequenceClassification(_tiny_llama_config(tiny_tokenizer, num_labels=2)).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    with pytest.raises(UserError, match="2 outputs.*not an ensemble"):
+        RewardModel.load(str(path), device="cpu", precision="fp32")

@@ -70,6 +70,14 @@ def _load_member(path: Path, device: str, precision: str):
         per_head = norm.get("heads") or {"mean": [norm.get("mean", 0.0)], "std": [norm.get("std", 1.0)]}
         if len(per_head["mean"]) == heads:
             means, stds = [float(m) for m in per_head["mean"]], [float(v) for v in per_head["std"]]
+            return loaded.model, loaded.tokenizer, loaded.path, means, stds
+    if heads > 1:
+        # A classifier's outputs are labels (e.g. negative, positive), not reward members: averaging them is no
+        # reward. Only `rlhf reward --ensemble K --ensemble_kind heads` records K heads as members.
+        raise UserError(f"{path} has {heads} outputs and no record of them as reward heads (metrics.json's "
+                        "normalization.heads, written by `rlhf reward --ensemble_kind heads`): a classifier's "
+                        "labels are not an ensemble; wrap the label you want in a --reward_fn, or train a "
+                        "reward model with `rlhf reward`")
     return loaded.model, loaded.tokenizer, loaded.path, means, stds
 
 
