@@ -568,9 +568,8 @@ def test_heads_on_a_lora_backbone_and_on_an_encoder(tmp_path, tiny_model_dir, ti
 
 
 def test_a_two_label_classifier_is_refused_rather_than_read_as_two_members(tmp_path, tiny_tokenizer):
-    from transformers import LlamaForSequenceClassification
-
     from conftest import _tiny_llama_config
+    from transformers import LlamaForSequenceClassification
 
     path = tmp_path / "sentiment-classifier"  # what a Hub classifier looks like: 2 labels, no rlhf metrics.json
     LlamaForSequenceClassification(_tiny_llama_config(tiny_tokenizer, num_labels=2)).save_pretrained(path)
