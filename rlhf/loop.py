@@ -101,8 +101,8 @@ class LoopConfig:
     ppo: dict = section(
         "rlhf.ppo:PPOConfig", "RL against the round's reward model (`rlhf ppo`), for every RL method in align (the "
         "method sets the estimator); gold is the loop's with labeler=simulated, scored every step.",
-        {"prompt_split": "train", "max_new_tokens": 48, "steps": 12, "batch_size": 16, "mini_batch_size": 8,
-         "ppo_epochs": 1, "learning_rate": 6e-5, "kl_coef": 0.05},
+        {"prompt_split": "train", "max_new_tokens": 48, "steps": 12, "batch_size": 32, "mini_batch_size": 16,
+         "ppo_epochs": 1, "learning_rate": 1.4e-3, "kl_coef": 0.1, "lora": True},
         fixed=("model", "reward_model", "prompts", "output_dir", "device", "precision", "seed", "estimator", "gold"))
     evaluate: dict = section(
         "rlhf.evaluate:EvaluateConfig", "Aligned vs base and the prompt baselines (`rlhf evaluate`); `limit` = "

@@ -174,7 +174,7 @@ def test_loop_help_lists_each_stage_option_with_the_loop_default(capsys):
         main(["loop", "--help"])
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "ppo options" in out and "--ppo.learning_rate PPO.LEARNING_RATE" in out
-    assert "AdamW learning rate (policy and critic). (default: 6e-05)" in out  # the loop's value, not PPOConfig's
+    assert "AdamW learning rate (policy and critic). (default: 0.0014)" in out  # the loop's value, not PPOConfig's
     assert "--dpo.beta" in out and "--evaluate.prompt_baselines" in out
     assert "--ppo.output_dir" not in out and "--dpo.model" not in out  # the loop sets those
 

@@ -183,7 +183,7 @@ def test_a_stage_option_set_on_the_command_line_reaches_the_stage(tmp_path, monk
     from rlhf.ppo import PPOConfig
 
     ppo = loop.stage_config(seen["config"], "ppo", PPOConfig, model="m", output_dir=str(tmp_path / "ppo"))
-    assert (ppo.cliprange, ppo.steps, ppo.learning_rate, ppo.model) == (0.1, 3, 6e-5, "m")
+    assert (ppo.cliprange, ppo.steps, ppo.learning_rate, ppo.model) == (0.1, 3, 1.4e-3, "m")
 
 
 def test_demo_help_lists_its_options(capsys):
