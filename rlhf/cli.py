@@ -288,6 +288,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"rlhf {command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Under `accelerate launch`, tear the process group down before the interpreter does: gloo's worker threads
+    left to interpreter shutdown abort the process (SIGABRT, "terminate called without an active exception") after
+    a run that finished and saved, which the launcher reports as a failed run."""
+    if "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
