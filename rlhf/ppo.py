@@ -485,9 +485,13 @@ def _load_models(config: PPOConfig, accelerator, reward_fn: Callable | None) -> 
     """Policy, critic, reference and reward model. Trained weights in fp32 (autocast does the low-precision
     math); frozen ones directly in the compute dtype."""
     from accelerate.utils import DistributedType
+    from transformers import set_seed
 
     from rlhf.models import load
 
+    # The fresh weights (LoRA's A matrices, a new value head) come from the seed: unseeded, two runs of one config
+    # sampled the same first rollout (B = 0 leaves the policy as loaded) and then trained apart from the first update.
+    set_seed(config.seed)
     device = accelerator.device
     # With LoRA the base weights are frozen, so they are held in the compute dtype and only the adapters (and the
     # critic's value head) in fp32: autocast caches its casts of trained weights only, so fp32 frozen weights would

@@ -411,6 +411,22 @@ def test_lora_policy_and_critic_save_a_merged_model(tmp_path, tiny_model_dir, ti
     assert any(not torch.allclose(trained[k], start[k]) for k in start)
 
 
+def test_the_same_seed_trains_the_same_lora_policy_and_critic(tmp_path, tiny_model_dir, tiny_reward_dir):
+    """The adapters' fresh weights come from `seed`, not from whatever the process's random state was: two runs of
+    one config drew the same first rollout and then trained apart."""
+    common = dict(reward_model=tiny_reward_dir, reward_fn="", lora=True, lora_r=4, lora_alpha=8, learning_rate=1e-2,
+                  steps=2)
+    trained = {}
+    for name, state, seed in (("a", 1, 0), ("b", 2, 0), ("c", 1, 1)):
+        torch.manual_seed(state)  # a process that drew random numbers before the stage (or a fresh one)
+        result = ppo.run(tiny_config(tmp_path, tiny_model_dir, name, seed=seed, **common))
+        trained[name] = (weights(tmp_path / name), [h["loss/value_avg"] for h in result["history"]])
+    (a, a_losses), (b, b_losses), (c, _) = trained["a"], trained["b"], trained["c"]
+    assert a_losses == b_losses
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # another seed does train differently
+
+
 def test_lora_at_bf16_trains_adapters_on_a_bf16_base_and_merges_into_the_fp32_base(tmp_path, tiny_model_dir,
                                                                                     tiny_reward_dir):
     config = tiny_config(tmp_path, tiny_model_dir, reward_model=tiny_reward_dir, reward_fn="", lora=True, lora_r=4,
