@@ -183,7 +183,7 @@ class PPOConfig:
     vf_coef: float = field(0.1, "Weight of the value loss.")
     whiten_advantages: bool = field(True, "Whiten gae's and rloo's advantages over each rollout batch (grpo and "
                                     "reinforce_pp normalise as their papers do).")
-    seed: int = field(0, "Random seed (prompt order, sampling, minibatch shuffles).")
+    seed: int = field(0, "Random seed (the fresh adapters and value head, prompt order, sampling, minibatch shuffles).")
     # Output
     output_dir: str = field("runs/ppo", "Where the trained policy, metrics.json, metrics.jsonl and checkpoints go.")
     save_steps: int = field(0, "Save a checkpoint (policy, critic, optimizer, KL controller, step) every this "

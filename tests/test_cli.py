@@ -181,13 +181,12 @@ def test_annotators_list_escapes_control_characters_in_names(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, status", [(["--help"], 0), (["sft", "--epochs", "many"], 2)])
-def test_a_launched_command_closes_its_process_group(argv, status, tmp_path, monkeypatch):
+def test_a_launched_command_closes_its_process_group(argv, status, tmp_path):
     """Under `accelerate launch` each process holds a gloo group; left to interpreter shutdown, its threads abort a
     process whose run had finished (SIGABRT, seen in CI as a failed 2-process SFT). `main` closes it, on success and
     on error alike."""
     import torch.distributed as dist
 
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         if argv == ["--help"]:
