@@ -11,8 +11,9 @@ docs/performance.md and benchmarks/generate_bench.py.
 
 A prompt prefix every row shares (a chat template's system prompt) is prefilled once, as one row, and copied
 into every row's cache. For Llama-family models (Llama, Qwen2, Mistral) each decoding step after the prompt runs
-as plain tensor operations with the q/k/v and gate/up projections fused (`FusedDecoder`); other models, adapters
-and training-mode models go through their own forward.
+as plain tensor operations with the q/k/v and gate/up projections fused (`FusedDecoder`), a LoRA adapter's update
+merged into the fused weights (RL samples its LoRA policy this way); other models, other adapters and training-mode
+models go through their own forward.
 
 The log-prob of every sampled token at the sampling temperature is recorded as it is drawn (RL needs it as the
 behaviour policy's, without a second forward pass). Where packing does not apply (fp32, where oneDNN was measured
@@ -188,6 +189,15 @@ def kv_cache(model, capacity: int):
 
 # ---------------------------------------------------------------- a prompt prefix shared by every row
 
+def last_position(length: int, device) -> torch.Tensor:
+    """transformers' `logits_to_keep` for a forward's last position only, as an index tensor: the count 1 would
+    slice the hidden states into a non-contiguous view, and torch's linear on such a view with a weight that
+    requires no grad (a frozen LoRA base) copies the whole vocabulary projection once per row (2 s a prompt batch of
+    32 rows for SmolLM2, where the product itself takes milliseconds; rollout.policy_logits avoids it the same
+    way)."""
+    return torch.tensor([length - 1], device=device)
+
+
 # Below this many shared tokens a separate forward for the prefix costs more than it saves.
 MIN_SHARED_PREFIX = 8
 
@@ -222,7 +232,8 @@ def prefill_shared_prefix(model, cache, input_ids: torch.Tensor, attention_mask:
     prefix = input_ids[:1, pads[0] : pads[0] + p]  # (1, p)
     one_row = kv_cache(model, p)
     positions = torch.arange(p, device=input_ids.device)[None]
-    model(input_ids=prefix, attention_mask=torch.ones_like(prefix), position_ids=positions, logits_to_keep=1,
+    model(input_ids=prefix, attention_mask=torch.ones_like(prefix), position_ids=positions,
+          logits_to_keep=last_position(p, input_ids.device),
           **{cache_arg: one_row, "use_cache": True})
     for layer, source in zip(cache.layers, one_row.layers):
         keys = source.keys.new_zeros(B, *source.keys.shape[1:])  # (B, Hkv, p, d); pads stay zero, masked
@@ -243,13 +254,45 @@ def prefill_shared_prefix(model, cache, input_ids: torch.Tensor, attention_mask:
 FUSED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 
 
+def _lora_linear_type():
+    try:
+        from peft.tuners.lora import Linear
+    except ImportError:  # peft absent: no LoRA layer can be there
+        return None
+    return Linear
+
+
+def linear_map(m) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The weight and bias of the affine map a linear layer computes, or None when it is not one FusedDecoder can
+    take: a plain nn.Linear, or PEFT's LoRA Linear over one, its active adapters' updates s * B A added to the frozen
+    weight in float32 (Hu et al. 2021, "LoRA", eq. 3: h = W0 x + B A x; the same map as the adapter's forward in
+    eval mode, where its dropout is the identity). Not taken: a merged or DoRA-style adapter, a quantised base,
+    fan-in-fan-out (Conv1D) weights."""
+    if type(m) is torch.nn.Linear:
+        return m.weight.detach(), m.bias
+    lora = _lora_linear_type()
+    if lora is None or type(m) is not lora or type(m.base_layer) is not torch.nn.Linear:
+        return None
+    active = [a for a in m.active_adapters if a in m.lora_A]
+    if m.merged or m.fan_in_fan_out or any(m.use_dora.get(a, False) or a in getattr(m, "lora_variant", {})
+                                           for a in active):
+        return None
+    base = m.base_layer
+    if m.disable_adapters or not active:
+        return base.weight.detach(), base.bias
+    with torch.no_grad():
+        weight = base.weight.float() + sum(m.get_delta_weight(a).float() for a in active)
+    return weight, base.bias
+
+
 class FusedDecoder:
     """One decoding step of a Llama-family model written out as plain tensor operations over the in-place KV cache:
     the q, k and v projections as one matrix product and the MLP's gate and up projections as another (weights
     concatenated, and packed for oneDNN on a CPU in bf16), the attention as two matrix products over the filled part
     of the cache. It computes what the model's forward computes for one new token per row (tested against it in
-    fp32), with four linear products a layer instead of seven and without the modules' Python around them; what
-    that saves, and how much of a step is the linear products' arithmetic, is in docs/performance.md."""
+    fp32, with and without a LoRA adapter), with four linear products a layer instead of seven (a LoRA layer's
+    three become one) and without the modules' Python around them; what that saves, and how much of a step is the
+    linear products' arithmetic, is in docs/performance.md."""
 
     def __init__(self, model, cache, rows: int, dtype: torch.dtype, pack: bool):
         """rows: the decoding batch, oneDNN's layout hint for the packed weights."""
@@ -262,8 +305,9 @@ class FusedDecoder:
         self.dtype, self.pack = dtype, pack
 
         def weight(*linears):
-            w = torch.cat([m.weight.detach() for m in linears]).to(dtype)
-            b = None if linears[0].bias is None else torch.cat([m.bias.detach() for m in linears]).to(dtype)
+            maps = [linear_map(m) for m in linears]
+            w = torch.cat([m_w.to(dtype) for m_w, _ in maps])
+            b = None if maps[0][1] is None else torch.cat([m_b.detach() for _, m_b in maps]).to(dtype)
             return (torch.ops.mkldnn._reorder_linear_weight(w, rows) if pack else w), b
 
         self.layers = []
@@ -275,9 +319,13 @@ class FusedDecoder:
 
     @staticmethod
     def build(model, cache, rows: int) -> FusedDecoder | None:
-        """The fused step for `model` and its cache, or None where it does not apply: another architecture, any
-        layer that is not a plain nn.Linear (a LoRA adapter, a quantised layer), a cache layer that is not in place
-        (sliding windows), a model in training mode (dropout), or under autocast."""
+        """The fused step for `model` (a PEFT model: the model its adapters sit in) and its cache, or None where it
+        does not apply: another architecture, a layer `linear_map` does not take (a quantised layer, a DoRA
+        adapter), a cache layer that is not in place (sliding windows), a model in training mode (dropout), or
+        autocast to a dtype other than the weights' (RL's LoRA policy on a bf16 base, autocast to bf16, computes in
+        bf16 throughout, as the fused step does)."""
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
         inner = getattr(model, "model", None)
         config = getattr(model, "config", None)
         if (getattr(config, "model_type", None) not in FUSED_MODEL_TYPES
@@ -291,11 +339,13 @@ class FusedDecoder:
             a, m = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
             names = [(a, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + [
                 (m, n) for n in ("gate_proj", "up_proj", "down_proj")]
-            if a is None or m is None or not all(type(getattr(mod, n, None)) is torch.nn.Linear for mod, n in names):
+            if a is None or m is None or not all(linear_map(getattr(mod, n, None)) is not None for mod, n in names):
                 return None
         weight = model.lm_head.weight
-        if torch.is_autocast_enabled(weight.device.type):  # weights of one dtype computing in another
-            return None
+        device = weight.device.type
+        if torch.is_autocast_enabled(device) and (torch.get_autocast_dtype(device) != weight.dtype
+                                                  or inner.embed_tokens.weight.dtype != weight.dtype):
+            return None  # weights of one dtype computing in another
         return FusedDecoder(model, cache, rows, weight.dtype, pack=_pack_dtype(model) is not None)
 
     def _linear(self, x: torch.Tensor, weight_bias) -> torch.Tensor:
@@ -318,6 +368,10 @@ class FusedDecoder:
     def __call__(self, token: torch.Tensor, position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) after feeding `token` (B,) at `position` (B, 1); `mask` (B, n): the cache's filled part
         including this token, which is written at index n - 1 of every layer's buffers."""
+        with torch.autocast(mask.device.type, enabled=False):  # the weights are in self.dtype already
+            return self._step(token, position, mask)
+
+    def _step(self, token: torch.Tensor, position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         B, n = mask.shape
         H, Hkv, d = self.heads, self.kv_heads, self.head_dim
         bias = torch.zeros(B, 1, 1, n, dtype=torch.float32, device=mask.device).masked_fill_(
@@ -380,7 +434,7 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
         if p:
             prefill_shared_prefix(model, cache, input_ids, attention_mask, cache_arg, p)
         logits = model(input_ids=input_ids[:, p:], attention_mask=attention_mask, position_ids=position[:, p:],
-                       logits_to_keep=1, **cached).logits[:, -1]
+                       logits_to_keep=last_position(Q - p, device), **cached).logits[:, -1]
         position = position[:, -1:]
         for t in range(max_new_tokens):
             steps = t + 1

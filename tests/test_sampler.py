@@ -115,10 +115,8 @@ def test_the_fused_step_computes_the_models_forward(tiny_model_dir, monkeypatch)
     assert fused.logprobs.abs().sum() > 0
 
 
-def test_the_fused_step_leaves_adapters_training_and_autocast_to_the_model(tiny_model_dir):
-    from peft import get_peft_model
-
-    from rlhf.trl_stage import lora_config
+def test_the_fused_step_leaves_training_mixed_dtypes_and_other_adapters_to_the_model(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
 
     model = load(tiny_model_dir, device="cpu", precision="fp32").model
     cache = kv_cache(model, 32)
@@ -129,8 +127,78 @@ def test_the_fused_step_leaves_adapters_training_and_autocast_to_the_model(tiny_
     with torch.autocast("cpu", torch.bfloat16):
         assert FusedDecoder.build(model, cache, 2) is None  # fp32 weights computing in bf16: the model's own path
     assert FusedDecoder.build(model, kv_cache(model, 32), 2) is not None
-    adapted = get_peft_model(model, lora_config(4, 8, "CAUSAL_LM")).eval()
-    assert FusedDecoder.build(adapted.get_base_model(), kv_cache(model, 32), 2) is None  # LoRA layers
+    dora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True,
+                                            task_type="CAUSAL_LM")).eval()
+    assert FusedDecoder.build(dora, kv_cache(model, 32), 2) is None  # DoRA's magnitude vector: not a plain sum
+
+
+def _lora_policy(tiny_model_dir, precision: str):
+    """The tiny Llama with RL's LoRA adapters (every linear layer), B drawn non-zero so the adapter counts."""
+    from peft import get_peft_model
+
+    from rlhf.trl_stage import lora_config
+
+    loaded = load(tiny_model_dir, device="cpu", precision=precision)
+    torch.manual_seed(0)
+    policy = get_peft_model(loaded.model, lora_config(4, 8, "CAUSAL_LM")).eval()
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return policy, loaded.tokenizer
+
+
+def test_the_fused_step_merges_a_lora_adapter(tiny_model_dir, monkeypatch):
+    """RL samples its LoRA policy through the fused step, the adapter's update merged into the fused weights: in
+    fp32 the same tokens and log-probs as the adapted model's own forward, and the adapter really counts."""
+    policy, tok = _lora_policy(tiny_model_dir, "fp32")
+    ids, mask = _batch(tok)
+    steps = []
+    real_call = FusedDecoder.__call__
+    monkeypatch.setattr(FusedDecoder, "__call__", lambda self, *a: steps.append(1) or real_call(self, *a))
+
+    def run(fused: bool, adapter: bool = True):
+        with contextlib.nullcontext() if adapter else policy.disable_adapter():
+            return sample(policy, ids, mask, max_new_tokens=12, temperature=0.7, eos_ids=[], pad_id=tok.pad_token_id,
+                          generator=torch.Generator().manual_seed(3), fused=fused)
+
+    fused = run(True)
+    assert len(steps) == 11  # the adapted model took the fused step
+    plain = run(False)
+    assert torch.equal(fused.tokens, plain.tokens)
+    assert torch.allclose(fused.logprobs, plain.logprobs, atol=1e-5)
+    base = run(True, adapter=False)
+    assert len(steps) == 22  # with the adapter switched off too (the reference policy)
+    assert not torch.equal(base.tokens, fused.tokens)  # the adapter's update was not dropped
+
+
+def test_the_fused_lora_step_in_bf16_is_as_close_to_fp32_as_the_models_own_bf16_forward(tiny_model_dir):
+    """RL's case: a bf16 base, LoRA adapters, autocast to bf16. Two bf16 paths round differently, so their sampled
+    tokens part after a near-tie; what is compared is how far each one's recorded log-probs are from the fp32
+    adapted model's on the tokens it drew: the fused step (the adapter merged, then rounded) no further than the
+    model's own forward (each product rounded apart)."""
+    exact, tok = _lora_policy(tiny_model_dir, "fp32")
+    policy, _ = _lora_policy(tiny_model_dir, "bf16")
+    ids, mask = _batch(tok)
+
+    def error(fused: bool) -> float:
+        errors = []
+        for seed in range(3):
+            with torch.autocast("cpu", torch.bfloat16):
+                drawn = sample(policy, ids, mask, max_new_tokens=12, temperature=0.7, eos_ids=[],
+                               pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(seed), fused=fused)
+            attention = torch.cat([mask, torch.ones_like(drawn.tokens)], 1)
+            with torch.no_grad():
+                logits = rollout.policy_logits(exact, torch.cat([ids, drawn.tokens], 1), attention,
+                                               rollout.positions(attention), drawn.tokens.shape[1])
+            truth = losses.logprobs_from_logits(logits / 0.7, drawn.tokens)
+            errors.append(float((drawn.logprobs - truth).abs().mean()))
+        return sum(errors) / len(errors)
+
+    with torch.autocast("cpu", torch.bfloat16):
+        assert FusedDecoder.build(policy, kv_cache(policy, 32), ids.shape[0]) is not None
+    fused, plain = error(True), error(False)
+    assert 0 < fused <= 1.5 * plain and fused < 0.1, (fused, plain)
 
 
 def test_shared_prefix_counts_what_every_row_starts_with():
@@ -214,3 +282,20 @@ def test_packed_bf16_linears_match_and_follow_a_fused_adamw_step(tiny_model_dir)
     updated = logits(True)
     assert not torch.allclose(updated, old, atol=0.05)  # the step changed the output, so stale packs would show
     assert torch.allclose(updated, logits(False), atol=0.05, rtol=0.02)
+
+
+def test_the_prompts_last_position_reaches_the_vocabulary_projection_contiguous(tiny_model_dir):
+    """A frozen model (RL's LoRA base): torch's linear on a non-contiguous view with a weight that needs no grad
+    copies the whole vocabulary projection for every row; the prompt's forward hands lm_head a contiguous input."""
+    loaded = load(tiny_model_dir, device="cpu", precision="fp32")
+    model, tok = loaded.model.requires_grad_(False), loaded.tokenizer
+    ids, mask = _batch(tok)
+    seen = []
+    hook = model.lm_head.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    try:
+        for fused in (True, False):
+            sample(model, ids, mask, max_new_tokens=3, temperature=0.7, eos_ids=[], pad_id=tok.pad_token_id,
+                   generator=torch.Generator().manual_seed(0), fused=fused)
+    finally:
+        hook.remove()
+    assert len(seen) >= 3 and all(seen)  # the prompt's forward of the fused run and every step of the plain one
