@@ -4,6 +4,7 @@ adds.
 
     python benchmarks/generate_bench.py                        # SmolLM2-135M-Instruct, batches 16 and 32, 48 tokens
     python benchmarks/generate_bench.py --model PATH --batch 8 32 64 --new-tokens 64 --repeats 5
+    python benchmarks/generate_bench.py --lora 16 --top-p 1.0 # RL's rollout: LoRA on a frozen base, autocast
 
 Both sides sample exactly `--new-tokens` tokens per row (transformers: min_new_tokens; the sampler: no EOS) at
 temperature 0.8, with top_p 1.0 (as RL rollouts sample) and 0.95 (as `rlhf generate` samples candidates), from the
@@ -12,6 +13,9 @@ tokens/s and the ratio. Beside them, two ceilings measured in the same run: comp
 per token at the machine's measured matmul rate in the model's dtype) and memory-bound (every weight read once per
 decoding step at the measured read bandwidth, the tighter one for small batches).
 Target on a 2-core CPU with SmolLM2-135M: sampler >= 3x transformers at batch 16 to 32.
+
+`--lora R`: the model as `rlhf ppo --lora` samples it, rank-R adapters (fp32) on every linear layer of the frozen
+base, every side under autocast to the base's dtype.
 """
 
 from __future__ import annotations
@@ -32,8 +36,16 @@ PROMPTS = Path(__file__).resolve().parent.parent / "rlhf" / "data" / "sentiment_
 
 
 @torch.no_grad()
-def timed(side: str, model, enc, new_tokens: int, top_p: float, pad_id: int) -> float:
+def timed(side: str, model, enc, new_tokens: int, top_p: float, pad_id: int, autocast: bool = False) -> float:
     start = time.perf_counter()
+    with torch.autocast(model.device.type, model.dtype, enabled=autocast):
+        width = _draw(side, model, enc, new_tokens, top_p, pad_id)
+    elapsed = time.perf_counter() - start
+    assert width == new_tokens
+    return elapsed
+
+
+def _draw(side: str, model, enc, new_tokens: int, top_p: float, pad_id: int) -> int:
     if side == "hf":
         out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
                              temperature=0.8, top_p=top_p, top_k=None, pad_token_id=pad_id)
@@ -41,9 +53,7 @@ def timed(side: str, model, enc, new_tokens: int, top_p: float, pad_id: int) -> 
     else:
         width = sample(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=new_tokens, temperature=0.8,
                        top_p=top_p, pad_id=pad_id, fused=side == "sampler").tokens.shape[1]
-    elapsed = time.perf_counter() - start
-    assert width == new_tokens
-    return elapsed
+    return width
 
 
 def ceilings(model) -> tuple[float, float]:
@@ -71,17 +81,27 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto")
+    ap.add_argument("--lora", type=int, default=0, metavar="R",
+                    help="sample as RL does with LoRA: rank-R adapters on a frozen base, under autocast")
     args = ap.parse_args()
 
     loaded = load(args.model, device=args.device, precision=args.precision)
     model, tok = loaded.model, loaded.tokenizer
+    if args.lora:
+        from peft import get_peft_model
+
+        from rlhf.trl_stage import lora_config
+
+        model = get_peft_model(model, lora_config(args.lora, 2 * args.lora, "CAUSAL_LM")).eval()
+    autocast = bool(args.lora) and model.dtype != torch.float32  # RL autocasts only to a lower precision
     prompts = [json.loads(line)["prompt"] for line in PROMPTS.read_text().splitlines()]
     tok.padding_side = "left"
     gflops, bandwidth = ceilings(model)
     params = sum(p.numel() for p in model.parameters())
     weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
                        if isinstance(m, torch.nn.Linear))
-    print(f"model {args.model} ({params / 1e6:.0f} M parameters, {model.dtype}) on {model.device}, "
+    adapters = f", LoRA r{args.lora} under autocast" if args.lora else ""
+    print(f"model {args.model} ({params / 1e6:.0f} M parameters, {model.dtype}{adapters}) on {model.device}, "
           f"{args.new_tokens} new tokens, median [range] of {args.repeats}, torch threads {torch.get_num_threads()}")
     print(f"measured here: matmul {gflops:.0f} GFLOP/s, read bandwidth {bandwidth:.1f} GB/s, "
           f"{weight_bytes / 1e6:.0f} MB of linear weights read per decoding step")
@@ -92,11 +112,11 @@ def main() -> None:
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         for top_p in args.top_p:
             for side in ("hf", "sampler", "unfused"):  # warm-up
-                timed(side, model, enc, 4, top_p, tok.pad_token_id)
+                timed(side, model, enc, 4, top_p, tok.pad_token_id, autocast)
             times = {"hf": [], "sampler": [], "unfused": []}
             for _ in range(args.repeats):
                 for side in times:
-                    times[side].append(timed(side, model, enc, args.new_tokens, top_p, tok.pad_token_id))
+                    times[side].append(timed(side, model, enc, args.new_tokens, top_p, tok.pad_token_id, autocast))
             tokens = batch * args.new_tokens
             rate = {side: sorted(tokens / t for t in ts) for side, ts in times.items()}
             cell = {side: f"{statistics.median(r):7.0f} [{r[0]:.0f}, {r[-1]:.0f}]" for side, r in rate.items()}

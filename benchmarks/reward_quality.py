@@ -32,14 +32,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 RECIPES = {
     "today": {"model": "minilm-l6", "learning_rate": 1e-4, "epochs": 4.0, "batch_size": 8, "keep_best": False},
     "minilm": {"model": "minilm-l6", "learning_rate": 1e-4, "epochs": 4.0, "batch_size": 8},
-    # The demo's (configs/loop.yaml): two epochs, which its ranked labels made enough.
+    # The demo's until 2026-12-06: two epochs, which its ranked labels made enough.
     "minilm-e2": {"model": "minilm-l6", "learning_rate": 1e-4, "epochs": 2.0, "batch_size": 8},
     "minilm-e2-nomargin": {"model": "minilm-l6", "learning_rate": 1e-4, "epochs": 2.0, "batch_size": 8,
                            "use_margin": False},
     # One epoch (the lowest held-out loss was often the first epoch's), alone and as three seeds' ensemble.
     "minilm-e1": {"model": "minilm-l6", "learning_rate": 1e-4, "epochs": 1.0, "batch_size": 8},
     "minilm-e1-x3": {"model": "minilm-l6", "learning_rate": 1e-4, "epochs": 1.0, "batch_size": 8, "ensemble": 3},
-    # One epoch with the rate raised to make up for the decay ending within it (the demo's kept the first epoch).
+    # The demo's (configs/loop.yaml) since 2026-12-06: one epoch with the rate raised to make up for the decay
+    # ending within it (two epochs kept the first epoch's checkpoint on every seed).
     "minilm-e1-lr15": {"model": "minilm-l6", "learning_rate": 1.5e-4, "epochs": 1.0, "batch_size": 8},
     # The mean token state in place of the [CLS] pooler (all-MiniLM-L6-v2 was trained to be read that way).
     "minilm-e2-mean": {"model": "minilm-l6", "learning_rate": 1e-4, "epochs": 2.0, "batch_size": 8,

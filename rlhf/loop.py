@@ -96,7 +96,7 @@ class LoopConfig:
         "rlhf.reward:RewardConfig", "The reward model on the exported pairs (`rlhf reward`), for the RL methods; "
         "model '' = the round's policy (the critic then starts from the reward model; with another backbone, from "
         "the policy with a zero value head).",
-        {"model": "minilm-l6", "learning_rate": 1e-4, "epochs": 2.0, "batch_size": 8, "max_length": 160},
+        {"model": "minilm-l6", "learning_rate": 1.5e-4, "epochs": 1.0, "batch_size": 8, "max_length": 160},
         fixed=("data", "output_dir", "device", "precision", "seed", "gold"))
     ppo: dict = section(
         "rlhf.ppo:PPOConfig", "RL against the round's reward model (`rlhf ppo`), for every RL method in align (the "
