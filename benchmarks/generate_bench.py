@@ -21,6 +21,7 @@ base, every side under autocast to the base's dtype.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -38,7 +39,7 @@ PROMPTS = Path(__file__).resolve().parent.parent / "rlhf" / "data" / "sentiment_
 @torch.no_grad()
 def timed(side: str, model, enc, new_tokens: int, top_p: float, pad_id: int, autocast: bool = False) -> float:
     start = time.perf_counter()
-    with torch.autocast(model.device.type, model.dtype, enabled=autocast):
+    with torch.autocast(model.device.type, model.dtype) if autocast else contextlib.nullcontext():
         width = _draw(side, model, enc, new_tokens, top_p, pad_id)
     elapsed = time.perf_counter() - start
     assert width == new_tokens

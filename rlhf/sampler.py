@@ -262,14 +262,9 @@ def _lora_linear_type():
     return Linear
 
 
-def linear_map(m) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """The weight and bias of the affine map a linear layer computes, or None when it is not one FusedDecoder can
-    take: a plain nn.Linear, or PEFT's LoRA Linear over one, its active adapters' updates s * B A added to the frozen
-    weight in float32 (Hu et al. 2021, "LoRA", eq. 3: h = W0 x + B A x; the same map as the adapter's forward in
-    eval mode, where its dropout is the identity). Not taken: a merged or DoRA-style adapter, a quantised base,
-    fan-in-fan-out (Conv1D) weights."""
-    if type(m) is torch.nn.Linear:
-        return m.weight.detach(), m.bias
+def _lora_parts(m) -> tuple[torch.nn.Linear, list[str]] | None:
+    """PEFT's LoRA Linear over a plain nn.Linear, as (the frozen layer, its active adapters), or None: not a LoRA
+    layer, or one whose map is not W0 + s B A (merged, DoRA-style, fan-in-fan-out, a quantised base)."""
     lora = _lora_linear_type()
     if lora is None or type(m) is not lora or type(m.base_layer) is not torch.nn.Linear:
         return None
@@ -277,8 +272,22 @@ def linear_map(m) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     if m.merged or m.fan_in_fan_out or any(m.use_dora.get(a, False) or a in getattr(m, "lora_variant", {})
                                            for a in active):
         return None
-    base = m.base_layer
-    if m.disable_adapters or not active:
+    return m.base_layer, [] if m.disable_adapters else active
+
+
+def fusable(m) -> bool:
+    """Whether FusedDecoder can take the layer: a plain nn.Linear, or a LoRA layer `linear_map` merges."""
+    return type(m) is torch.nn.Linear or _lora_parts(m) is not None
+
+
+def linear_map(m) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight and bias of the affine map a `fusable` layer computes: a LoRA layer's active adapters' updates
+    s * B A added to the frozen weight in float32 (Hu et al. 2021, "LoRA", eq. 3: h = W0 x + B A x; the same map as
+    the adapter's forward in eval mode, where its dropout is the identity)."""
+    if type(m) is torch.nn.Linear:
+        return m.weight.detach(), m.bias
+    base, active = _lora_parts(m)
+    if not active:  # adapters switched off (the reference policy)
         return base.weight.detach(), base.bias
     with torch.no_grad():
         weight = base.weight.float() + sum(m.get_delta_weight(a).float() for a in active)
@@ -320,7 +329,7 @@ class FusedDecoder:
     @staticmethod
     def build(model, cache, rows: int) -> FusedDecoder | None:
         """The fused step for `model` (a PEFT model: the model its adapters sit in) and its cache, or None where it
-        does not apply: another architecture, a layer `linear_map` does not take (a quantised layer, a DoRA
+        does not apply: another architecture, a layer that is not `fusable` (a quantised layer, a DoRA
         adapter), a cache layer that is not in place (sliding windows), a model in training mode (dropout), or
         autocast to a dtype other than the weights' (RL's LoRA policy on a bf16 base, autocast to bf16, computes in
         bf16 throughout, as the fused step does)."""
@@ -339,7 +348,7 @@ class FusedDecoder:
             a, m = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
             names = [(a, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + [
                 (m, n) for n in ("gate_proj", "up_proj", "down_proj")]
-            if a is None or m is None or not all(linear_map(getattr(mod, n, None)) is not None for mod, n in names):
+            if a is None or m is None or not all(fusable(getattr(mod, n, None)) for mod, n in names):
                 return None
         weight = model.lm_head.weight
         device = weight.device.type
