@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from rlhf import losses
 from rlhf.annotators import load_gold
 from rlhf.arena import arena_figures, arena_name, arena_outcomes, bootstrap_ci, bradley_terry  # noqa: F401
 from rlhf.config import field
@@ -111,7 +112,8 @@ def response_logprobs(model, prompt_ids: list[list[int]], response_ids: list[lis
     temp = temperature if temperature > 0 else 1.0
     totals = []
     for start in range(0, len(prompt_ids), batch_size):
-        seqs = [p + r for p, r in zip(prompt_ids[start : start + batch_size], response_ids[start : start + batch_size])]
+        prompts, responses = prompt_ids[start : start + batch_size], response_ids[start : start + batch_size]
+        seqs = [p + r for p, r in zip(prompts, responses)]
         width = max(len(s) for s in seqs)
         # Right padding: real tokens keep positions 0..len-1, so no position_ids are needed.
         ids = torch.zeros(len(seqs), width, dtype=torch.long)
@@ -119,12 +121,16 @@ def response_logprobs(model, prompt_ids: list[list[int]], response_ids: list[lis
         for i, s in enumerate(seqs):
             ids[i, : len(s)] = torch.tensor(s)
             mask[i, : len(s)] = 1
-        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1] / temp, dim=-1)  # (B, T-1, V): predicts token t+1
-        token_logp = logp.gather(-1, ids[:, 1:].to(model.device).unsqueeze(-1)).squeeze(-1).cpu()  # (B, T-1)
-        batch = zip(prompt_ids[start : start + batch_size], response_ids[start : start + batch_size])
-        for i, (p, r) in enumerate(batch):
-            totals.append(float(token_logp[i, len(p) - 1 : len(p) - 1 + len(r)].sum()))
+        # Only the positions that predict a response token go through the vocabulary projection (most of a row is
+        # its prompt), as an index tensor: a count would slice the hidden states into a non-contiguous view, on
+        # which torch's linear copies a frozen weight once per row (docs/performance.md).
+        first = min(len(p) for p in prompts) - 1
+        keep = torch.arange(first, width - 1, device=model.device)
+        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                       logits_to_keep=keep).logits  # (B, width - 1 - first, V): predicts tokens first+1..width-1
+        token_logp = losses.logprobs_from_logits(logits.float() / temp, ids[:, first + 1 :].to(model.device)).cpu()
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            totals.append(float(token_logp[i, len(p) - 1 - first : len(p) - 1 - first + len(r)].sum()))
     return totals
 
 

@@ -43,19 +43,29 @@ def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, ep
     return whitened * mask.to(values.dtype)
 
 
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[token] per position: (B, T, V), (B, T) -> (B, T), in float32.
+def logprobs_and_logsumexp(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log softmax(logits)[token] per position and logsumexp(logits): (B, T, V), (B, T) -> (B, T), (B, T), float32.
 
     Gathers the chosen logit and subtracts logsumexp rather than materialising the whole (B, T, V) log-softmax.
     """
     logits = logits.float()
-    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    lse = torch.logsumexp(logits, dim=-1)  # (B, T)
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - lse, lse
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits) per position: (B, T, V) -> (B, T); H = logsumexp(z) - sum softmax(z) z."""
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token] per position: (B, T, V), (B, T) -> (B, T), in float32."""
+    return logprobs_and_logsumexp(logits, tokens)[0]
+
+
+def entropy_from_logits(logits: torch.Tensor, logsumexp: torch.Tensor | None = None) -> torch.Tensor:
+    """Entropy of softmax(logits) per position: (B, T, V) -> (B, T); H = logsumexp(z) - sum softmax(z) z.
+
+    `logsumexp` (B, T), when the caller has it already, saves its passes over the vocabulary; softmax(z) is then
+    exp(z - logsumexp(z))."""
     logits = logits.float()
-    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    lse = torch.logsumexp(logits, dim=-1) if logsumexp is None else logsumexp
+    return lse - (torch.exp(logits - lse.unsqueeze(-1)) * logits).sum(-1)
 
 
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:

@@ -749,7 +749,7 @@ def update(run: PPORun, rollout: Rollout, orders: list[torch.Tensor], lr: float)
                     advantages, returns = estimate_advantages(config, rollout, run.kl_coef)
                     rollout.advantages = advantages
                 logits = logits.float() / T
-                new_logprobs = losses.logprobs_from_logits(logits, rollout.responses[idx, :width])
+                new_logprobs, logsumexp = losses.logprobs_and_logsumexp(logits, rollout.responses[idx, :width])
                 m = rollout.mask[idx, :width]
                 pg_loss, pg = losses.policy_loss(new_logprobs, rollout.logprobs[idx, :width],
                                                  advantages[idx, :width], m, config.cliprange)
@@ -770,10 +770,10 @@ def update(run: PPORun, rollout: Rollout, orders: list[torch.Tensor], lr: float)
                 run.optimizer.step()
                 run.optimizer.zero_grad()
             with torch.no_grad():
-                step_stats["ent"] = losses.masked_mean(losses.entropy_from_logits(logits), m)
+                step_stats["ent"] = losses.masked_mean(losses.entropy_from_logits(logits, logsumexp.detach()), m)
             for key, value in step_stats.items():
                 stats[key].append(float(value.detach()))
-            del logits, new_values, new_logprobs, loss, pg_loss, step_stats
+            del logits, logsumexp, new_values, new_logprobs, loss, pg_loss, step_stats
     return {k: sum(v) / len(v) for k, v in stats.items() if v}
 
 

@@ -97,7 +97,8 @@ class PolicyAndCritic(torch.nn.Module):
         if mode == "values":
             return self.values(input_ids, attention_mask, position_ids, width)
         models = [_base(self.policy)] + ([_base(self.critic)] if self.critic is not None else [])
-        with eager_attention(models, input_ids, self.eager_training):
+        adapted = [self.policy] + ([self.critic] if self.critic is not None else [])
+        with eager_attention(models, input_ids, self.eager_training), adapter_casts_off(adapted, input_ids):
             return (policy_logits(self.policy, input_ids, attention_mask, position_ids, width),
                     self.values(input_ids, attention_mask, position_ids, width) if self.critic is not None else None)
 
@@ -123,6 +124,25 @@ def eager_attention(models: list, input_ids: torch.Tensor, enabled: bool):
     finally:
         for m in switch:
             m.set_attn_implementation("sdpa")
+
+
+@contextlib.contextmanager
+def adapter_casts_off(models: list, input_ids: torch.Tensor):
+    """Under autocast, stop PEFT casting each LoRA layer's input to the adapter's fp32 (PEFT's own switch).
+
+    Autocast runs lora_A in its low-precision dtype anyway, so PEFT's cast was undone at once: two full-size copies
+    of the activations per adapted layer in the forward and two in the backward, for the same values (bf16 -> fp32 ->
+    bf16 is exact). Without autocast the cast is what makes the dtypes match, so it stays."""
+    try:
+        from peft.helpers import disable_input_dtype_casting
+    except ImportError:  # a PEFT without the switch: its casts stay
+        yield
+        return
+    active = torch.is_autocast_enabled(input_ids.device.type)
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            stack.enter_context(disable_input_dtype_casting(model, active=active))
+        yield
 
 
 def _base(model):

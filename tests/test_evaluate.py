@@ -60,6 +60,19 @@ def test_response_logprobs_match_a_direct_forward_and_ignore_padding(tiny_model_
         assert value == pytest.approx(expected, abs=1e-4)
 
 
+def test_response_logprobs_project_only_the_positions_that_predict_a_response_token(tiny_model_dir):
+    loaded = load(tiny_model_dir, device="cpu", precision="fp32")
+    rows = []
+    hook = loaded.model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: rows.append((args[0].shape[:2], args[0].is_contiguous())))
+    try:
+        response_logprobs(loaded.model, [[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15]], [[16, 17], [18, 19, 20]], 1.0)
+    finally:
+        hook.remove()
+    # Width 10, shortest prompt 3: positions 2..8 predict tokens 3..9, every response token; 7 of 9 positions.
+    assert rows == [((2, 7), True)]
+
+
 def test_read_prompts_shipped_and_files(tmp_path):
     test_prompts = read_prompts("sentiment", "test")
     train_prompts = read_prompts("sentiment", "train")

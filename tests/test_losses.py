@@ -44,6 +44,11 @@ def test_logprobs_and_entropy_from_logits():
     h = -(1 / 6 * math.log(1 / 6) + 2 / 6 * math.log(2 / 6) + 3 / 6 * math.log(3 / 6))  # 1.0114
     assert close(losses.entropy_from_logits(logits), [[h]])
     assert close(losses.entropy_from_logits(torch.zeros(1, 1, 4)), [[math.log(4)]])
+    logp, lse = losses.logprobs_and_logsumexp(logits + 100, torch.tensor([[2]]))  # sum of the exps: 6 e^100
+    assert close(logp, [[math.log(0.5)]], tol=1e-4) and close(lse, [[100 + math.log(6)]], tol=1e-4)
+    _, lse = losses.logprobs_and_logsumexp(logits + 5, torch.tensor([[2]]))
+    assert close(losses.entropy_from_logits(logits + 5, lse), [[h]], tol=1e-5)  # the caller's logsumexp, reused
+    assert not close(losses.entropy_from_logits(logits + 5, lse + 0.1), [[h]], tol=1e-2)  # and used
 
 
 def test_kl_estimators():

@@ -66,6 +66,46 @@ def test_eager_attention_only_for_cpu_low_precision_training_and_restored(tiny_m
     assert seen == ["sdpa", "sdpa", "sdpa", "eager"]
 
 
+def test_lora_inputs_are_not_cast_to_fp32_under_autocast_and_the_gradients_are_unchanged(tiny_model_dir,
+                                                                                          monkeypatch):
+    import contextlib
+
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.trl_stage import lora_config
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    base.requires_grad_(False)
+    policy = get_peft_model(base, lora_config(4, 8))
+    for w in policy.parameters():
+        if w.requires_grad:  # RL's case: fp32 adapters on a bf16 base, nonzero so the gradients flow into both
+            w.data = torch.randn(w.shape, generator=torch.Generator().manual_seed(w.numel()))
+    layer = policy.base_model.model.model.layers[0].self_attn.q_proj
+    seen = []
+    layer.lora_A["default"].register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(0))
+    args = (ids, torch.ones_like(ids), rollout.positions(torch.ones_like(ids)), 4)
+    model = rollout.PolicyAndCritic(policy)
+    grads = []
+    for casts_off in (False, True):
+        if casts_off:
+            monkeypatch.undo()
+        else:  # what PEFT does on its own
+            monkeypatch.setattr(rollout, "adapter_casts_off", lambda models, ids: contextlib.nullcontext())
+        policy.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, _ = model(*args)
+        logits.float().sum().backward()
+        grads.append([w.grad.clone() for w in policy.parameters() if w.requires_grad])
+    assert seen == [torch.float32, torch.bfloat16]  # PEFT's cast to the adapter's dtype, then none
+    assert layer.cast_input_dtype_enabled  # restored after the forward
+    assert all(torch.equal(a, b) for a, b in zip(*grads))  # bf16 -> fp32 -> bf16 was exact: the same gradients
+    with torch.no_grad():
+        model(*args)  # no autocast: PEFT's cast is what makes the dtypes match, so it stays
+    assert seen[-1] == torch.float32
+
+
 def test_sampled_logprobs_equal_a_forward_pass_with_left_padding(tiny_model_dir):
     from transformers import LogitsProcessorList
 
