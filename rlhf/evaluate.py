@@ -124,7 +124,7 @@ def response_logprobs(model, prompt_ids: list[list[int]], response_ids: list[lis
         # Only the positions that predict a response token go through the vocabulary projection (most of a row is
         # its prompt), as an index tensor: a count would slice the hidden states into a non-contiguous view, on
         # which torch's linear copies a frozen weight once per row (docs/performance.md).
-        first = min(len(p) for p in prompts) - 1
+        first = max(min(len(p) for p in prompts) - 1, 0)
         keep = torch.arange(first, width - 1, device=model.device)
         logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
                        logits_to_keep=keep).logits  # (B, width - 1 - first, V): predicts tokens first+1..width-1
