@@ -40,17 +40,11 @@ def micro_batch(policy, dtype, ids, tokens, temperature: float, added: bool):
     """Logits, the loss's log-probs and their backward, then the logged entropy: update()'s arithmetic."""
     policy.zero_grad(set_to_none=True)
     mask, width = torch.ones_like(ids), tokens.shape[1]
-    model = rollout.PolicyAndCritic(policy, eager_training=True)
-    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-        if added:
-            logits, _ = model(ids, mask, rollout.positions(mask), width)
-        else:  # PEFT's own forward: its casts stay
-            original = rollout.adapter_casts_off
-            rollout.adapter_casts_off = lambda models, input_ids: contextlib.nullcontext()
-            try:
-                logits, _ = model(ids, mask, rollout.positions(mask), width)
-            finally:
-                rollout.adapter_casts_off = original
+    # PolicyAndCritic's training forward, with rlhf's switch or without it (PEFT's own forward, its casts kept).
+    casts = rollout.adapter_casts_off([policy], ids) if added else contextlib.nullcontext()
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32), \
+            rollout.eager_attention([policy.get_base_model()], ids, True), casts:
+        logits = rollout.policy_logits(policy, ids, mask, rollout.positions(mask), width)
     logits = logits.float() / temperature
     if added:
         logprobs, lse = losses.logprobs_and_logsumexp(logits, tokens)
