@@ -34,6 +34,7 @@ from rlhf.config import UserError, field, resume_checkpoint
 from rlhf.console import without_library_bars
 from rlhf.trl_stage import (
     TRLStageConfig,
+    lm_head_log_probs,
     lora_config,
     loss_trend,
     mixed_precision,
@@ -149,6 +150,7 @@ def _offset_trainer(trl, margin_scale: float):
 def build_trainer(config: DPOConfig):
     """The configured DPOTrainer and its DatasetDict: what `run` trains (and benchmarks/dpo_bench.py times)."""
     import trl
+    from trl.trainer import dpo_trainer
 
     from rlhf.data import load_preference_dataset
     from rlhf.models import load, pick_device
@@ -195,7 +197,8 @@ def build_trainer(config: DPOConfig):
     if config.precompute_ref_log_probs and args.process_index == 0:  # once, not once per process
         held_out = f" and {len(data['test'])} held-out" if has_test else ""
         print(f"DPO: reference log-probs of {len(train)} training{held_out} pairs, computed once")
-    with without_library_bars():  # TRL's bar for that pass
+    # TRL's bar for that pass; our LM head on a CPU (trl_stage.add_lm_head_log_probs)
+    with without_library_bars(), lm_head_log_probs(dpo_trainer):
         trainer = trainer_cls(model=model, ref_model=ref_model, args=args, data_collator=collator,
                               train_dataset=train, eval_dataset=data["test"] if has_test else None,
                               processing_class=tokenizer, peft_config=peft_config)

@@ -37,6 +37,7 @@ from rlhf.config import UserError, field, resume_checkpoint
 from rlhf.console import without_library_bars
 from rlhf.trl_stage import (
     TRLStageConfig,
+    lm_head_log_probs,
     lora_config,
     loss_trend,
     mixed_precision,
@@ -224,6 +225,7 @@ def loss_weights(n_desirable: int, n_undesirable: int, config: KTOConfig) -> tup
 def build_trainer(config: KTOConfig):
     """The configured KTOTrainer and its DatasetDict: what `run` trains."""
     import trl
+    from trl.trainer import kto_trainer
 
     from rlhf.models import load, pick_device
 
@@ -260,7 +262,8 @@ def build_trainer(config: KTOConfig):
     if config.precompute_ref_log_probs and args.process_index == 0:  # once, not once per process
         held_out = f" and {len(data['test'])} held-out" if has_test else ""
         print(f"KTO: reference log-probs of {len(train)} training{held_out} responses, computed once")
-    with without_library_bars():  # TRL's bars for tokenizing and that pass
+    # TRL's bars for tokenizing and that pass; our LM head on a CPU (trl_stage.add_lm_head_log_probs)
+    with without_library_bars(), lm_head_log_probs(kto_trainer):
         trainer = trl.KTOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train,
                                  eval_dataset=data["test"] if has_test else None, processing_class=tokenizer,
                                  peft_config=peft_config)

@@ -70,7 +70,8 @@ class LoopConfig:
         # Every one of the 254 train prompts, each a ranking of 4 responses: 6 pairs from 4 samples, so the
         # reward model learns from ~1400 pairs and its held-out split (25 prompts) holds ~150 (docs/performance.md,
         # "Reward-model recipes").
-        {"limit": 0, "n": 4, "rank": 4, "max_new_tokens": 48, "temperature": 0.8, "batch_size": 32, "overlap": 1},
+        # 128 rows (32 prompts) a batch: a CPU decodes 1.5x the tokens per second it does at 32 (docs/performance.md).
+        {"limit": 0, "n": 4, "rank": 4, "max_new_tokens": 48, "temperature": 0.8, "batch_size": 128, "overlap": 1},
         fixed=("model", "db", "prompts", "split", "round", "seed", "device", "precision", "skip_existing", "rate"))
     label_sim: dict = section(
         "rlhf.annotators:LabelSimConfig", "The simulated annotator (`rlhf label-sim`), with labeler=simulated.",
@@ -107,7 +108,8 @@ class LoopConfig:
     evaluate: dict = section(
         "rlhf.evaluate:EvaluateConfig", "Aligned vs base and the prompt baselines (`rlhf evaluate`); `limit` = "
         "held-out prompts.",
-        {"split": "test", "limit": 64, "max_new_tokens": 48,
+        # The 62 held-out prompts in one batch of 64: sampling at 4x the batch of the stage's default.
+        {"split": "test", "limit": 64, "max_new_tokens": 48, "batch_size": 64,
          "prompt_baselines": ["Always write warm, enthusiastic, positive movie reviews."]},
         fixed=("base", "aligned", "names", "reward", "gold", "prompts", "output_dir", "device", "precision", "seed"),
         check_with={"aligned": ["the round's aligned models"]})

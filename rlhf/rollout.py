@@ -19,6 +19,8 @@ import torch
 
 from rlhf import losses
 from rlhf.config import UserError
+from rlhf.models import EAGER_ATTENTION_MAX_TOKENS
+from rlhf.models import eager_attention as models_eager_attention
 from rlhf.reward.model import right_padded
 
 # ---------------------------------------------------------------- prompts
@@ -103,27 +105,14 @@ class PolicyAndCritic(torch.nn.Module):
                     self.values(input_ids, attention_mask, position_ids, width) if self.critic is not None else None)
 
 
-# PyTorch's CPU flash attention (sdpa) is slow to train through in bf16, so CPU training forwards under autocast use
-# transformers' eager attention (docs/performance.md); sampling stays on sdpa, where it is faster. Eager keeps each
-# layer's (B, heads, L, L) probabilities for the backward, so only sequences up to this length switch.
-EAGER_ATTENTION_MAX_TOKENS = 256
-
-
 @contextlib.contextmanager
 def eager_attention(models: list, input_ids: torch.Tensor, enabled: bool):
-    """Switch sdpa models to eager attention for a training forward on a CPU under low-precision autocast."""
-    switch = []
-    if (enabled and input_ids.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-            and input_ids.shape[1] <= EAGER_ATTENTION_MAX_TOKENS):
-        switch = [m for m in models if getattr(m.config, "_attn_implementation", None) == "sdpa"
-                  and getattr(m, "_can_set_attn_implementation", lambda: False)()]
-    for m in switch:
-        m.set_attn_implementation("eager")
-    try:
+    """Switch sdpa models to eager attention for a training forward on a CPU under low-precision autocast
+    (`rlhf.models.eager_attention` says why)."""
+    switch = (enabled and input_ids.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+              and input_ids.shape[1] <= EAGER_ATTENTION_MAX_TOKENS)
+    with models_eager_attention(models if switch else []):
         yield
-    finally:
-        for m in switch:
-            m.set_attn_implementation("sdpa")
 
 
 @contextlib.contextmanager

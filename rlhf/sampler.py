@@ -245,6 +245,42 @@ def prefill_shared_prefix(model, cache, input_ids: torch.Tensor, attention_mask:
         layer.update(keys, values)
 
 
+def distinct_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of a prompt batch (B, Q) up to repeats: (U,) the first row of each distinct prompt, and (B,) for
+    every row the position of its prompt among those U."""
+    B = input_ids.shape[0]
+    key = torch.cat([input_ids, attention_mask.to(input_ids.dtype)], 1)
+    _, inverse = torch.unique(key, dim=0, return_inverse=True)  # (B,)
+    first = torch.full((int(inverse.max()) + 1,), B, dtype=torch.long, device=input_ids.device)
+    first = first.scatter_reduce(0, inverse, torch.arange(B, device=input_ids.device), "amin")
+    return first, inverse
+
+
+def prefill(model, cache, input_ids: torch.Tensor, attention_mask: torch.Tensor, position: torch.Tensor,
+            cache_arg: str, p: int, distinct: bool) -> torch.Tensor:
+    """The prompt's forward pass: fills every row's keys and values in `cache` and returns the logits (B, V) of each
+    row's last position. The first p columns, a prefix every row shares, go through the model once
+    (`prefill_shared_prefix`); with `distinct` (an in-place cache), a prompt that several rows repeat (n samples per
+    prompt) goes through it once too, and its keys and values are copied into each of those rows: a row's keys and
+    values depend only on its own tokens."""
+    B, Q = input_ids.shape
+    first, inverse = distinct_rows(input_ids, attention_mask) if distinct else (None, None)
+    target = cache
+    if first is not None and len(first) < B:
+        input_ids, attention_mask, position = input_ids[first], attention_mask[first], position[first]
+        target = kv_cache(model, Q)
+    if p:
+        prefill_shared_prefix(model, target, input_ids, attention_mask, cache_arg, p)
+    logits = model(input_ids=input_ids[:, p:], attention_mask=attention_mask, position_ids=position[:, p:],
+                   logits_to_keep=last_position(Q - p, input_ids.device),
+                   **{cache_arg: target, "use_cache": True}).logits[:, -1]
+    if target is cache:
+        return logits
+    for layer, source in zip(cache.layers, target.layers):
+        layer.update(source.keys[inverse], source.values[inverse])
+    return logits[inverse]
+
+
 # ---------------------------------------------------------------- a fused decoding step (Llama-family models)
 
 # The architectures whose decoder layer is exactly: RMSNorm, q/k/v projections (biases allowed), rotary embedding,
@@ -436,14 +472,13 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
     # The prompt goes through the model's own forward; with the fused step, on unpacked weights (at a prompt's
     # number of rows a linear layer's own weight reorder costs what packing does, and the fused step packs its own).
     # A prefix every row shares (a chat template's system prompt) goes through the model once, as one row.
+    # Rows that repeat a prompt (several samples per prompt) share its forward.
+    in_place = all(getattr(layer, "in_place", False) for layer in cache.layers)
     p = shared_prefix(input_ids, attention_mask)
-    if p < MIN_SHARED_PREFIX or not all(getattr(layer, "in_place", False) for layer in cache.layers):
+    if p < MIN_SHARED_PREFIX or not in_place:
         p = 0
     with packed_linears(model, B) if fused is None else contextlib.nullcontext():
-        if p:
-            prefill_shared_prefix(model, cache, input_ids, attention_mask, cache_arg, p)
-        logits = model(input_ids=input_ids[:, p:], attention_mask=attention_mask, position_ids=position[:, p:],
-                       logits_to_keep=last_position(Q - p, device), **cached).logits[:, -1]
+        logits = prefill(model, cache, input_ids, attention_mask, position, cache_arg, p, distinct=in_place)
         position = position[:, -1:]
         for t in range(max_new_tokens):
             steps = t + 1

@@ -10,17 +10,29 @@ these, which every stage config declares: data, max_length, learning_rate, warmu
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from unittest.mock import patch
 
+import torch
+
 from rlhf.config import field
 from rlhf.console import use_stage_progress
 from rlhf.distributed import describe, honour_launch_on_cpu, loading_whole, weights_sharded
-from rlhf.models import DEFAULT_MODEL, precision_flags, reuse_freed_memory, save_model_dir
+from rlhf.models import (
+    DEFAULT_MODEL,
+    EAGER_ATTENTION_MAX_TOKENS,
+    eager_attention,
+    precision_flags,
+    reuse_freed_memory,
+    save_model_dir,
+)
 
 
 @dataclass
@@ -111,6 +123,72 @@ def training_args(args_cls, config: TRLStageConfig, device, *, eval_steps: int =
     return args
 
 
+def add_lm_head_log_probs(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
+                          outputs: tuple[str, ...] = ("log_probs",)) -> None:
+    """TRL's `add_fused_lm_head` with the same contract (`model(..., labels=labels, fused_lm_head=True)` returns
+    TRL's FusedCausalLMOutput of per-token log-probs), computed our way on a CPU.
+
+    TRL's fused head projects the hidden states through the vocabulary in tiles so that a GPU never holds the whole
+    logits. Without Triton it scores every position, prompt and padding included, and its backward multiplies in fp32
+    (on a 2-core CPU fp32 products run at a fraction of bf16's rate): in DPO on SmolLM2 it was half the time of a
+    reference forward (docs/performance.md). Here only the labelled positions go through the model's own lm_head, as
+    an index (a contiguous gather), in the autocast dtype, and the statistics come from their logits in fp32; the
+    gradient flows through autograd. Elsewhere (a GPU, final-logit softcapping or scaling, mixture-of-experts
+    routers, multimodal models) TRL's own head is installed."""
+    from trl.trainer import utils as trl_utils
+
+    text = model.config.get_text_config()
+    scalings = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+    scaled = any(getattr(text, name, None) is not None for name in scalings)
+    if (model.device.type != "cpu" or scaled or getattr(text, "output_router_logits", False)
+            or text is not model.config or cast_lm_head_to_fp32):
+        trl_utils.add_fused_lm_head(model, temperature, cast_lm_head_to_fp32, outputs)
+        return
+    original_forward = model.forward
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
+                **kwargs):
+        if not fused_lm_head:
+            extra = {"labels": labels, "shift_labels": shift_labels, "num_items_in_batch": num_items_in_batch}
+            return original_forward(*args, **kwargs, **{k: v for k, v in extra.items() if v is not None})
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state  # (B, L, D)
+        if shift_labels is None:
+            hidden, labels = hidden[:, :-1], labels[:, 1:]
+        else:
+            labels = shift_labels
+        mask = labels != -100  # (B, L')
+        where = mask.nonzero(as_tuple=True)
+        targets = labels[where]  # (N,)
+        logits = self.get_output_embeddings()(hidden[where]).float() / temperature  # (N, V)
+        log_z = logits.logsumexp(-1)  # (N,)
+        per_token = {"log_probs": logits.gather(1, targets[:, None]).squeeze(1) - log_z}
+        if "entropy" in outputs:
+            per_token["entropy"] = log_z - (logits.softmax(-1) * logits).sum(-1)
+        with torch.no_grad():
+            if "log_sum_sq_probs" in outputs:
+                per_token["log_sum_sq_probs"] = (2 * (logits - log_z[:, None])).logsumexp(-1)
+            if "mean_logits" in outputs:
+                per_token["mean_logits"] = logits.mean(-1)
+            if "is_top1" in outputs:  # the first maximum, as TRL counts it
+                per_token["is_top1"] = logits.argmax(-1) == targets
+        full = {name: value.new_zeros(mask.shape).masked_scatter(mask, value) for name, value in per_token.items()}
+        count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return trl_utils.FusedCausalLMOutput(loss=-full["log_probs"].sum() / count, label_mask=mask, **full)
+
+    model.forward = types.MethodType(forward, model)
+
+
+@contextlib.contextmanager
+def lm_head_log_probs(trl_module):
+    """While a TRL trainer of `trl_module` (trl.trainer.dpo_trainer, kto_trainer, sft_trainer) is built, it installs
+    `add_lm_head_log_probs` where it would install its fused LM head (DPO precomputes the reference log-probs inside
+    its constructor, so the head must be ours from the start)."""
+    with patch.object(trl_module, "add_fused_lm_head", add_lm_head_log_probs):
+        yield
+
+
 def mixed_precision(args) -> str:
     """The precision TrainingArguments train in: bf16, fp16 or fp32."""
     return "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
@@ -153,13 +231,29 @@ def train_and_save(trainer, config: TRLStageConfig, resume_from: str | None, *, 
     if asked, and save the model directory (with the tokenizer padding on `padding_side`) into output_dir from the
     main process only."""
     use_stage_progress(trainer, desc)
-    with reuse_freed_memory(trainer.args.device.type == "cpu"):  # large tensors reused, not mapped afresh
+    cpu = trainer.args.device.type == "cpu"
+    with (reuse_freed_memory(cpu),  # large tensors reused, not mapped afresh
+          eager_attention(training_models(trainer, config))):
         result = trainer.train(resume_from_checkpoint=resume_from)
     eval_metrics = trainer.evaluate() if evaluate else {}
     main = trainer.is_world_process_zero()
     model = save_trained(trainer, Path(config.output_dir), padding_side)
     logs = [h for h in trainer.state.log_history if "loss" in h and "train_loss" not in h]
     return Trained(result, eval_metrics, model, main, logs)
+
+
+def training_models(trainer, config: TRLStageConfig) -> list:
+    """The model whose attention `train_and_save` switches to eager while training, as RL's training forwards do
+    (rlhf.models.eager_attention): on a CPU under bf16 or fp16 autocast, for sequences up to
+    EAGER_ATTENTION_MAX_TOKENS, without gradient checkpointing (eager keeps each layer's attention probabilities for
+    the backward); none otherwise. The evaluation after training and DPO's reference log-probs, forward passes
+    only, stay on sdpa."""
+    args = trainer.args
+    if (args.device.type != "cpu" or not (args.bf16 or args.fp16) or config.gradient_checkpointing
+            or getattr(config, "max_length", EAGER_ATTENTION_MAX_TOKENS + 1) > EAGER_ATTENTION_MAX_TOKENS):
+        return []
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return [model.get_base_model() if hasattr(model, "get_base_model") else model]
 
 
 def save_trained(trainer, out: Path, padding_side: str = "left"):

@@ -4,6 +4,7 @@ reproducible seeds, EOS handling, and packed bf16 weights that follow the model'
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import pytest
 import torch
@@ -235,6 +236,52 @@ def test_a_shared_prefix_computed_once_gives_what_the_whole_prompt_does(tiny_mod
     assert len(prefills) == 1
     assert torch.equal(shared.tokens, whole.tokens)
     assert torch.allclose(shared.logprobs, whole.logprobs, atol=1e-5)
+
+
+def test_distinct_rows_finds_each_prompt_once():
+    ids = torch.tensor([[0, 5, 6], [0, 5, 6], [7, 8, 9], [0, 5, 6], [7, 8, 9]])
+    first, inverse = sampler.distinct_rows(ids, (ids != 0).long())
+    assert len(first) == 2 and torch.equal(ids[first][inverse], ids)
+    assert sorted(first.tolist()) == [0, 2]  # the first row of each
+    mask = torch.ones_like(ids)
+    mask[1, 0] = 0  # the same ids, another mask: another prompt
+    assert len(sampler.distinct_rows(ids, mask)[0]) == 3
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_repeated_prompt_prefilled_once_gives_what_every_row_prefilled_does(tiny_model_dir, monkeypatch, fused):
+    """Four samples of each of three prompts, as generate and RL ask for them: each prompt's forward runs once, on
+    one row, and the rows repeating it get its keys and values; the tokens and log-probs are those of prefilling
+    every row (fp32), and the samples still differ between a prompt's rows."""
+    loaded = load(tiny_model_dir, device="cpu", precision="fp32")
+    model, tok = loaded.model, loaded.tokenizer
+    ids, mask = _batch(tok)
+    ids, mask = ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0)  # (12, Q): consecutive repeats
+    rows_forwarded = []
+    real_forward = model.forward
+
+    @functools.wraps(real_forward)  # the same signature: the sampler reads the cache argument's name from it
+    def spy(*a, **k):
+        rows_forwarded.append(k["input_ids"].shape[0])
+        return real_forward(*a, **k)
+
+    monkeypatch.setattr(model, "forward", spy)
+
+    def run():
+        return sample(model, ids, mask, max_new_tokens=10, temperature=1.0, eos_ids=[], pad_id=tok.pad_token_id,
+                      generator=torch.Generator().manual_seed(3), fused=fused)
+
+    once = run()
+    assert rows_forwarded[0] == 3  # the prompt's forward: one row per distinct prompt
+    rows_forwarded.clear()
+    every = sampler.distinct_rows
+    monkeypatch.setattr(sampler, "distinct_rows", lambda i, m: (torch.arange(len(i)), torch.arange(len(i))))
+    whole = run()
+    assert rows_forwarded[0] == 12
+    monkeypatch.setattr(sampler, "distinct_rows", every)
+    assert torch.equal(once.tokens, whole.tokens)
+    assert torch.allclose(once.logprobs, whole.logprobs, atol=1e-5)
+    assert len({tuple(t) for t in once.tokens[:4].tolist()}) > 1  # one prompt, different samples
 
 
 def test_rows_stop_at_their_eos_and_the_loop_at_the_last(tiny_model_dir):

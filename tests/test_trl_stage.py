@@ -129,3 +129,111 @@ def test_every_stage_builds_trainer_then_data(stage, tmp_path, tiny_model_dir):
     assert isinstance(trainer, {"sft": trl.SFTTrainer, "reward": trl.RewardTrainer, "dpo": trl.DPOTrainer}[stage])
     assert isinstance(dataset, DatasetDict) and len(dataset["train"]) > 0
     assert trainer.args.output_dir == config.output_dir and trainer.args.max_steps == 1
+
+
+LM_HEAD_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
+
+
+def _two_heads(tiny_tokenizer, temperature: float):
+    """The tiny model twice, one with TRL's fused LM head and one with ours."""
+    import copy
+
+    from conftest import build_tiny_causal_lm
+    from trl.trainer.utils import add_fused_lm_head
+
+    from rlhf.trl_stage import add_lm_head_log_probs
+
+    theirs = build_tiny_causal_lm(tiny_tokenizer)
+    ours = copy.deepcopy(theirs)
+    add_fused_lm_head(theirs, temperature=temperature, outputs=LM_HEAD_OUTPUTS)
+    add_lm_head_log_probs(ours, temperature=temperature, outputs=LM_HEAD_OUTPUTS)
+    return theirs, ours
+
+
+def test_our_lm_head_gives_trls_fused_head_figures_and_gradients(tiny_tokenizer):
+    """On a CPU, add_lm_head_log_probs projects only the labelled positions through the lm_head; every per-token
+    figure TRL's fused head returns (log-probs, entropy, mean logits, top-1, log sum p^2), its loss and the
+    gradients it sends back are the same (fp32)."""
+    theirs, ours = _two_heads(tiny_tokenizer, temperature=0.7)
+    ids = torch.randint(0, theirs.config.vocab_size, (3, 10), generator=torch.Generator().manual_seed(0))
+    labels = ids.masked_fill(torch.arange(10) < 4, -100)  # a prompt of 4 tokens
+    labels[0, 8:] = -100
+    attention = torch.ones_like(ids)
+    attention[0, 8:] = 0  # right padding
+    out_theirs, out_ours = (m(input_ids=ids, attention_mask=attention, labels=labels, fused_lm_head=True)
+                            for m in (theirs, ours))
+    for name in LM_HEAD_OUTPUTS + ("loss", "label_mask"):
+        a, b = getattr(out_theirs, name), getattr(out_ours, name)
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert torch.allclose(a.float(), b.float(), atol=1e-5), name
+    assert out_ours.log_probs[0, 7:].eq(0).all() and out_ours.log_probs[:, :3].eq(0).all()  # unlabelled: 0
+    for out in (out_theirs, out_ours):
+        (out.loss + out.entropy.sum()).backward()
+    for (name, a), b in zip(theirs.named_parameters(), ours.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5), name
+    plain = ours(input_ids=ids, attention_mask=attention)  # without fused_lm_head: the model's own forward
+    assert plain.logits.shape == (3, 10, theirs.config.vocab_size)
+
+
+def test_our_lm_head_leaves_softcapped_models_to_trls(tiny_tokenizer):
+    from conftest import build_tiny_causal_lm
+
+    from rlhf.trl_stage import add_lm_head_log_probs
+
+    model = build_tiny_causal_lm(tiny_tokenizer)
+    model.config.final_logit_softcapping = 30.0
+    add_lm_head_log_probs(model)
+    assert "add_fused_lm_head" in model.forward.__func__.__code__.co_qualname  # TRL's own
+
+
+@pytest.mark.parametrize("stage", ["dpo", "kto"])
+def test_dpo_and_kto_train_through_our_lm_head_on_a_cpu(stage, tmp_path, tiny_model_dir, monkeypatch):
+    """The reference log-probs, a training step and the evaluation run without TRL's chunked kernel."""
+    import importlib
+
+    from trl.trainer import utils as trl_utils
+
+    from rlhf.kto import KTOConfig
+
+    class Refused:
+        @staticmethod
+        def apply(*args):
+            raise AssertionError("TRL's fused LM head ran on a CPU")
+
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", Refused)
+
+    data = _preferences(tmp_path / "pairs.jsonl")
+    extra = {"from_pairs": True} if stage == "kto" else {}
+    config = load_config({"dpo": DPOConfig, "kto": KTOConfig}[stage], model=tiny_model_dir, data=data,
+                         output_dir=str(tmp_path / "out"), device="cpu", precision="fp32", batch_size=2, max_steps=1,
+                         max_length=64, **extra)
+    trainer, _ = importlib.import_module(f"rlhf.{stage}").build_trainer(config)
+    assert trainer.train().training_loss > 0 and "eval_loss" in trainer.evaluate()
+
+
+@pytest.mark.parametrize("precision, eager", [("bf16", True), ("fp32", False)])
+def test_training_forwards_use_eager_attention_only_on_a_cpu_under_autocast(precision, eager, tmp_path,
+                                                                           tiny_model_dir):
+    """train_and_save switches a CPU run under bf16 autocast to eager attention while it trains, as RL does, and
+    back to sdpa for the evaluation and the saved model; fp32 keeps sdpa throughout."""
+    from rlhf.dpo import build_trainer
+    from rlhf.trl_stage import train_and_save
+
+    config = load_config(DPOConfig, model=tiny_model_dir, data=_preferences(tmp_path / "pairs.jsonl"),
+                         output_dir=str(tmp_path / "out"), device="cpu", precision=precision, batch_size=2,
+                         max_steps=2, max_length=64)
+    trainer, _ = build_trainer(config)
+    inner = trainer.model.model
+    seen = []
+    real = inner.forward
+
+    def spy(*a, **k):
+        seen.append((trainer.model.training, trainer.model.config._attn_implementation))
+        return real(*a, **k)
+
+    inner.forward = spy
+    train_and_save(trainer, config, None, desc="DPO")
+    assert {impl for training, impl in seen if training} == {"eager" if eager else "sdpa"}
+    assert trainer.model.config._attn_implementation == "sdpa"
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved.get("_attn_implementation", "sdpa") in ("sdpa", None)
