@@ -9,6 +9,7 @@ choice travels in the environment, so the stages a benchmark runs as subprocesse
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import warnings
 
@@ -34,9 +35,16 @@ def quiet_libraries(verbose_: bool | None = None) -> None:
                  "TRANSFORMERS_NO_ADVISORY_WARNINGS"):
         os.environ.setdefault(name, "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # DeepSpeed's logger warns on import that it found no GPU ("Setting accelerator to CPU"), on every CPU command
+    # that imports accelerate's trainer; its level is set when DeepSpeed creates it, so a filter keeps it to errors.
+    logging.getLogger("DeepSpeed").addFilter(_errors_only)
     origin = rf"({'|'.join(LIBRARIES)})(\.|$)"
     for category in (FutureWarning, DeprecationWarning, PendingDeprecationWarning):
         warnings.filterwarnings("ignore", category=category, module=origin)
+
+
+def _errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
 
 
 @contextlib.contextmanager

@@ -128,7 +128,11 @@ def response_logprobs(model, prompt_ids: list[list[int]], response_ids: list[lis
         keep = torch.arange(first, width - 1, device=model.device)
         logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
                        logits_to_keep=keep).logits  # (B, width - 1 - first, V): predicts tokens first+1..width-1
-        token_logp = losses.logprobs_from_logits(logits.float() / temp, ids[:, first + 1 :].to(model.device)).cpu()
+        targets = ids[:, first + 1 :].to(model.device)
+        # The float32 log-softmax a few rows at a time: over the whole batch its temporaries ran to gigabytes at 64
+        # rows, and writing them cost more than the forward pass (docs/performance.md).
+        token_logp = torch.cat([losses.logprobs_from_logits(logits[r : r + 4].float() / temp, targets[r : r + 4])
+                                for r in range(0, len(seqs), 4)]).cpu()
         for i, (p, r) in enumerate(zip(prompts, responses)):
             totals.append(float(token_logp[i, len(p) - 1 - first : len(p) - 1 - first + len(r)].sum()))
     return totals

@@ -50,6 +50,19 @@ def test_quiet_silences_library_deprecations_but_not_ours_and_verbose_keeps_ever
     assert [str(w.message) for w in caught] == ["old"]
 
 
+def test_quiet_keeps_deepspeeds_logger_to_errors(clean_env):
+    """DeepSpeed warns that it found no GPU on every CPU command that imports accelerate's trainer: quiet drops its
+    warnings and keeps its errors."""
+    import logging
+
+    ds = logging.getLogger("DeepSpeed")
+    clean_env.setattr(ds, "filters", [])
+    console.quiet_libraries()
+    warning = logging.LogRecord("DeepSpeed", logging.WARNING, "x.py", 1, "Setting accelerator to CPU.", None, None)
+    error = logging.LogRecord("DeepSpeed", logging.ERROR, "x.py", 1, "a real failure", None, None)
+    assert not ds.filter(warning) and ds.filter(error)
+
+
 def test_a_training_stage_draws_one_bar_and_prints_no_log_dicts_unless_verbose(tmp_path, tiny_model_dir, capfd,
                                                                                clean_env):
     data = _pairs(tmp_path / "pairs.jsonl")
