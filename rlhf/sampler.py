@@ -10,10 +10,10 @@ oneDNN once per call (`packed_linears`). What that buys, measured:
 docs/performance.md and benchmarks/generate_bench.py.
 
 A prompt prefix every row shares (a chat template's system prompt) is prefilled once, as one row, and copied
-into every row's cache; so is a whole prompt that several rows repeat (n samples per prompt). For Llama-family models (Llama, Qwen2, Mistral) each decoding step after the prompt runs
-as plain tensor operations with the q/k/v and gate/up projections fused (`FusedDecoder`), a LoRA adapter's update
-merged into the fused weights (RL samples its LoRA policy this way); other models, other adapters and training-mode
-models go through their own forward.
+into every row's cache; so is a whole prompt that several rows repeat (n samples per prompt). For Llama-family
+models (Llama, Qwen2, Mistral) each decoding step after the prompt runs as plain tensor operations with the q/k/v
+and gate/up projections fused (`FusedDecoder`), a LoRA adapter's update merged into the fused weights (RL samples
+its LoRA policy this way); other models, other adapters and training-mode models go through their own forward.
 
 The log-prob of every sampled token at the sampling temperature is recorded as it is drawn (RL needs it as the
 behaviour policy's, without a second forward pass). Where packing does not apply (fp32, where oneDNN was measured
