@@ -129,12 +129,11 @@ def add_lm_head_log_probs(model, temperature: float = 1.0, cast_lm_head_to_fp32:
     TRL's FusedCausalLMOutput of per-token log-probs), computed our way on a CPU.
 
     TRL's fused head projects the hidden states through the vocabulary in tiles so that a GPU never holds the whole
-    logits. Without Triton it scores every position, prompt and padding included, and its backward multiplies in fp32
-    (on a 2-core CPU fp32 products run at a fraction of bf16's rate): in DPO on SmolLM2 it was half the time of a
-    reference forward (docs/performance.md). Here only the labelled positions go through the model's own lm_head, as
-    an index (a contiguous gather), in the autocast dtype, and the statistics come from their logits in fp32; the
-    gradient flows through autograd. Elsewhere (a GPU, final-logit softcapping or scaling, mixture-of-experts
-    routers, multimodal models) TRL's own head is installed."""
+    logits. Without Triton it scores every position, prompt and padding included, and its backward multiplies in fp32,
+    where a CPU's bf16 kernels are several times faster (what that cost DPO: docs/performance.md). Here only the
+    labelled positions go through the model's own lm_head, as an index (a contiguous gather), in the autocast dtype,
+    and the statistics come from their logits in fp32; the gradient flows through autograd. Elsewhere (a GPU,
+    final-logit softcapping or scaling, mixture-of-experts routers, multimodal models) TRL's own head is installed."""
     from trl.trainer import utils as trl_utils
 
     text = model.config.get_text_config()
@@ -182,7 +181,7 @@ def add_lm_head_log_probs(model, temperature: float = 1.0, cast_lm_head_to_fp32:
 
 @contextlib.contextmanager
 def lm_head_log_probs(trl_module):
-    """While a TRL trainer of `trl_module` (trl.trainer.dpo_trainer, kto_trainer, sft_trainer) is built, it installs
+    """While a TRL trainer of `trl_module` (trl.trainer.dpo_trainer or kto_trainer) is built, it installs
     `add_lm_head_log_probs` where it would install its fused LM head (DPO precomputes the reference log-probs inside
     its constructor, so the head must be ours from the start)."""
     with patch.object(trl_module, "add_fused_lm_head", add_lm_head_log_probs):
