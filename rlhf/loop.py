@@ -70,7 +70,8 @@ class LoopConfig:
         # Every one of the 254 train prompts, each a ranking of 4 responses: 6 pairs from 4 samples, so the
         # reward model learns from ~1400 pairs and its held-out split (25 prompts) holds ~150 (docs/performance.md,
         # "Reward-model recipes").
-        # 128 rows (32 prompts) a batch: a CPU decodes 1.5x the tokens per second it does at 32 (docs/performance.md).
+        # 128 rows (32 prompts) a batch: a decoding step reads every weight once whatever its rows, so more rows a
+        # step give more tokens per second (docs/performance.md, "Batch sizes and repeated prompts").
         {"limit": 0, "n": 4, "rank": 4, "max_new_tokens": 48, "temperature": 0.8, "batch_size": 128, "overlap": 1},
         fixed=("model", "db", "prompts", "split", "round", "seed", "device", "precision", "skip_existing", "rate"))
     label_sim: dict = section(
