@@ -22,6 +22,7 @@ from unittest.mock import patch
 
 import torch
 
+from rlhf import losses
 from rlhf.config import field
 from rlhf.console import use_stage_progress
 from rlhf.distributed import describe, honour_launch_on_cpu, loading_whole, weights_sharded
@@ -161,10 +162,10 @@ def add_lm_head_log_probs(model, temperature: float = 1.0, cast_lm_head_to_fp32:
         where = mask.nonzero(as_tuple=True)
         targets = labels[where]  # (N,)
         logits = self.get_output_embeddings()(hidden[where]).float() / temperature  # (N, V)
-        log_z = logits.logsumexp(-1)  # (N,)
-        per_token = {"log_probs": logits.gather(1, targets[:, None]).squeeze(1) - log_z}
+        log_probs, log_z = losses.logprobs_and_logsumexp(logits, targets)  # (N,), (N,)
+        per_token = {"log_probs": log_probs}
         if "entropy" in outputs:
-            per_token["entropy"] = log_z - (logits.softmax(-1) * logits).sum(-1)
+            per_token["entropy"] = losses.entropy_from_logits(logits, log_z)
         with torch.no_grad():
             if "log_sum_sq_probs" in outputs:
                 per_token["log_sum_sq_probs"] = (2 * (logits - log_z[:, None])).logsumexp(-1)
@@ -249,7 +250,7 @@ def training_models(trainer, config: TRLStageConfig) -> list:
     only, stay on sdpa."""
     args = trainer.args
     if (args.device.type != "cpu" or not (args.bf16 or args.fp16) or config.gradient_checkpointing
-            or getattr(config, "max_length", EAGER_ATTENTION_MAX_TOKENS + 1) > EAGER_ATTENTION_MAX_TOKENS):
+            or config.max_length > EAGER_ATTENTION_MAX_TOKENS):
         return []
     model = trainer.accelerator.unwrap_model(trainer.model)
     return [model.get_base_model() if hasattr(model, "get_base_model") else model]
