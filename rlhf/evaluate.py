@@ -2,7 +2,10 @@
 
 For every aligned model, against the base model:
   - win-rate by the gold function and by the reward model: per prompt, 1 if the aligned response scores higher,
-    0.5 on a tie, with a 95 % percentile-bootstrap interval over prompts (Efron & Tibshirani 1993, ch. 13);
+    0.5 on a tie, with a 95 % percentile-bootstrap interval over prompts (Efron & Tibshirani 1993, ch. 13). With
+    `samples_per_prompt` n, every model answers each prompt n times and a prompt's figure is the mean of its n
+    comparisons (the i-th sample of one model against the i-th of the other): the same win-rate, measured with
+    less sampling noise, the interval still resampling prompts;
   - mean gold and reward scores; response lengths (tokens, words); distinct-1/2 (Li et al. 2016);
   - KL(aligned || base), estimated from the aligned samples as the mean over prompts of
     sum_t [log pi_aligned(y_t | x, y_<t) - log pi_base(y_t | x, y_<t)]  (the sequence-level KL of the DPO paper,
@@ -62,7 +65,9 @@ class EvaluateConfig:
     max_new_tokens: int = field(48, "Maximum new tokens per response.")
     temperature: float = field(0.7, "Sampling temperature (the same for every model; 0 is greedy).")
     top_p: float = field(1.0, "Nucleus sampling; keep 1.0 for an unbiased KL estimate.")
-    batch_size: int = field(16, "Prompts per generation batch.")
+    batch_size: int = field(16, "Responses per generation batch.")
+    samples_per_prompt: int = field(1, "Responses each model samples per prompt; win-rates and KL average a "
+                                    "prompt's samples (less noise for n times the sampling).")
     seed: int = field(0, "Seed: every model samples with the same seeds on the same prompts.")
     db: str = field("", "Store whose arena votes (people comparing two models' answers) give human win-rates and "
                     "Bradley-Terry ratings ('' = none).")
@@ -79,8 +84,8 @@ class EvaluateConfig:
         if len(set(self.names)) != len(self.names) or any(n == "base" or n.startswith("prompt") or not n.strip()
                                                           for n in self.names):
             raise ValueError("names must be distinct, not empty, and not 'base' or 'prompt...' (the baselines' names)")
-        if self.limit < 0 or self.batch_size < 1 or self.max_new_tokens < 1 or self.bootstrap < 1:
-            raise ValueError("limit must be >= 0; batch_size, max_new_tokens and bootstrap >= 1")
+        if self.limit < 0 or min(self.batch_size, self.max_new_tokens, self.bootstrap, self.samples_per_prompt) < 1:
+            raise ValueError("limit must be >= 0; batch_size, max_new_tokens, bootstrap and samples_per_prompt >= 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
 
@@ -90,10 +95,17 @@ class EvaluateConfig:
 # arena_outcomes and bradley_terry are imported above so that they stay importable from here.
 
 
-def win_rate(aligned_scores, base_scores) -> np.ndarray:
-    """Per prompt: 1 if aligned scored higher, 0.5 on a tie, 0 otherwise."""
+def win_rate(aligned_scores, base_scores, samples_per_prompt: int = 1) -> np.ndarray:
+    """Per prompt: 1 if aligned scored higher, 0.5 on a tie, 0 otherwise; with n samples per prompt (consecutive
+    entries), the mean of the prompt's n comparisons."""
     a, b = np.asarray(aligned_scores, dtype=float), np.asarray(base_scores, dtype=float)
-    return np.where(a > b, 1.0, np.where(a == b, 0.5, 0.0))
+    return per_prompt(np.where(a > b, 1.0, np.where(a == b, 0.5, 0.0)), samples_per_prompt)
+
+
+def per_prompt(values, samples_per_prompt: int) -> np.ndarray:
+    """The mean of each prompt's n consecutive values: what the bootstrap resamples."""
+    values = np.asarray(values, dtype=float)
+    return values.reshape(-1, samples_per_prompt).mean(axis=1)
 
 
 def distinct_n(texts: list[str], n: int) -> float:
@@ -139,7 +151,9 @@ def response_logprobs(model, prompt_ids: list[list[int]], response_ids: list[lis
 
 
 def _sample(loaded, prompts: list, system: str, config: EvaluateConfig, desc: str) -> dict:
-    texts = [render_prompt(loaded.tokenizer, p, system) for p in prompts]
+    """Every prompt answered samples_per_prompt times (consecutive rows: the sampler prefills a repeated prompt
+    once)."""
+    texts = [render_prompt(loaded.tokenizer, p, system) for p in prompts for _ in range(config.samples_per_prompt)]
     results = []
     for start in tqdm(range(0, len(texts), config.batch_size), desc=f"sampling {desc}", unit="batch"):
         results += generate_batch(loaded.model, loaded.tokenizer, texts[start : start + config.batch_size],
@@ -157,7 +171,8 @@ def _summary(texts: list[str], tokens: list[int]) -> dict:
 
 def _add_win_rates(row: dict, scores: dict, against: dict, suffix: str, config: EvaluateConfig) -> None:
     for key, values in scores.items():
-        mean, lo, hi = bootstrap_ci(win_rate(values, against[key]), config.bootstrap, config.seed)
+        mean, lo, hi = bootstrap_ci(win_rate(values, against[key], config.samples_per_prompt), config.bootstrap,
+                                    config.seed)
         row[f"win_rate_{key}{suffix}"] = mean
         row[f"win_rate_{key}{suffix}_ci"] = [lo, hi]
 
@@ -174,12 +189,14 @@ def run(config: EvaluateConfig) -> dict:
 
         reward_model = RewardModel.load(config.reward, device=config.device, precision=config.precision)
 
+    answered = [p for p in prompts for _ in range(config.samples_per_prompt)]  # the prompt of every response
+
     def scores(texts: list[str]) -> dict:
         result = {}
         if gold is not None:
-            result["gold"] = [float(x) for x in gold(prompts, texts)]
+            result["gold"] = [float(x) for x in gold(answered, texts)]
         if reward_model is not None:
-            result["reward"] = reward_model.score(prompts, texts).tolist()
+            result["reward"] = reward_model.score(answered, texts).tolist()
         return result
 
     base_model = load(config.base, device=config.device, precision=config.precision)
@@ -208,7 +225,7 @@ def run(config: EvaluateConfig) -> dict:
                                          config.temperature, config.batch_size)
             lp_base = response_logprobs(base_model.model, base_prompt_ids, sampled["response_ids"],
                                         config.temperature, config.batch_size)
-            kl = np.asarray(lp_model) - np.asarray(lp_base)
+            kl = per_prompt(np.asarray(lp_model) - np.asarray(lp_base), config.samples_per_prompt)
             row["kl_vs_base"] = float(kl.mean())
             row["kl_vs_base_ci"] = list(bootstrap_ci(kl, config.bootstrap, config.seed)[1:])
         else:
@@ -216,7 +233,7 @@ def run(config: EvaluateConfig) -> dict:
         if role != "base":
             _add_win_rates(row, all_scores[label], all_scores["base"], "", config)
         rows.append(row)
-        samples[label] = sampled["texts"]
+        samples[label] = sampled["texts"][:: config.samples_per_prompt]  # the report shows each prompt's first
         if loaded is not base_model:
             del loaded
 
@@ -410,7 +427,8 @@ figure {{ display: inline-block; margin: 0 1.5rem 1rem 0; }} figcaption {{ color
 td.prompt {{ width: 18%; color: #444; }}
 </style></head><body>
 <h1>Aligned vs base</h1>
-<p>{metrics['n_prompts']} held-out prompts ({e(config.prompts)}, split {e(config.split or 'all')}), temperature
+<p>{metrics['n_prompts']} held-out prompts ({e(config.prompts)}, split {e(config.split or 'all')}),
+{config.samples_per_prompt} response{'s' if config.samples_per_prompt > 1 else ''} per prompt and model, temperature
 {config.temperature}, {config.max_new_tokens} new tokens at most, seed {config.seed}; gold: {e(config.gold or 'none')};
 reward model: {e(config.reward or 'none')}. Win-rates count a tie as half; intervals are 95 % bootstrap over prompts.
 KL(aligned || base) is in nats per response.</p>

@@ -175,6 +175,8 @@ class PPOConfig:
     learning_rate: float = field(3e-6, "AdamW learning rate (policy and critic).")
     lr_schedule: Literal["linear", "constant"] = field("linear", "Learning rate over the steps: linear decay to 0 "
                                                        "(as the papers do) or constant.")
+    warmup_steps: int = field(0, "RL steps over which the learning rate first rises linearly to learning_rate "
+                              "(then the schedule runs over the remaining steps; 0: none).")
     max_grad_norm: float = field(1.0, "Clip the gradient norm to this (0: off).")
     gamma: float = field(1.0, "Discount factor.")
     lam: float = field(0.95, "GAE lambda.")
@@ -216,6 +218,8 @@ class PPOConfig:
             raise ValueError("kl_target must be > 0 and kl_horizon >= 1")
         if self.kl_estimator not in ("k1", "k3") or self.lr_schedule not in ("linear", "constant"):
             raise ValueError("kl_estimator must be k1 or k3, lr_schedule linear or constant")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError("warmup_steps must be >= 0 and below steps")
         if self.save_steps < 0 or self.logging_steps < 1 or (self.lora and min(self.lora_r, self.lora_alpha) < 1):
             raise ValueError("save_steps must be >= 0, logging_steps >= 1, lora_r and lora_alpha >= 1")
         if self.estimator not in METHOD_NAMES or self.kl_penalty not in ("auto", "reward", "loss"):
@@ -719,7 +723,16 @@ def estimate_advantages(config: PPOConfig, rollout: Rollout, kl_coef: float) -> 
 
 
 def learning_rate(config: PPOConfig, step: int) -> float:
-    return config.learning_rate * (1 - step / config.steps if config.lr_schedule == "linear" else 1.0)
+    """The rate of 0-based `step`: rising over `warmup_steps` (the first of them above 0: a step at rate 0 would
+    sample and learn nothing), then constant or falling linearly towards 0 over the remaining steps. Why warm up:
+    Adam's first updates move every weight by about the rate whatever its gradient's size (the moment estimates
+    start from one noisy gradient), so a high rate's first step moves the policy along that gradient's noise."""
+    warmup = config.warmup_steps
+    if step < warmup:
+        return config.learning_rate * (step + 1) / (warmup + 1)
+    if config.lr_schedule == "constant":
+        return config.learning_rate
+    return config.learning_rate * (1 - (step - warmup) / (config.steps - warmup))
 
 
 STAT_KEYS = ("pg", "vf", "clip", "vclip", "approxkl", "ratio", "ent", "klloss")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 
 import pytest
@@ -33,8 +34,17 @@ def shorter_is_better(prompts, responses):
     return [-float(len(r)) for r in responses]
 
 
+def recording_gold(prompts, responses):
+    """A gold function that writes what it was asked to score (`test_evaluate:recording_gold`)."""
+    with open(os.environ["RLHF_TEST_GOLD_LOG"], "a") as log:
+        log.write(json.dumps([prompts, responses]) + "\n")
+    return [float(len(r)) for r in responses]
+
+
 def test_win_rate_and_bootstrap_by_hand():
     assert win_rate([1, 2, 3, 4], [0, 2, 5, 1]).tolist() == [1.0, 0.5, 0.0, 1.0]
+    # Two samples per prompt: each prompt's two comparisons averaged, one value per prompt for the bootstrap.
+    assert win_rate([1, 2, 3, 4], [0, 2, 5, 1], samples_per_prompt=2).tolist() == [0.75, 0.5]
     mean, lo, hi = bootstrap_ci([1.0, 0.5, 0.0, 1.0], resamples=2000)
     assert mean == 0.625 and 0.0 <= lo < mean < hi <= 1.0
     assert bootstrap_ci([0.5] * 10) == (0.5, 0.5, 0.5)
@@ -110,6 +120,24 @@ def test_a_model_that_always_wins_by_gold_gets_about_100_percent(tmp_path, tiny_
     assert aligned["win_rate_gold"] >= 0.95 and aligned["mean_tokens"] == 1.0
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert saved["models"][1]["win_rate_gold"] == aligned["win_rate_gold"]
+
+
+def test_several_samples_per_prompt_are_scored_against_their_own_prompt(tmp_path, tiny_model_dir, monkeypatch):
+    log = tmp_path / "gold.jsonl"
+    monkeypatch.setenv("RLHF_TEST_GOLD_LOG", str(log))
+    metrics = run(_config(tmp_path, tiny_model_dir, tiny_model_dir, gold="test_evaluate:recording_gold", limit=4,
+                          samples_per_prompt=3, temperature=1.0, max_new_tokens=6))
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    prompts = read_prompts("sentiment", "test", 4)
+    assert len(calls) == 2  # one call per contestant: the base and the aligned model
+    for asked, responses in calls:
+        assert asked == [p for p in prompts for _ in range(3)] and len(responses) == 12
+        assert any(len(set(responses[i : i + 3])) > 1 for i in range(0, 12, 3))  # sampled, not one answer copied
+    aligned = metrics["models"][-1]
+    assert metrics["n_prompts"] == 4 and abs(aligned["kl_vs_base"]) < 1e-4
+    assert aligned["win_rate_gold"] == 0.5  # the same model with the same seeds: every comparison a tie
+    page = (tmp_path / "eval" / "report.html").read_text()
+    assert "3 responses per prompt and model" in page
 
 
 def test_report_escapes_model_output(tmp_path, tiny_model_dir):

@@ -71,6 +71,18 @@ def test_config_checks():
     assert PPOConfig(samples_per_prompt=3, batch_size=6, mini_batch_size=6).k == 3
     assert PPOConfig(estimator="grpo").kl_in_loss and not PPOConfig(estimator="rloo").kl_in_loss
     assert PPOConfig(estimator="rloo", kl_penalty="loss").kl_in_loss
+    with pytest.raises(UserError, match="warmup_steps"):
+        load_config(PPOConfig, steps=4, warmup_steps=4)
+
+
+def test_the_learning_rate_warms_up_then_follows_its_schedule():
+    """Steps 0..w-1 rise in equal parts (none at rate 0), then the schedule runs over the steps that are left."""
+    rates = [ppo.learning_rate(PPOConfig(steps=6, learning_rate=1.2, warmup_steps=2), s) for s in range(6)]
+    assert rates == pytest.approx([0.4, 0.8, 1.2, 0.9, 0.6, 0.3])
+    constant = PPOConfig(steps=6, learning_rate=1.2, warmup_steps=2, lr_schedule="constant")
+    assert [ppo.learning_rate(constant, s) for s in range(6)] == pytest.approx([0.4, 0.8] + [1.2] * 4)
+    plain = [ppo.learning_rate(PPOConfig(steps=4, learning_rate=1.0), s) for s in range(4)]
+    assert plain == pytest.approx([1.0, 0.75, 0.5, 0.25])
 
 
 # ---------------------------------------------------------------- whole runs
