@@ -16,8 +16,8 @@ that finished left its summary in `<work>/seed-<s>/<stage>.json` and is not run 
 extended with another method (evaluate then runs again over all of them). `--config` changes the stages for every
 seed: use a fresh `--work` for a new configuration. The evaluation samples `--eval_samples` responses (default 4)
 per held-out prompt from every model, where the demo samples one: the 62 held-out prompts are all there are, and one
-sample each puts about 4.5 points of sampling noise on a win-rate near 85 % (docs/performance.md); the figure
-measured is the same.
+sample each leaves a win-rate near 85 % a binomial standard error of sqrt(0.85 * 0.15 / 62) = 4.5 points; the figure
+measured is the same (docs/performance.md compares the two on the same policies).
 
 Prints per seed and method: the gold win-rate over base and over the prompt baseline (head to head on the same
 held-out prompts) with 95 % bootstrap intervals, the KL to base (nats per response), the stage's wall time and
